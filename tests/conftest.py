@@ -1,0 +1,44 @@
+"""Shared fixtures: real models, loaded once per test session."""
+
+import os
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The GPT-2-architecture model mechq trained on the bundled facts."""
+    import mechq
+
+    return mechq.load_model("tiny-gpt2", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded SmolLM2-135M-Instruct (dequantized Q4_1) as a HookedTransformer."""
+    import mechq
+
+    return mechq.load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def facts():
+    import mechq
+
+    return mechq.bundled_facts()
+
+
+def snapshot(model):
+    """Clones of every parameter, to check bit-identical restores."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_params_equal(model, snap):
+    for n, p in model.named_parameters():
+        assert torch.equal(p, snap[n]), f"{n} differs from its snapshot"

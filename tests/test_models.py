@@ -1,0 +1,78 @@
+"""Loading real models into HookedTransformer: equivalence with Hugging Face, sources, errors."""
+
+import pytest
+import torch
+
+import mechq
+from mechq import models
+
+PROMPTS = ["The capital of France is", "Water boils at a temperature of", "Tokyo is in"]
+
+
+def _logits_gap(model, hf, prompts):
+    gaps = []
+    for p in prompts:
+        toks = model.to_tokens(p)
+        with torch.no_grad():
+            a = model(toks)
+            b = hf(toks).logits
+        gaps.append((a - b).abs().max().item())
+    return max(gaps)
+
+
+def test_smollm2_matches_hugging_face(smol):
+    hf, _, src = models.load_hf("smollm2-135m")
+    assert src.architecture == "LlamaForCausalLM"
+    assert smol.cfg.n_layers == 30 and smol.cfg.d_model == 576
+    assert smol.cfg.n_heads == 9 and smol.cfg.n_key_value_heads == 3 and smol.cfg.d_mlp == 1536
+    assert _logits_gap(smol, hf, PROMPTS) < 1e-4
+
+
+def test_smollm2_knows_paris(smol):
+    logits = smol("The capital of France is")
+    assert smol.to_string(logits[0, -1].argmax()) == " Paris"
+
+
+def test_tiny_gpt2_matches_hugging_face(tiny):
+    hf, _, src = models.load_hf("tiny-gpt2")
+    assert src.architecture == "GPT2LMHeadModel"
+    assert tiny.cfg.normalization_type == "LN" and tiny.cfg.positional_embedding_type == "standard"
+    assert _logits_gap(tiny, hf, PROMPTS[:1]) < 1e-4
+
+
+def test_tokenizer_attached(smol):
+    toks = smol.to_tokens("The capital of France is")
+    assert toks[0, 0].item() == smol.tokenizer.bos_token_id
+    assert smol.to_string(toks[0, 1:]) == "The capital of France is"
+
+
+def test_embedded_conversion_is_cached(smol):
+    d = models.cache_dir() / "models" / "smollm2-135m"
+    assert (d / "config.json").exists() and (d / "model.safetensors").exists()
+    assert smol.mechq_source.hf_dir == d
+
+
+def test_local_directory_loads_like_the_name(tiny):
+    m = mechq.load_model(str(models.ASSETS / "tiny-gpt2"), device="cpu")
+    for (n, p), (_, q) in zip(m.named_parameters(), tiny.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(models.ModelLoadError, match="no config.json"):
+        mechq.load_model(str(tmp_path))
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["BertForMaskedLM"]}')
+    with pytest.raises(models.ModelLoadError, match="not supported"):
+        mechq.load_model(str(tmp_path))
+
+
+def test_unreachable_hub_id_names_the_offline_options(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(models.ModelLoadError, match="smollm2-135m"):
+        mechq.load_model("someone/definitely-not-a-local-model")

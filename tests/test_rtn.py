@@ -1,0 +1,54 @@
+"""Round-to-nearest: the grid, its error bound, packing and the memory of a variant."""
+
+import pytest
+import torch
+
+import mechq
+from mechq.quant.rtn import rtn_quantize_weight
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_error_within_half_a_step(bits, sym):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(96, 320, generator=g)  # 320 = 2.5 groups of 128: a partial last group
+    p = rtn_quantize_weight(w, bits, 128, sym)
+    assert p.codes().min() >= 0 and p.codes().max() <= 2**bits - 1
+    deq = p.weight(torch.float32)
+    assert deq.shape == w.shape
+    step = p.scales.float()[p.g_idx.long()].T  # (out, in)
+    # Inside the grid's range the error is at most half a step (plus fp16 rounding of the result).
+    err = (deq - w).abs()
+    assert (err <= step / 2 + 1e-3 * w.abs() + 1e-6).float().mean() > (0.97 if sym else 0.999)
+
+
+def test_rtn_8bit_is_close_and_2bit_is_coarse():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    e8 = (rtn_quantize_weight(w, 8, 128).weight() - w).pow(2).mean()
+    e2 = (rtn_quantize_weight(w, 2, 128).weight() - w).pow(2).mean()
+    assert e8 < 1e-3 * w.pow(2).mean()
+    assert e2 > 100 * e8
+
+
+def test_asym_represents_zero_point_zero():
+    w = torch.rand(8, 128) + 0.5  # all positive: lo = 0, zero point 0
+    p = rtn_quantize_weight(w, 4, 128, sym=False)
+    assert (p.zeros() == 0).all()
+    assert (p.weight() - w).abs().max() < p.scales.float().max()
+
+
+def test_variant_memory_and_average_bits(tiny):
+    v4 = mechq.quantize(tiny, "rtn", bits=4, group_size=128)
+    fp_bytes_fp16 = 2 * v4.n_weights
+    # codes at 4/16 of fp16, plus one fp16 scale and one 4-bit zero per 128 weights
+    assert v4.avg_bits == pytest.approx(4 + 16 / 128 + 4 / 128, abs=0.01)
+    assert v4.nbytes < 0.30 * fp_bytes_fp16
+    v2 = mechq.quantize(tiny, "rtn", bits=2, group_size=128)
+    assert v2.avg_bits == pytest.approx(2 + 16 / 128 + 2 / 128, abs=0.01)
+
+
+def test_rtn_rejects_unsupported_bits(tiny):
+    with pytest.raises(ValueError, match="bits"):
+        mechq.quantize(tiny, "rtn", bits=5)
+    with pytest.raises(ValueError, match="Unknown method"):
+        mechq.quantize(tiny, "awq", bits=4)
