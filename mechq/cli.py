@@ -1,68 +1,183 @@
-"""The ``mechq`` command line. ``mechq cliff`` is the main job that ``make demo`` runs."""
+"""The ``mechq`` command line.
+
+    mechq cliff      GPTQ/RTN at several bit widths -> recall table + performance_cliff.html
+    mechq recall     recall, answer ranks, top-1 tokens and Robust/Failure subsets
+    mechq lens       logit lens per layer, FP vs variants, Robust/Failure side by side
+    mechq quantize   make (or find in the cache) one variant and print its checkpoint path
+
+Variants are named as mechq names them: ``gptq-w4g128``, ``rtn-w2g128``, ``gptq-w3`` (group
+size 128 by default), with ``-asym`` / ``-act`` suffixes, or a path to a GPTQ checkpoint.
+Facts: ``bundled``, a facts CSV, or ``pararel[:P36,P103]`` (the Pararel dev copy or
+``$MECHQ_PARAREL``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
 
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m",
-                   help="smollm2-135m (embedded), tiny-gpt2, a local HF directory or a hub id")
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--out", default="figures", help="output folder for frames and figures")
+SPEC = re.compile(r"^(gptq|rtn)-w(\d+)(?:g(-?\d+))?((?:-asym|-act)*)$")
 
 
-def _facts(args):
+def parse_variant(spec: str) -> dict:
+    """``gptq-w4g128-asym`` -> dict(method, bits, group_size, sym, desc_act)."""
+    m = SPEC.match(spec)
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"bad variant {spec!r}: use METHOD-wBITS[gGROUP][-asym][-act], e.g. gptq-w4g128, "
+            "or a path to a GPTQ checkpoint directory")
+    method, bits, gs, flags = m.groups()
+    return dict(method=method, bits=int(bits), group_size=int(gs) if gs else 128,
+                sym="-asym" not in flags, desc_act="-act" in flags)
+
+
+def load_variants(model, specs: list[str], args) -> list:
+    import mechq
+
+    out = []
+    for spec in specs:
+        if Path(spec).is_dir():
+            v = mechq.load_quantized(spec, model=model)
+        else:
+            kw = parse_variant(spec)
+            t = time.perf_counter()
+            v = mechq.quantize(model, **kw, seed=args.seed, n_samples=args.calib_samples,
+                               seq_len=args.calib_len)
+            print(f"  {v.name}: {v.avg_bits:.2f} bits/weight, {v.nbytes / 2**20:.1f} MiB "
+                  f"packed ({time.perf_counter() - t:.0f} s)", flush=True)
+        out.append(v)
+    return out
+
+
+def load_fact_source(spec: str, max_facts: int | None, seed: int = 0):
+    """``bundled`` | CSV path | ``pararel[:P36,P103]`` -> FactSet (sampled to ``max_facts``)."""
     from mechq.facts import bundled_facts, load_facts
 
-    fs = bundled_facts() if args.facts == "bundled" else load_facts(args.facts)
-    if args.max_facts:
-        fs = fs.sample(args.max_facts, seed=args.seed)
-    return fs
+    if spec == "bundled":
+        fs = bundled_facts()
+    elif spec.startswith("pararel"):
+        from mechq.pararel import load_pararel
+
+        rels = spec.partition(":")[2]
+        fs = load_pararel(relations=rels.split(",") if rels else None).facts
+    else:
+        fs = load_facts(spec)
+    return fs.sample(max_facts, seed=seed) if max_facts else fs
+
+
+def _prepare(args):
+    import mechq
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = mechq.load_model(args.model, device=args.device)
+    facts = load_fact_source(args.facts, args.max_facts, args.seed)
+    print(f"model {args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; "
+          f"facts: {facts!r}", flush=True)
+    return out, model, facts
+
+
+def _table(df, cols=None) -> str:
+    return (df[cols] if cols else df).to_string(index=False, float_format=lambda x: f"{x:.3f}")
+
+
+ACC_COLS = ["variant", "accuracy", "ci_low", "ci_high", "n_correct", "n", "median_rank",
+            "mean_target_prob"]
 
 
 def cmd_cliff(args) -> int:
-    """GPTQ/RTN at several bit widths, recall on facts, table + figures/performance_cliff.html."""
+    """Recall of FP vs quantized variants at several bit widths (paper Fig. 1)."""
     import mechq
     from mechq import plots
     from mechq.recall import accuracy
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model = mechq.load_model(args.model, device=args.device)
-    facts = _facts(args)
-    print(f"model {args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; "
-          f"facts: {facts!r}")
-    variants = []
-    for b in args.bits:
-        t = time.perf_counter()
-        v = mechq.quantize(model, args.method, bits=b, group_size=args.group_size,
-                           sym=not args.asym, desc_act=args.desc_act, seed=args.seed,
-                           n_samples=args.calib_samples, seq_len=args.calib_len)
-        print(f"  {v.name}: avg {v.avg_bits:.2f} bits/weight, "
-              f"{v.nbytes / 2**20:.1f} MiB packed ({time.perf_counter() - t:.0f} s)")
-        variants.append(v)
+    out, model, facts = _prepare(args)
+    specs = [f"{args.method}-w{b}g{args.group_size}" + ("-asym" if args.asym else "")
+             + ("-act" if args.desc_act else "") for b in args.bits]
+    variants = load_variants(model, specs, args)
     recall = mechq.evaluate_recall(model, facts, variants, batch_size=args.batch_size)
     recall.to_csv(out / "recall.csv", index=False)
     acc = accuracy(recall)
-    rel = accuracy(recall, ["variant", "relation"])
     acc.to_csv(out / "accuracy.csv", index=False)
     fig = plots.performance_cliff(
-        acc, rel, title=f"Performance cliff — {args.model}, {args.method.upper()} "
-                        f"g{args.group_size}, {len(facts)} facts")
+        acc, accuracy(recall, ["variant", "relation"]),
+        title=f"Performance cliff — {args.model}, {args.method.upper()} g{args.group_size}, "
+              f"{len(facts)} facts")
     path = plots.save_html(fig, out / "performance_cliff.html")
-    cols = ["variant", "accuracy", "ci_low", "ci_high", "n_correct", "n", "median_rank",
-            "mean_target_prob"]
-    print()
-    print(acc[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    plots.save_html(plots.rank_ecdf(recall), out / "answer_rank.html")
+    print("\n" + _table(acc, ACC_COLS))
     kinds = recall[recall.variant == "fp"]["target_kind"].value_counts().to_dict()
-    print(f"\ntarget tokens: {kinds} (see recall.csv, column target_kind)")
-    print(f"wrote {path}, {out / 'recall.csv'}, {out / 'accuracy.csv'} "
-          f"in {time.perf_counter() - t0:.0f} s")
+    print(f"\ntarget tokens: {kinds} (column target_kind of recall.csv)")
+    print(f"wrote {path} and answer_rank.html, recall.csv, accuracy.csv in {out} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def cmd_recall(args) -> int:
+    """Recall, answer-rank distribution, top-1 tokens and Robust/Failure subsets (§3.2)."""
+    import mechq
+    from mechq import plots
+    from mechq.recall import accuracy, subset_sizes
+
+    out, model, facts = _prepare(args)
+    variants = load_variants(model, args.variants, args)
+    recall = mechq.evaluate_recall(model, facts, variants, batch_size=args.batch_size)
+    recall.to_csv(out / "recall.csv", index=False)
+    acc = accuracy(recall)
+    acc.to_csv(out / "accuracy.csv", index=False)
+    top = plots.top_predictions(recall)
+    top.to_csv(out / "top_predictions.csv", index=False)
+    plots.save_html(plots.rank_ecdf(recall), out / "answer_rank.html")
+    plots.save_html(plots.top_predictions_figure(top), out / "top_predictions.html")
+    print("\n" + _table(acc, ACC_COLS))
+    if variants:
+        ref = args.reference or variants[0].name
+        sizes = subset_sizes(recall, reference=ref)
+        sizes.to_csv(out / "subsets.csv", index=False)
+        print(f"\nsubsets (reference {ref}):\n" + _table(sizes[sizes.relation == "all"]))
+    print("\nmost frequent wrong top-1 tokens:")
+    for v, g in top.groupby("variant", sort=False):
+        print(f"  {v}: " + ", ".join(f"{t!r} {s:.0%}" for t, s in zip(g.top1, g.share)))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_lens(args) -> int:
+    """Logit lens per layer at the last token, per variant and Robust/Failure subset (§3.3)."""
+    import mechq
+    from mechq import plots
+    from mechq.lens import lens_summary, logit_lens
+    from mechq.recall import subsets
+
+    out, model, facts = _prepare(args)
+    variants = load_variants(model, args.variants, args)
+    lens = logit_lens(model, facts, variants, batch_size=args.batch_size)
+    recall = lens[lens.layer == model.cfg.n_layers].assign(correct=lambda d: d.target_rank == 1)
+    subset_col = None
+    if variants:
+        ref = args.reference or variants[0].name
+        sub = subsets(recall, reference=ref)
+        label = {i: "Robust" for i in sub["robust"]} | {i: "Failure" for i in sub["failure"]}
+        lens["subset"] = lens["fact_id"].map(label).fillna("FP wrong")
+        subset_col = "subset"
+        n = {k: len(v) for k, v in sub.items()}
+        print(f"subsets (reference {ref}): Robust {n['robust']}, Failure {n['failure']}")
+    lens.to_csv(out / "lens.csv.gz", index=False)
+    by = ([subset_col] if subset_col else []) + ["variant", "layer"]
+    summ = lens_summary(lens, by)
+    summ.to_csv(out / "lens_summary.csv", index=False)
+    if subset_col:
+        summ = summ[summ[subset_col].isin(["Robust", "Failure"])]
+    fig = plots.lens_curves(summ, subset_col, title=f"Logit lens — {args.model}")
+    plots.save_html(fig, out / "logit_lens.html")
+    mid = model.cfg.n_layers * 2 // 3
+    show = summ[summ.layer.isin([mid, model.cfg.n_layers])]
+    print("\n" + _table(show, by + ["mean_prob", "median_rank", "top1_share", "n"]))
+    print(f"wrote {out / 'logit_lens.html'}, lens.csv.gz, lens_summary.csv")
     return 0
 
 
@@ -71,41 +186,54 @@ def cmd_quantize(args) -> int:
     import mechq
 
     model = mechq.load_model(args.model, device=args.device)
-    v = mechq.quantize(model, args.method, bits=args.bits, group_size=args.group_size,
-                       sym=not args.asym, desc_act=args.desc_act, seed=args.seed,
-                       n_samples=args.calib_samples, seq_len=args.calib_len)
+    (v,) = load_variants(model, [args.variant], args)
     print(v)
     print(v.meta.get("path"))
     return 0
 
 
-def _quant_opts(p, bits_many: bool) -> None:
-    if bits_many:
-        p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
-    else:
-        p.add_argument("--bits", type=int, default=4)
+def _common(p: argparse.ArgumentParser, facts: bool = True) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (embedded), tiny-gpt2, a local HF directory or a hub id")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--out", default="figures", help="output folder for frames and figures")
+    p.add_argument("--calib-samples", type=int, default=16,
+                   help="GPTQ calibration: number of sampled sequences")
+    p.add_argument("--calib-len", type=int, default=64, help="tokens per calibration sequence")
+    p.add_argument("--seed", type=int, default=0)
+    if facts:
+        p.add_argument("--facts", default="bundled",
+                       help="bundled | a facts CSV | pararel[:P36,P103]")
+        p.add_argument("--max-facts", type=int, default=None, help="sample this many facts")
+        p.add_argument("--batch-size", type=int, default=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mechq", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("cliff", help="recall of FP vs bit widths (paper Fig. 1)")
+    _common(p)
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
     p.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--asym", action="store_true", help="asymmetric quantization")
     p.add_argument("--desc-act", action="store_true", help="GPTQ activation order")
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--calib-len", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mechq", description=__doc__)
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("cliff", help="recall accuracy of FP vs quantized variants (Fig. 1)")
-    _common(p)
-    _quant_opts(p, bits_many=True)
-    p.add_argument("--facts", default="bundled", help="'bundled' or a facts CSV path")
-    p.add_argument("--max-facts", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_cliff)
-    p = sub.add_parser("quantize", help="quantize a model (cached) and print the checkpoint path")
-    _common(p)
-    _quant_opts(p, bits_many=False)
+    for name, func, helptext in [
+        ("recall", cmd_recall, "recall, answer ranks, top-1 tokens, subsets (§3.2)"),
+        ("lens", cmd_lens, "logit lens per layer, Robust vs Failure (§3.3)"),
+    ]:
+        p = sub.add_parser(name, help=helptext)
+        _common(p)
+        p.add_argument("--variants", nargs="*", default=["gptq-w4g128", "gptq-w2g128"],
+                       help="variant names (gptq-w4g128, rtn-w2g128 ...) or checkpoint dirs")
+        p.add_argument("--reference", default=None,
+                       help="variant defining Robust/Failure (default: the first)")
+        p.set_defaults(func=func)
+    p = sub.add_parser("quantize", help="make one variant (cached), print its checkpoint path")
+    _common(p, facts=False)
+    p.add_argument("variant", help="e.g. gptq-w4g128, rtn-w2g128-asym, gptq-w3g128-act")
     p.set_defaults(func=cmd_quantize)
     return ap
 

@@ -169,3 +169,143 @@ def lens_curves(summary: pd.DataFrame, subset_col: str | None = None,
     fig.update_layout(title=title or "Logit lens at the last token", template="plotly_white",
                       height=620)
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Components and representation (paper §4.1–4.2, Fig. 6–9)
+# --------------------------------------------------------------------------------------------
+
+COMPONENT_LABELS = {
+    "attn_entropy": "normalized attention entropy",
+    "attn_jsd": "attention JSD vs FP (nats, ≤ ln 2)",
+    "sign_flip": "gate sign-flip rate vs FP",
+    "topk_jaccard": "Jaccard of top-1 % neurons vs FP",
+    "value_cosine": "FFN output cosine vs FP",
+    "subspace_similarity": "subspace similarity ‖U_fpᵀU_q‖²/k",
+    "error_alignment": "error ↔ FP subspace alignment",
+    "error_energy_in_fp_subspace": "share of error energy in FP subspace",
+}
+
+
+def component_lines(summary: pd.DataFrame, metric: str, title: str | None = None) -> go.Figure:
+    """One component metric per layer: a line per variant (mean over prompts, band = 95 % CI
+    of the mean, ±1.96 sem), one column per position. ``summary`` is
+    :func:`mechq.components.component_summary`."""
+    from plotly.subplots import make_subplots
+
+    part = summary[summary["metric"] == metric]
+    if part.empty:
+        raise ValueError(f"No rows for metric {metric!r} in the summary.")
+    positions = list(dict.fromkeys(part["position"]))
+    fig = make_subplots(rows=1, cols=len(positions), subplot_titles=positions, shared_yaxes=True)
+    colors = _colors(part["variant"])
+    for c, pos in enumerate(positions, start=1):
+        for v in variant_order(part["variant"]):
+            g = part[(part["position"] == pos) & (part["variant"] == v)].sort_values("layer")
+            if g.empty:
+                continue
+            lo, hi = g["mean"] - 1.96 * g["sem"], g["mean"] + 1.96 * g["sem"]
+            fig.add_trace(go.Scatter(
+                x=list(g["layer"]) + list(g["layer"])[::-1], y=list(hi) + list(lo)[::-1],
+                fill="toself", fillcolor=colors[v], opacity=0.15, line=dict(width=0),
+                hoverinfo="skip", showlegend=False, legendgroup=v), row=1, col=c)
+            fig.add_trace(go.Scatter(
+                x=g["layer"], y=g["mean"], mode="lines+markers", name=v,
+                line=dict(color=colors[v], dash="dot" if v == "fp" else "solid"),
+                marker=dict(size=4), legendgroup=v, showlegend=(c == 1),
+                customdata=g[["n"]],
+                hovertemplate=f"{v} layer %{{x}}: %{{y:.4g}} (n=%{{customdata[0]}})<extra></extra>",
+            ), row=1, col=c)
+        fig.update_xaxes(title_text="layer", row=1, col=c)
+    fig.update_yaxes(title_text=COMPONENT_LABELS.get(metric, metric), row=1, col=1)
+    fig.update_layout(title=title or COMPONENT_LABELS.get(metric, metric),
+                      template="plotly_white", height=420)
+    return fig
+
+
+def cka_heatmaps(cka: pd.DataFrame, stream: str | None = "resid_post",
+                 position: str | None = None, title: str | None = None) -> go.Figure:
+    """Layer × layer linear CKA (FP layer on y, variant layer on x), one heatmap per variant side
+    by side with one shared 0–1 colour scale; one row per (stream, position) left after
+    filtering (``None`` keeps all). ``cka`` is the ``cka`` frame of
+    :func:`mechq.representation.representation_metrics`."""
+    from plotly.subplots import make_subplots
+
+    df = cka
+    if stream is not None:
+        df = df[df["stream"] == stream]
+    if position is not None:
+        df = df[df["position"] == position]
+    if df.empty:
+        raise ValueError(f"No CKA rows for stream={stream!r}, position={position!r}.")
+    order = variant_order(df["variant"])
+    combos = list(dict.fromkeys(zip(df["stream"], df["position"])))
+    titles = [f"{v} · {s} @ {p}" for s, p in combos for v in order]
+    fig = make_subplots(rows=len(combos), cols=len(order), subplot_titles=titles,
+                        horizontal_spacing=0.04,
+                        vertical_spacing=min(0.1, 0.3 / len(combos)))
+    for r, (s, p) in enumerate(combos, start=1):
+        for c, v in enumerate(order, start=1):
+            g = df[(df["variant"] == v) & (df["stream"] == s) & (df["position"] == p)]
+            if g.empty:
+                continue
+            z = g.pivot(index="layer_fp", columns="layer_q", values="cka")
+            fig.add_trace(go.Heatmap(
+                z=z.to_numpy(), x=z.columns, y=z.index, coloraxis="coloraxis",
+                hovertemplate=(f"{v}<br>FP layer %{{y}} vs {v} layer %{{x}}"
+                               "<br>CKA %{z:.3f}<extra></extra>")), row=r, col=c)
+            fig.update_xaxes(title_text=f"{v} layer", row=r, col=c)
+            fig.update_yaxes(title_text="FP layer" if c == 1 else None, row=r, col=c)
+    fig.update_layout(
+        title=title or "Linear CKA between FP and variant layers",
+        coloraxis=dict(colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="CKA")),
+        template="plotly_white", height=max(380, 330 * len(combos)),
+        width=max(500, 330 * len(order) + 120),
+    )
+    return fig
+
+
+def subspace_lines(df: pd.DataFrame, position: str | None = None,
+                   title: str | None = None) -> go.Figure:
+    """Subspace measures per layer: rows = streams, columns = metrics (similarity, error
+    alignment, error energy in the FP subspace), a line per variant, the random-subspace
+    baseline ``k/d`` dotted. ``df`` is the ``subspace`` frame of
+    :func:`mechq.representation.representation_metrics`; ``position`` defaults to the first."""
+    from plotly.subplots import make_subplots
+
+    position = position or df["position"].iloc[0]
+    part = df[df["position"] == position]
+    streams = list(dict.fromkeys(part["stream"]))
+    metrics = list(dict.fromkeys(part["metric"]))
+    fig = make_subplots(rows=len(streams), cols=len(metrics), shared_xaxes=True,
+                        shared_yaxes=True,
+                        subplot_titles=[f"{s}: {COMPONENT_LABELS.get(m, m)}"
+                                        for s in streams for m in metrics])
+    colors = _colors(part["variant"])
+    for r, s in enumerate(streams, start=1):
+        for c, m in enumerate(metrics, start=1):
+            cell = part[(part["stream"] == s) & (part["metric"] == m)]
+            for v in variant_order(cell["variant"]):
+                g = cell[cell["variant"] == v].sort_values("layer")
+                if g["value"].isna().all():
+                    continue
+                fig.add_trace(go.Scatter(
+                    x=g["layer"], y=g["value"], mode="lines+markers", name=v,
+                    line=dict(color=colors[v]), marker=dict(size=4), legendgroup=v,
+                    showlegend=(r == 1 and c == 1), customdata=g[["k"]],
+                    hovertemplate=f"{v} layer %{{x}}: %{{y:.3f}} (k=%{{customdata[0]}})"
+                                  "<extra></extra>"), row=r, col=c)
+            if m != "subspace_similarity":
+                g = cell.drop_duplicates("layer").sort_values("layer")
+                fig.add_trace(go.Scatter(
+                    x=g["layer"], y=g["random_baseline"], mode="lines", name="random k/d",
+                    line=dict(color="gray", dash="dot"), legendgroup="random",
+                    showlegend=(r == 1 and c == 2), hoverinfo="skip"), row=r, col=c)
+    fig.update_yaxes(range=[0, 1.02])
+    fig.update_xaxes(title_text="layer", row=len(streams))
+    energy = part["energy"].iloc[0] if "energy" in part else None
+    fig.update_layout(
+        title=title or f"Activation subspaces at {position}"
+        + (f" (k: {energy:.0%} of FP spectral energy)" if energy is not None else ""),
+        template="plotly_white", height=260 * len(streams) + 120)
+    return fig

@@ -13,6 +13,7 @@ position of each prompt is decoded (final norm + unembedding on one vector per p
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -170,4 +171,76 @@ def _wilson(k, n, z: float = 1.96):
     denom = 1 + z**2 / n
     centre = (p + z**2 / (2 * n)) / denom
     half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return centre - half, centre + half
+    return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Robust / Failure subsets (paper §3.2)
+# --------------------------------------------------------------------------------------------
+
+
+def _reference_name(recall_df: pd.DataFrame, fp: str, reference: str | None) -> str:
+    names = [v for v in dict.fromkeys(recall_df["variant"]) if v != fp]
+    if reference is not None:
+        if reference not in names:
+            raise ValueError(f"Reference variant {reference!r} is not in the frame (have {names}).")
+        return reference
+    w4 = [n for n in names if re.search(r"(?<!\d)(w4(?!\d)|4-?bits?\b)", n)]
+    if len(names) == 1:
+        return names[0]
+    if len(w4) == 1:
+        return w4[0]
+    raise ValueError(f"Pass reference=: cannot pick the 4-bit variant among {names}.")
+
+
+def subsets(
+    recall_df: pd.DataFrame, fp: str = FP, reference: str | None = None
+) -> dict[str, set[str]]:
+    """Fact-id subsets from an :func:`mechq.evaluate_recall` frame (paper §3.2).
+
+    - ``robust``: correct under FP *and* under ``reference`` (the 4-bit variant);
+    - ``failure``: correct under FP, wrong under ``reference``;
+    - ``fp_correct``: correct under FP (= robust ∪ failure).
+
+    ``reference=None`` picks the only non-FP variant, or the only one whose name says 4 bits
+    (``gptq-w4g128``).
+    """
+    ref = _reference_name(recall_df, fp, reference)
+    if fp not in set(recall_df["variant"]):
+        raise ValueError(f"FP variant {fp!r} is not in the frame.")
+    a = recall_df[recall_df["variant"] == fp].set_index("fact_id")["correct"]
+    b = recall_df[recall_df["variant"] == ref].set_index("fact_id")["correct"]
+    if a.index.has_duplicates or b.index.has_duplicates:
+        raise ValueError("Each fact must appear once per variant.")
+    common = a.index.intersection(b.index)
+    if len(common) != len(a):
+        raise ValueError(f"{len(a) - len(common)} FP facts have no {ref!r} row.")
+    a, b = a.loc[common].astype(bool), b.loc[common].astype(bool)
+    return dict(
+        robust=set(common[a & b]),
+        failure=set(common[a & ~b]),
+        fp_correct=set(common[a]),
+    )
+
+
+def subset_sizes(
+    recall_df: pd.DataFrame, fp: str = FP, reference: str | None = None
+) -> pd.DataFrame:
+    """Sizes of the subsets per relation and overall (``relation == "all"``): ``n_facts``,
+    ``fp_correct``, ``robust``, ``failure``, ``failure_rate`` (failure / fp_correct)."""
+    ref = _reference_name(recall_df, fp, reference)
+    sub = subsets(recall_df, fp, ref)
+    fpdf = recall_df[recall_df["variant"] == fp]
+    rel = fpdf.set_index("fact_id")["relation"] if "relation" in fpdf else None
+    groups = [("all", set(fpdf["fact_id"]))]
+    if rel is not None:
+        groups += [(r, set(ids)) for r, ids in rel.index.groupby(rel.values).items()]
+        groups = groups[:1] + sorted(groups[1:], key=lambda x: str(x[0]))
+    rows = []
+    for name, ids in groups:
+        n_fp = len(sub["fp_correct"] & ids)
+        n_fail = len(sub["failure"] & ids)
+        rows.append(dict(relation=name, reference=ref, n_facts=len(ids), fp_correct=n_fp,
+                         robust=len(sub["robust"] & ids), failure=n_fail,
+                         failure_rate=n_fail / n_fp if n_fp else float("nan")))
+    return pd.DataFrame(rows)

@@ -9,6 +9,7 @@ import pytest
 
 import mechq
 from mechq import pararel as PR
+from mechq import recall as R
 from mechq.recall import evaluate_recall
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,19 +170,19 @@ def test_subsets_on_hand_made_recall_frame():
                  dict(variant="gptq-w4g128", fact_id=fid, relation=rel[fid], correct=bool(w4)),
                  dict(variant="gptq-w2g128", fact_id=fid, relation=rel[fid], correct=False)]
     df = pd.DataFrame(recs)
-    s = PR.subsets(df)  # picks the 4-bit variant by name
+    s = R.subsets(df)  # picks the 4-bit variant by name
     assert s["robust"] == {"a", "e"} and s["failure"] == {"b", "f"}
     assert s["fp_correct"] == {"a", "b", "e", "f"}
-    s2 = PR.subsets(df, reference="gptq-w2g128")
+    s2 = R.subsets(df, reference="gptq-w2g128")
     assert s2["robust"] == set() and s2["failure"] == {"a", "b", "e", "f"}
-    sizes = PR.subset_sizes(df).set_index("relation")
+    sizes = R.subset_sizes(df).set_index("relation")
     assert sizes.loc["all", ["n_facts", "fp_correct", "robust", "failure"]].tolist() == [6, 4, 2, 2]
     assert sizes.loc["R1", ["n_facts", "fp_correct", "robust", "failure"]].tolist() == [3, 2, 1, 1]
     assert sizes.loc["R2", "failure_rate"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="reference"):
-        PR.subsets(df.replace({"variant": {"gptq-w4g128": "x", "gptq-w2g128": "y"}}))
+        R.subsets(df.replace({"variant": {"gptq-w4g128": "x", "gptq-w2g128": "y"}}))
     with pytest.raises(ValueError, match="not in the frame"):
-        PR.subsets(df, reference="awq-w4")
+        R.subsets(df, reference="awq-w4")
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,16 +47,34 @@ def test_gptq_on_tiny_gpt2_and_cache(tiny, facts, tmp_path, monkeypatch):
     again = mechq.quantize(tiny, "gptq", bits=8, group_size=128, n_samples=8, seq_len=24)
     for m in v8.modules:
         assert torch.equal(again.modules[m].qweight, v8.modules[m].qweight)
+    # The tiny model memorised its facts with wide margins, so even 2 bits keep most answers;
+    # what must hold is the ordering of the errors, in the weights and in the outputs.
     acc = accuracy(evaluate_recall(tiny, facts, [v8, v2], progress=False)).set_index("variant")
     assert acc.loc["gptq-w8g128", "accuracy"] >= acc.loc["fp", "accuracy"] - 0.02
-    assert acc.loc["gptq-w2g128", "accuracy"] < acc.loc["fp", "accuracy"] - 0.2
+    for m in ("transformer.h.0.attn.c_attn", "transformer.h.3.mlp.c_proj"):
+        w = layout.module_weight(tiny, m)
+        e8 = ((v8.weight(m) - w).norm() / w.norm()).item()
+        e2 = ((v2.weight(m) - w).norm() / w.norm()).item()
+        assert e8 < 0.01 < 0.2 < e2, (m, e8, e2)
+    toks = tiny.to_tokens("The capital of France is")
+    p_fp = tiny(toks)[0, -1].log_softmax(-1)
+    kl = {}
+    for v in (v8, v2):
+        with mechq.swap(tiny, v):
+            p_q = tiny(toks)[0, -1].log_softmax(-1)
+        kl[v.bits] = (p_fp.exp() * (p_fp - p_q)).sum().item()
+    assert kl[8] < 1e-3 and kl[2] > 10 * kl[8]
 
 
 @pytest.mark.slow
-def test_gptq_w4_on_smollm2(smol, tmp_path, monkeypatch):
-    """The real thing, small: GPTQModel w4 g128 on SmolLM2, read back with our dequantizer."""
-    monkeypatch.setenv("MECHQ_CACHE", str(tmp_path))
-    v = mechq.quantize(smol, "gptq", bits=4, group_size=128, n_samples=4, seq_len=32)
+def test_gptq_w4_on_smollm2(smol):
+    """The real thing, small: GPTQModel w4 g128 on SmolLM2, read back with our dequantizer.
+
+    Same settings as notebooks/01 (8 x 48 sampled calibration tokens), in the default cache, so
+    the notebook reuses this checkpoint instead of running GPTQ again. (4 x 32 tokens were too
+    few: that checkpoint answered " not" for France.)
+    """
+    v = mechq.quantize(smol, "gptq", bits=4, group_size=128, n_samples=8, seq_len=48)
     assert len(v.modules) == 30 * 7
     assert v.meta["quantize_config"]["bits"] == 4
     # 576 inputs in groups of 128: a partial last group that our dequantizer handles

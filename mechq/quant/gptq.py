@@ -34,6 +34,8 @@ def run_gptq(
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     from gptqmodel import GPTQModel, QuantizeConfig
 
+    _keep_logs_out_of_cwd()
+
     cfg = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
     torch.manual_seed(seed)
     model = GPTQModel.load(str(hf_dir), cfg, device=device)
@@ -43,3 +45,15 @@ def run_gptq(
     model.save(str(out_dir))
     del model
     return out_dir
+
+
+def _keep_logs_out_of_cwd() -> None:
+    """GPTQModel 7.x writes per-run logs into ``./logs``; send them to mechq's cache instead."""
+    from mechq.models import cache_dir
+
+    try:
+        from gptqmodel.looper import loop_processor
+
+        loop_processor._PROJECT_LOG_DIR = cache_dir() / "gptqmodel-logs"
+    except (ImportError, AttributeError):  # other GPTQModel versions: leave their default
+        pass

@@ -1,0 +1,675 @@
+"""Batched cross-model activation patching and zero ablation (paper §3.4).
+
+Which activations of the FP model are *sufficient* to bring a quantized model's answer back, and
+which are *necessary* for it?
+
+Definitions (ours; the paper gives no code). A **site** is (layer ``l``, token position ``p``) of
+one activation kind:
+
+- ``resid_pre``: the residual stream entering block ``l`` (``blocks.l.hook_resid_pre``);
+- ``resid_mid``: after block ``l``'s attention, before its MLP (``blocks.l.hook_resid_mid``);
+- ``resid_post``: the residual stream leaving block ``l`` (``blocks.l.hook_resid_post``);
+- ``attn_out`` / ``mlp_out``: what block ``l``'s attention / MLP adds to the residual stream.
+
+Modes:
+
+- ``"fp_to_variant"`` (sufficiency, "denoising"): run the quantized variant, but replace the
+  activation at the site by the FP model's activation there (same prompt);
+- ``"variant_to_fp"`` (the reverse, "noising"): run the FP model with the variant's activation
+  patched in at the site;
+- ``"zero"`` (necessity): zero the activation at the site, on FP (``variant=None``) or on the
+  variant.
+
+The metric is read at the prompt's last position (next-token prediction of the fact's target
+token ``t``, see :mod:`mechq.recall`): ``target_prob = softmax(z)[t]``,
+``target_rank = 1 + #{v : z_v > z_t}``, ``correct = argmax(z) == t``. Every row also carries the
+unpatched run's numbers (``baseline_*``: the model being patched, without the patch) and the FP
+model's (``fp_*``), and ``delta_prob = target_prob - baseline_prob``.
+
+How the engine batches. For one prompt the ``S`` sites are put on the batch axis: replica ``i``
+patches site ``i``, through one hook per layer that writes into the rows of that layer's
+replicas. Sites are sorted by layer, and a replica only *joins* the batch at its own layer
+``l``, starting from the unpatched run's ``resid_pre`` there (cached once per prompt): before
+``l`` it would be identical to the unpatched run anyway. So block ``l`` runs on the replicas of
+layers ``≤ l`` only, which does about half the work of running every replica through every
+layer, and the final norm and unembedding are applied to the last position only. Sites are
+split into chunks of at most ``max_batch`` replicas and at most ``memory_mb`` of estimated
+transient activation memory (:func:`rows_per_chunk`). The FP (or variant) activations that are
+patched in come from one batch-1 run per prompt that keeps only the hooked activation at the
+chosen layers. Variants are swapped in once per block of prompts, not once per prompt.
+
+Results agree with ``transformer_lens.patching`` (one forward per site) within float rounding
+(tested to 1e-4 against ``get_act_patch_resid_pre`` with the FP cache as clean cache and the
+variant swapped in).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.utilities.activation_functions import apply_softcap
+
+from mechq.facts import Fact, FactSet, target_token
+from mechq.positions import NAMES, locate_fact
+from mechq.quant.variants import Variant, swap
+
+FP = "fp"
+ACTIVATIONS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+MODES = ("fp_to_variant", "variant_to_fp", "zero")
+#: Positions patched with ``positions="semantic"``: the subject, relation and last tokens.
+SEMANTIC = ("subject_first", "subject_mid", "subject_last", "relation", "last")
+
+COLUMNS = [
+    "fact_id", "relation", "variant", "activation", "mode", "layer", "position",
+    "position_label", "token", "n_tokens", "target", "target_id", "target_prob", "target_rank",
+    "correct", "baseline_prob", "baseline_rank", "baseline_correct", "fp_prob", "fp_rank",
+    "fp_correct", "delta_prob", "n_sites", "sweep",
+]
+
+
+def act_name(activation: str, layer: int) -> str:
+    """Hook name of ``activation`` at ``layer`` (``blocks.{layer}.hook_{activation}``)."""
+    return f"blocks.{layer}.hook_{activation}"
+
+
+# --------------------------------------------------------------------------------------------
+# Engine
+# --------------------------------------------------------------------------------------------
+
+
+def rows_per_chunk(model: HookedTransformer, n_tokens: int, max_batch: int = 512,
+                   memory_mb: float | None = 1024.0) -> int:
+    """How many replicas (sites) of an ``n_tokens`` prompt go into one forward.
+
+    The estimate of transient memory per replica is one block's activations (residual, q/k/v/z,
+    attention scores and pattern, MLP pre/post) plus the last position's logits and softmax,
+    in the model's dtype; TransformerLens keeps no more than that alive at once without caching.
+    """
+    cfg = model.cfg
+    d_mlp = cfg.d_mlp or 4 * cfg.d_model
+    hd = cfg.n_heads * cfg.d_head
+    per_tok = 6 * cfg.d_model + 4 * hd + 3 * d_mlp + 3 * cfg.n_heads * n_tokens
+    elt = torch.empty((), dtype=cfg.dtype).element_size()
+    per_row = elt * n_tokens * per_tok + 4 * 3 * cfg.d_vocab
+    rows = max_batch
+    if memory_mb is not None:
+        rows = min(rows, int(memory_mb * 2**20 // per_row))
+    return max(1, rows)
+
+
+def _weights(model: HookedTransformer, variant: Variant | None):
+    return swap(model, variant) if variant is not None else nullcontext()
+
+
+def _decode(model: HookedTransformer, resid: Float[Tensor, "batch d_model"],
+            rows: int = 1024) -> Float[Tensor, "batch vocab"]:
+    """Final norm + unembedding of last-position residual vectors, ``rows`` at a time.
+
+    ``x @ W_U + b_U`` on the stored ``[d_model, vocab]`` matrix (TransformerLens's ``Unembed``
+    first copies its transpose, 113 MB for SmolLM2, on every call).
+    """
+    W_U, b_U = model.unembed.W_U, model.unembed.b_U
+    out = []
+    for i in range(0, resid.shape[0], rows):
+        x = model.ln_final(resid[i : i + rows, None, :])[:, 0]
+        out.append(apply_softcap(torch.addmm(b_U, x, W_U), model.cfg.output_logits_soft_cap)
+                   .float())
+    return torch.cat(out)
+
+
+@contextmanager
+def kernel_layout(model: HookedTransformer, layers: Iterable[int]):
+    """Give attention and gated-MLP weights the memory layout TransformerLens's kernels want.
+
+    TransformerLens builds its GEMM operands on every call: ``W_gate.T.contiguous()``,
+    ``rearrange(W_Q, "h m d -> (h d) m")``, … which copies every weight of a block (14 MB for
+    SmolLM2) per forward. Inside this context those parameters are strided views of tensors
+    already in that layout, so the copies become no-ops: the same values reach the same kernel
+    in the same layout (results are bit-identical). The original tensors are put back on exit.
+    """
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    saved: list[tuple[torch.nn.Parameter, Tensor]] = []
+
+    def relayout(p: torch.nn.Parameter, perm: tuple[int, ...]):
+        inv = tuple(perm.index(i) for i in range(len(perm)))
+        saved.append((p, p.data))
+        p.data = p.data.permute(*perm).contiguous().permute(*inv)
+
+    split = model.cfg.use_split_qkv_input or model.cfg.use_attn_in
+    try:
+        for l in layers:
+            blk = model.blocks[l]
+            attn = getattr(blk, "attn", None)
+            if attn is not None and not split and not model.cfg.load_in_4bit:
+                for name in ("W_Q", "_W_K", "_W_V", "W_K", "W_V"):
+                    p = attn._parameters.get(name)
+                    if p is not None and p.dim() == 3:
+                        relayout(p, (0, 2, 1))      # -> [(h d_head), d_model] rows
+                p = attn._parameters.get("W_O")
+                if p is not None and p.dim() == 3:
+                    relayout(p, (2, 0, 1))          # -> [d_model, (h d_head)]
+            if isinstance(getattr(blk, "mlp", None), GatedMLP) and not model.cfg.load_in_4bit:
+                for name in ("W_gate", "W_in", "W_out"):
+                    p = blk.mlp._parameters.get(name)
+                    if p is not None and p.dim() == 2:
+                        relayout(p, (1, 0))
+        yield model
+    finally:
+        for p, data in reversed(saved):
+            p.data = data
+
+
+def _score(logits: Float[Tensor, "batch vocab"], target: int) -> dict[str, Tensor]:
+    t = logits[:, target : target + 1]
+    return dict(
+        prob=logits.softmax(-1)[:, target].cpu(),
+        rank=(1 + (logits > t).sum(-1)).cpu(),
+        correct=(logits.argmax(-1) == target).cpu(),
+    )
+
+
+@torch.no_grad()
+def _capture(model: HookedTransformer, tokens: Tensor, names: set[str]
+             ) -> tuple[dict[str, Tensor], Tensor]:
+    """One unpatched run: the hooked activations named (batch row 0) and last-position logits."""
+    store: dict[str, Tensor] = {}
+
+    def grab(act, hook):
+        store[hook.name] = act[0].clone()
+
+    with model.hooks(fwd_hooks=[(lambda n: n in names, grab)]):
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+    return store, _decode(model, resid[:, -1])
+
+
+@dataclass
+class _Prepared:
+    """What a prompt needs for its patched runs, from one unpatched run under the target weights."""
+
+    tokens: Tensor                        # [1, n]
+    resid_pre: dict[int, Tensor]          # layer -> [n, d_model]
+    own: dict[int, Tensor]                # layer -> [n, ...] the patched activation, unpatched
+    keys: dict[int, Tensor]               # layer -> [1, n, kv_heads, d_head] (as the KV cache holds)
+    values: dict[int, Tensor]
+    shortformer: Tensor | None            # [1, n, d_model] or None
+    attention_mask: Tensor | None         # [1, n] or None
+    reuse_kv: bool
+
+
+def _can_reuse_kv(model: HookedTransformer) -> bool:
+    """Whether ``hook_k`` / ``hook_v`` are exactly what TransformerLens's KV cache stores."""
+    cfg = model.cfg
+    olmo = cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM",
+                                         "Olmo3ForCausalLM")
+    return not olmo and cfg.clip_qkv is None and not getattr(cfg, "use_attn_in", False) \
+        and not getattr(cfg, "use_split_qkv_input", False)
+
+
+@torch.no_grad()
+def _prepare(model: HookedTransformer, tokens: Tensor, layers: Sequence[int], activation: str,
+             reuse_kv: bool):
+    L = model.cfg.n_layers
+    names = {act_name("resid_pre", l) for l in layers} | {act_name(activation, l) for l in layers}
+    kv_layers = range(min(layers), L) if reuse_kv else range(0)
+    names |= {f"blocks.{l}.attn.hook_{x}" for l in kv_layers for x in "kv"}
+    cache, logits = _capture(model, tokens, names)
+    _, _, spe, mask = model.input_to_embed(tokens)
+    return _Prepared(
+        tokens,
+        resid_pre={l: cache[act_name("resid_pre", l)] for l in layers},
+        own={l: cache[act_name(activation, l)] for l in layers},
+        keys={l: cache[f"blocks.{l}.attn.hook_k"][None] for l in kv_layers},
+        values={l: cache[f"blocks.{l}.attn.hook_v"][None] for l in kv_layers},
+        shortformer=spe, attention_mask=mask, reuse_kv=reuse_kv,
+    ), logits
+
+
+def _expand(x: Tensor | None, rows: int) -> Tensor | None:
+    return None if x is None else x.expand(rows, *x.shape[1:])
+
+
+@torch.no_grad()
+def _patched_logits(
+    model: HookedTransformer,
+    prep: _Prepared,
+    layer_idx: Tensor,
+    pos_idx: Tensor,
+    activation: str,
+    source: dict[int, Tensor] | None,
+    max_batch: int,
+    memory_mb: float | None,
+    on_chunk=None,
+) -> Tensor:
+    """Last-position logits of one replica per site (``source=None``: zero ablation).
+
+    Sites are grouped by position ``p``. Patching at ``(l, p)`` leaves every position ``< p``
+    and every layer ``< l`` as in the unpatched run, so a replica is run only on positions
+    ``p … n-1`` from layer ``l`` on: it joins the batch at its layer with the unpatched
+    ``resid_pre`` there, and attends to the unpatched run's keys and values of positions ``< p``
+    (a frozen TransformerLens KV-cache entry, which is what ``generate`` uses). Returns logits
+    in the order of the given sites.
+    """
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    L = model.cfg.n_layers
+    n = prep.tokens.shape[1]
+    dev = model.cfg.device
+    out = torch.empty(len(layer_idx), model.cfg.d_vocab)
+    starts = sorted(set(pos_idx.tolist())) if prep.reuse_kv else [0]
+    for s in starts:
+        sel = (pos_idx == s).nonzero()[:, 0] if prep.reuse_kv else torch.arange(len(pos_idx))
+        sel = sel[torch.argsort(layer_idx[sel], stable=True)]
+        chunk = rows_per_chunk(model, n - s, max_batch, memory_mb)
+        for c0 in range(0, len(sel), chunk):
+            idx = sel[c0 : c0 + chunk]
+            ls = layer_idx[idx].tolist()
+            ps = pos_idx[idx].to(dev)
+            spans: dict[int, tuple[int, int]] = {}
+            for r, l in enumerate(ls):
+                spans[l] = (spans.get(l, (r, r))[0], r + 1)
+            hooks = []
+            for l, (a, b) in spans.items():
+                rows = torch.arange(b - a, device=dev)
+                pos = ps[a:b]
+                val = None if source is None else source[l][pos]
+
+                def hook(act, hook, a=a, b=b, rows=rows, pos=pos - s, val=val):
+                    part = act[a:b]
+                    part[rows, pos] = 0 if val is None else val.to(act.dtype)
+                    return act
+
+                hooks.append((act_name(activation, l), hook))
+            resid = None
+            with model.hooks(fwd_hooks=hooks):
+                for l in range(ls[0], L):
+                    if l in spans:
+                        a, b = spans[l]
+                        new = prep.resid_pre[l][None, s:].repeat(b - a, 1, 1)
+                        resid = new if resid is None else torch.cat([resid, new])
+                    rows_now = resid.shape[0]
+                    entry = None
+                    if s > 0:
+                        entry = TransformerLensKeyValueCacheEntry(
+                            past_keys=_expand(prep.keys[l][:, :s], rows_now),
+                            past_values=_expand(prep.values[l][:, :s], rows_now),
+                            frozen=True,
+                        )
+                    spe = prep.shortformer
+                    resid = model.blocks[l](
+                        resid,
+                        shortformer_pos_embed=_expand(None if spe is None else spe[:, s:],
+                                                      rows_now),
+                        past_kv_cache_entry=entry,
+                        attention_mask=_expand(prep.attention_mask, rows_now),
+                    )
+            out[idx] = _decode(model, resid[:, -1]).cpu()
+            if on_chunk is not None:
+                on_chunk(len(ls))
+    return out
+
+
+def _check(activation: str, mode: str, variant: Variant | None) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if mode == "variant_to_fp" and variant is None:
+        raise ValueError("mode='variant_to_fp' needs a variant.")
+    if variant is not None and not isinstance(variant, Variant):
+        raise TypeError(f"variant must be a mechq Variant or None, got {type(variant).__name__}.")
+
+
+def _roles(mode: str, variant: Variant | None):
+    """(weights of the source run, weights of the patched run, whether a source is patched)."""
+    if mode == "fp_to_variant":
+        return None, variant, True
+    if mode == "variant_to_fp":
+        return variant, None, True
+    return None, variant, False
+
+
+def _layers(model: HookedTransformer, layers) -> list[int]:
+    L = model.cfg.n_layers
+    if layers is None:
+        return list(range(L))
+    out = sorted({int(l) for l in ([layers] if isinstance(layers, int) else layers)})
+    bad = [l for l in out if not 0 <= l < L]
+    if bad or not out:
+        raise ValueError(f"layers must be in 0…{L - 1} (and not empty), got {bad or out}.")
+    return out
+
+
+def _run_prompt(model, prep, base_logits, li, pi, activation, source, max_batch, memory_mb,
+                skip_identical, on_chunk=None) -> Tensor:
+    """Logits of every site; sites whose patch writes the value already there reuse the
+    unpatched logits (exact: the patched forward *is* the unpatched one)."""
+    same = torch.zeros(len(li), dtype=torch.bool)
+    if skip_identical:
+        for i, (l, p) in enumerate(zip(li.tolist(), pi.tolist())):
+            own = prep.own[l][p]
+            same[i] = bool((own == 0).all()) if source is None else torch.equal(source[l][p], own)
+    logits = torch.empty(len(li), model.cfg.d_vocab)
+    logits[same] = base_logits.cpu()
+    todo = (~same).nonzero()[:, 0]
+    if len(todo):
+        logits[todo] = _patched_logits(model, prep, li[todo], pi[todo], activation, source,
+                                       max_batch, memory_mb, on_chunk)
+    if on_chunk is not None and int(same.sum()):
+        on_chunk(int(same.sum()))
+    return logits
+
+
+@jaxtyped(typechecker=beartype)
+def patch_sites(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "1 pos"],
+    target_id: int,
+    variant: Variant | None = None,
+    *,
+    activation: str = "resid_pre",
+    mode: str = "fp_to_variant",
+    layers: Iterable[int] | None = None,
+    positions: Iterable[int] | None = None,
+    max_batch: int = 512,
+    memory_mb: float | int | None = 1024.0,
+    kv_reuse: bool = True,
+    skip_identical: bool = True,
+) -> dict[str, Tensor]:
+    """Patch every (layer, position) of one token sequence; grids of shape ``[layer, pos]``.
+
+    The tensor-level engine behind :func:`patch_sweep`, for any token sequence (no fact needed).
+    Returns ``target_prob``, ``target_rank``, ``correct`` (each ``[len(layers), len(positions)]``),
+    ``baseline_prob/rank/correct`` and ``fp_prob/rank/correct`` (scalars), ``layers`` and
+    ``positions``. Swaps ``variant`` in and out itself. ``kv_reuse`` / ``skip_identical``
+    switch off the engine's two shortcuts (see :func:`patch_sweep`); results do not change.
+    """
+    _check(activation, mode, variant)
+    n = tokens.shape[1]
+    lay = _layers(model, layers)
+    pos = list(range(n)) if positions is None else [int(p) for p in positions]
+    if not pos or any(not 0 <= p < n for p in pos):
+        raise ValueError(f"positions must be in 0…{n - 1}, got {pos}.")
+    tokens = tokens.to(model.cfg.device)
+    src_w, tgt_w, patch = _roles(mode, variant)
+    li = torch.tensor(lay).repeat_interleave(len(pos))
+    pi = torch.tensor(pos).repeat(len(lay))
+    names = {act_name(activation, l) for l in lay} if patch else set()
+    with _weights(model, src_w):
+        src_cache, src_logits = _capture(model, tokens, names)
+    with _weights(model, tgt_w):
+        prep, base_logits = _prepare(model, tokens, lay, activation,
+                                     kv_reuse and _can_reuse_kv(model))
+        source = {l: src_cache[act_name(activation, l)] for l in lay} if patch else None
+        logits = _run_prompt(model, prep, base_logits, li, pi, activation, source, max_batch,
+                             memory_mb, skip_identical)
+    s = _score(logits, target_id)
+    base = _score(base_logits, target_id)
+    fp = _score(src_logits if tgt_w is not None else base_logits, target_id)
+    shape = (len(lay), len(pos))
+    out = {f"target_{k}" if k != "correct" else "correct": v.reshape(shape) for k, v in s.items()}
+    out.update({f"baseline_{k}": v[0] for k, v in base.items()})
+    out.update({f"fp_{k}": v[0] for k, v in fp.items()})
+    out.update(layers=torch.tensor(lay), positions=torch.tensor(pos))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps over facts
+# --------------------------------------------------------------------------------------------
+
+
+def _position_filter(positions) -> set[str] | None:
+    if positions == "all":
+        return None
+    if positions == "semantic":
+        return set(SEMANTIC)
+    names = {positions} if isinstance(positions, str) else set(positions)
+    bad = names - set(NAMES)
+    if bad:
+        raise ValueError(f"Unknown position names {sorted(bad)}; use 'all', 'semantic' or "
+                         f"names from {NAMES}.")
+    return names
+
+
+def _sweep_key(model, variant_name, activation, mode, layers, positions) -> str:
+    spec = dict(model=model.cfg.model_name, variant=variant_name, activation=activation,
+                mode=mode, layers=layers,
+                positions=positions if isinstance(positions, str) else sorted(positions))
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_NUMERIC = ["layer", "position", "n_tokens", "target_id", "target_prob", "target_rank",
+            "baseline_prob", "baseline_rank", "fp_prob", "fp_rank", "delta_prob", "n_sites"]
+_BOOL = ["correct", "baseline_correct", "fp_correct"]
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    """Column dtypes of a sweep frame (also for one read back from CSV)."""
+    df = df.copy()
+    for c in _NUMERIC:
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    for c in _BOOL:
+        df[c] = df[c].map({True: True, False: False, "True": True, "False": False})
+    ok = df[_NUMERIC].notna().all(axis=1) & df[_BOOL].notna().all(axis=1)
+    df = df[ok]
+    for c in ("layer", "position", "n_tokens", "target_id", "target_rank", "baseline_rank",
+              "fp_rank", "n_sites"):
+        df[c] = df[c].astype("int64")
+    for c in _BOOL:
+        df[c] = df[c].astype(bool)
+    return df
+
+
+def _read_done(path: Path) -> pd.DataFrame:
+    """Complete per-prompt blocks of an append file; rewrites it when anything was cut off."""
+    if not path.exists() or path.stat().st_size == 0:
+        return pd.DataFrame(columns=COLUMNS)
+    raw = pd.read_csv(path, dtype=str, na_filter=False, on_bad_lines="skip", engine="python")
+    missing = set(COLUMNS) - set(raw.columns)
+    if missing:
+        raise ValueError(f"{path} is not a mechq patching file (missing columns {sorted(missing)}).")
+    df = _typed(raw[COLUMNS])
+    # A prompt counts as done when all of its rows are there (an interrupted write drops it).
+    counts = df.groupby(["sweep", "fact_id"])["n_sites"].transform("size")
+    df = df[counts == df["n_sites"]]
+    dup = df.duplicated(["sweep", "fact_id", "layer", "position"])
+    df = df[~dup]
+    clean_end = path.read_bytes()[-1:] == b"\n"
+    if len(df) != len(raw) or not clean_end:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    return df
+
+
+def _append(path: Path, frame: pd.DataFrame) -> None:
+    header = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="", encoding="utf-8") as fh:
+        frame[COLUMNS].to_csv(fh, index=False, header=header)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def patch_sweep(
+    model: HookedTransformer,
+    facts: FactSet | Sequence[Fact] | Fact,
+    variant: Variant | None = None,
+    *,
+    activation: str = "resid_pre",
+    mode: str = "fp_to_variant",
+    layers: int | Iterable[int] | None = None,
+    positions: str | Iterable[str] = "all",
+    max_batch: int = 512,
+    memory_mb: float | None = 1024.0,
+    prompt_block: int = 32,
+    out_path: str | Path | None = None,
+    progress: bool = True,
+    kv_reuse: bool = True,
+    skip_identical: bool = True,
+) -> pd.DataFrame:
+    """Patch every (layer, position) site of every fact's prompt; one tidy row per site.
+
+    ``variant=None`` means the FP model itself (``mode="zero"`` then ablates FP;
+    ``"fp_to_variant"`` patches FP into FP, which changes nothing). ``positions``: ``"all"``
+    (every token), ``"semantic"`` (subject, relation and last tokens: :data:`SEMANTIC`), or
+    names from :data:`mechq.positions.NAMES`. Each row's ``position_label`` is the position's
+    single name by :meth:`mechq.positions.Positions.labels` (a one-token subject is
+    ``subject_last``). ``max_batch`` / ``memory_mb`` bound the replicas per forward
+    (:func:`rows_per_chunk`); ``prompt_block`` prompts share one swap of the variant.
+
+    ``out_path`` (CSV): each prompt's rows are appended (and fsynced) as soon as they are
+    computed, and prompts already complete in the file for the same sweep (model, variant,
+    activation, mode, layers, positions: column ``sweep``) are skipped, so an interrupted sweep
+    loses nothing. The returned frame holds the requested facts' rows, from disk and new.
+
+    Columns: see :data:`COLUMNS` and the module docstring for the metric definitions.
+    """
+    _check(activation, mode, variant)
+    if isinstance(facts, Fact):
+        facts = [facts]
+    facts = list(facts)
+    if not facts:
+        raise ValueError("patch_sweep needs at least one fact.")
+    lay = _layers(model, layers)
+    keep = _position_filter(positions)
+    vname = variant.name if variant is not None else FP
+    spec = positions if isinstance(positions, str) else sorted(keep)
+    sweep = _sweep_key(model, vname, activation, mode, lay, spec)
+    src_w, tgt_w, patch = _roles(mode, variant)
+    reuse = kv_reuse and _can_reuse_kv(model)
+
+    path = Path(out_path) if out_path is not None else None
+    if path is not None and path.suffix.lower() != ".csv":
+        raise ValueError(f"out_path must be a .csv file, got {path}.")
+    done = pd.DataFrame(columns=COLUMNS)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        done = _read_done(path)
+        done = done[(done["sweep"] == sweep) & done["fact_id"].isin([f.id for f in facts])]
+    done_ids = set(done["fact_id"])
+
+    # Tokens, targets and positions of every prompt to do.
+    todo = []
+    for f in facts:
+        if f.id in done_ids:
+            continue
+        toks = model.to_tokens(f.prompt, prepend_bos=model.cfg.default_prepend_bos)
+        p = locate_fact(model, f)
+        labels = p.labels()
+        pos = [i for i, lab in enumerate(labels) if keep is None or lab in keep]
+        if not pos:
+            continue
+        tid, text, _ = target_token(model.tokenizer, f.object)
+        todo.append((f, toks, labels, pos, tid, text))
+
+    frames = [done] if len(done) else []
+    bar = tqdm(total=sum(len(lay) * len(t[3]) for t in todo), unit="site",
+               desc=f"patch {activation} {mode} {vname}", disable=not progress)
+    for b0 in range(0, len(todo), prompt_block):
+        block = todo[b0 : b0 + prompt_block]
+        names = {act_name(activation, l) for l in lay} if patch else set()
+        sources, src_logits = [], []
+        with _weights(model, src_w):
+            for f, toks, *_ in block:
+                cache, lg = _capture(model, toks.to(model.cfg.device), names)
+                sources.append({l: cache[act_name(activation, l)] for l in lay} if patch else None)
+                src_logits.append(lg)
+        with _weights(model, tgt_w):
+            for (f, toks, labels, pos, tid, text), source, slg in zip(block, sources, src_logits):
+                prep, base_logits = _prepare(model, toks.to(model.cfg.device), lay, activation,
+                                             reuse)
+                n = toks.shape[1]
+                li = torch.tensor(lay).repeat_interleave(len(pos))
+                pi = torch.tensor(pos).repeat(len(lay))
+                logits = _run_prompt(model, prep, base_logits, li, pi, activation, source,
+                                     max_batch, memory_mb, skip_identical, on_chunk=bar.update)
+                s = _score(logits, tid)
+                base = _score(base_logits, tid)
+                fp = _score(slg if tgt_w is not None else base_logits, tid)
+                str_toks = model.to_str_tokens(toks[0])
+                pl = pi.tolist()
+                frame = pd.DataFrame({
+                    "fact_id": f.id, "relation": f.relation, "variant": vname,
+                    "activation": activation, "mode": mode,
+                    "layer": li.numpy(), "position": pi.numpy(),
+                    "position_label": [labels[p] for p in pl],
+                    "token": [str_toks[p] for p in pl], "n_tokens": n,
+                    "target": text, "target_id": tid,
+                    "target_prob": s["prob"].numpy(), "target_rank": s["rank"].numpy(),
+                    "correct": s["correct"].numpy(),
+                    "baseline_prob": base["prob"].item(), "baseline_rank": base["rank"].item(),
+                    "baseline_correct": bool(base["correct"].item()),
+                    "fp_prob": fp["prob"].item(), "fp_rank": fp["rank"].item(),
+                    "fp_correct": bool(fp["correct"].item()),
+                    "n_sites": len(li), "sweep": sweep,
+                })
+                frame["delta_prob"] = frame["target_prob"] - frame["baseline_prob"]
+                frame = frame[COLUMNS]
+                if path is not None:
+                    _append(path, frame)
+                frames.append(frame)
+    bar.close()
+    if not frames:
+        return pd.DataFrame(columns=COLUMNS)
+    out = pd.concat(frames, ignore_index=True)
+    order = {f.id: i for i, f in enumerate(facts)}
+    out = out.sort_values(["fact_id", "layer", "position"],
+                          key=lambda c: c.map(order) if c.name == "fact_id" else c,
+                          kind="stable")
+    return _typed(out).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------------------------
+
+
+def patch_heatmap_frame(df: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
+    """Layers × semantic positions, aggregated over prompts of different lengths.
+
+    Positions are grouped by ``position_label``. Within one prompt, positions sharing a label
+    (``relation``, ``subject_mid``, ``prefix``) are averaged first, so that every prompt weighs
+    the same; then per (variant, activation, mode, *by*, layer, position_label):
+
+    - ``mean_prob``: mean patched target probability; ``mean_delta``: mean of
+      ``target_prob - baseline_prob``;
+    - ``restored``: ``(Σ patched − Σ baseline) / (Σ fp − Σ baseline)`` over prompts, the share of
+      the FP-vs-baseline probability gap that the patch closes (1 = FP's answer fully restored,
+      0 = no effect; for zero ablation on FP both sums match and it is NaN);
+    - ``correct_share``: share of prompts whose patched prediction is the target (within-prompt
+      groups count a prompt as its mean over the group's positions);
+    - ``median_rank``: median patched target rank; ``baseline_prob``, ``fp_prob``: means of the
+      unpatched runs; ``n_facts``: prompts that have that position.
+    """
+    keys = ["variant", "activation", "mode", *by, "layer", "position_label"]
+    per_prompt = (df.assign(correct=df["correct"].astype(float))
+                  .groupby([*keys, "fact_id"], sort=False)
+                  .agg(target_prob=("target_prob", "mean"), delta_prob=("delta_prob", "mean"),
+                       correct=("correct", "mean"), target_rank=("target_rank", "median"),
+                       baseline_prob=("baseline_prob", "first"), fp_prob=("fp_prob", "first"))
+                  .reset_index())
+    g = per_prompt.groupby(keys, sort=False)
+    out = g.agg(mean_prob=("target_prob", "mean"), mean_delta=("delta_prob", "mean"),
+                correct_share=("correct", "mean"), median_rank=("target_rank", "median"),
+                baseline_prob=("baseline_prob", "mean"), fp_prob=("fp_prob", "mean"),
+                n_facts=("fact_id", "nunique")).reset_index()
+    gap = out["fp_prob"] - out["baseline_prob"]
+    out["restored"] = (out["mean_prob"] - out["baseline_prob"]) / gap.where(gap.abs() > 1e-12)
+    order = {n: i for i, n in enumerate(NAMES)}
+    out = out.sort_values(["layer", "position_label"], kind="stable",
+                          key=lambda c: c.map(order) if c.name == "position_label" else c)
+    return out.reset_index(drop=True)
