@@ -26,10 +26,10 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mechq cliff --out figures
+	$(BIN)/mechq report --out figures
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 tests notebooks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_foundation.py

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
-from jaxtyping import Float, Int
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -55,6 +56,7 @@ def is_query_row_hook(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in QUERY_ROW_HOOKS
 
 
+@jaxtyped(typechecker=beartype)
 def prompt_positions(
     model: HookedTransformer, facts: FactSet, positions: Sequence[str] = ("subject_last", "last")
 ) -> dict[str, Int[Tensor, " n_prompts"]]:
@@ -146,6 +148,7 @@ def _collect(
     return out
 
 
+@beartype
 def collect(
     model: HookedTransformer,
     facts: FactSet,
@@ -175,6 +178,7 @@ def collect(
         bar.close()
 
 
+@jaxtyped(typechecker=beartype)
 def stack_layers(
     acts: Activations, template: str, position: str, n_layers: int
 ) -> Float[Tensor, "layer n_prompts ..."]:

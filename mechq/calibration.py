@@ -4,7 +4,9 @@ GPTQ needs activations of representative text. The paper used C4; no corpus is a
 so mechq's default (``calibration=None`` or ``"sampled"``) is **text sampled from the FP model
 itself**: ``n_samples`` sequences of ``seq_len`` tokens, each started from BOS and one opener word
 of a fixed list, drawn at temperature 1 with ``torch.manual_seed(seed)``. The same model, seed and
-sizes give the same tokens, and the token ids themselves are hashed into the variant cache key.
+sizes give the same tokens on the same machine; because the draw can flip on floating-point
+differences (another thread count, another CPU), the variant cache is keyed by this *recipe*
+(:func:`sampled_spec`), and the tokens actually drawn are stored next to the checkpoint.
 
 Other sources:
 
@@ -76,6 +78,15 @@ def sample_from_model(
     return out.cpu().tolist()
 
 
+def is_sampled(calibration) -> bool:
+    return calibration is None or (isinstance(calibration, str) and calibration == "sampled")
+
+
+def sampled_spec(n_samples: int, seq_len: int, seed: int) -> str:
+    """The recipe of the default calibration, as recorded in the variant cache key."""
+    return f"sampled(n={n_samples},len={seq_len},seed={seed})"
+
+
 def get_calibration(
     model: HookedTransformer,
     calibration: str | list[str] | None = None,
@@ -85,9 +96,9 @@ def get_calibration(
     seed: int = 0,
 ) -> Calibration:
     """Resolve a calibration argument into token ids (see the module docstring)."""
-    if calibration is None or calibration == "sampled":
+    if is_sampled(calibration):
         toks = sample_from_model(model, n_samples, seq_len, seed)
-        return Calibration(toks, f"sampled(n={n_samples},len={seq_len},seed={seed})")
+        return Calibration(toks, sampled_spec(n_samples, seq_len, seed))
     if isinstance(calibration, str) and calibration.startswith("dataset:"):
         texts = _dataset_texts(calibration.removeprefix("dataset:"), n_samples)
         source = calibration

@@ -1,5 +1,6 @@
 """The ``mechq`` command line.
 
+    mechq report     the main job (make demo): cliff + answer ranks + logit lens -> report.html
     mechq cliff      GPTQ/RTN at several bit widths -> recall table + performance_cliff.html
     mechq recall     recall, answer ranks, top-1 tokens and Robust/Failure subsets
     mechq lens       logit lens per layer, FP vs variants, Robust/Failure side by side
@@ -181,6 +182,70 @@ def cmd_lens(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """The main job: cliff at several bit widths, answer ranks, logit lens, one HTML report."""
+    import mechq
+    from mechq import plots
+    from mechq.lens import lens_summary, logit_lens
+    from mechq.recall import accuracy, subset_sizes, subsets
+    from mechq.report import Report
+
+    t0 = time.perf_counter()
+    out, model, facts = _prepare(args)
+    specs = [f"{args.method}-w{b}g{args.group_size}" for b in args.bits]
+    variants = load_variants(model, specs, args)
+    by_name = {v.name: v for v in variants}
+    recall = mechq.evaluate_recall(model, facts, variants, batch_size=args.batch_size)
+    recall.to_csv(out / "recall.csv", index=False)
+    acc = accuracy(recall)
+    acc.to_csv(out / "accuracy.csv", index=False)
+    cliff = plots.performance_cliff(acc, accuracy(recall, ["variant", "relation"]),
+                                    title=f"Performance cliff — {args.model}")
+    plots.save_html(cliff, out / "performance_cliff.html")
+    rank = plots.rank_ecdf(recall)
+    plots.save_html(rank, out / "answer_rank.html")
+    top = plots.top_predictions(recall, k=6)
+
+    ref = f"{args.method}-w4g{args.group_size}"
+    lens_variants = [by_name[n] for n in (ref, f"{args.method}-w2g{args.group_size}")
+                     if n in by_name]
+    rep = Report(f"mechq report — {args.model}")
+    rep.text(f"{len(facts)} facts ({facts.name}), {args.method.upper()} group size "
+             f"{args.group_size}; GPTQ calibration: {args.calib_samples} × {args.calib_len} "
+             f"tokens sampled from the FP model (seed {args.seed}).", note=True)
+    rep.heading("1. Performance cliff (paper Fig. 1)")
+    rep.table(acc[ACC_COLS])
+    rep.figure(cliff)
+    rep.heading("2. Answer rank (paper Fig. 2)")
+    rep.figure(rank)
+    rep.figure(plots.top_predictions_figure(top))
+    print("\n" + _table(acc, ACC_COLS), flush=True)
+    if ref in by_name and lens_variants:
+        sizes = subset_sizes(recall, reference=ref)
+        sizes.to_csv(out / "subsets.csv", index=False)
+        lens = logit_lens(model, facts, lens_variants, batch_size=args.batch_size)
+        sub = subsets(recall, reference=ref)
+        label = {i: "Robust" for i in sub["robust"]} | {i: "Failure" for i in sub["failure"]}
+        lens["subset"] = lens["fact_id"].map(label)
+        lens.to_csv(out / "lens.csv.gz", index=False)
+        summ = lens_summary(lens.dropna(subset=["subset"]), ["subset", "variant", "layer"])
+        summ.to_csv(out / "lens_summary.csv", index=False)
+        fig = plots.lens_curves(summ, "subset", title=f"Logit lens — {args.model}")
+        plots.save_html(fig, out / "logit_lens.html")
+        rep.heading("3. Logit lens, Robust vs Failure (paper Fig. 3)")
+        rep.text(f"Subsets against {ref}: Robust = FP and {ref} correct, Failure = FP correct, "
+                 f"{ref} wrong.")
+        rep.table(sizes[sizes.relation == "all"])
+        rep.figure(fig)
+        L = model.cfg.n_layers
+        rep.table(summ[summ.layer.isin([L // 2, 2 * L // 3, L - 2, L])][
+            ["subset", "variant", "layer", "mean_prob", "median_rank", "top1_share", "n"]])
+    path = rep.write(out / "report.html")
+    print(f"\nwrote {path} (+ performance_cliff.html, answer_rank.html, logit_lens.html, "
+          f"CSV frames) in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 def cmd_quantize(args) -> int:
     """Quantize a model and print where the (cached) checkpoint lives."""
     import mechq
@@ -212,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mechq", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("report", help="main job: cliff + ranks + lens -> report.html")
+    _common(p)
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
+    p.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    p.add_argument("--group-size", type=int, default=128)
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("cliff", help="recall of FP vs bit widths (paper Fig. 1)")
     _common(p)
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])

@@ -166,8 +166,8 @@ def compare_components(
         for l in range(n_layers):
             key = lambda h: (HOOKS[h].format(l=l), pos)  # noqa: E731
             pf, pq = fp[key("pattern")], q[key("pattern")]
-            out[("attn_entropy", l, pos)] = normalized_entropy(pq, (idx + 1)[:, None].expand(
-                pq.shape[:2]).contiguous()).mean(-1)
+            n_keys = (idx + 1)[:, None].expand(pq.shape[:2]).contiguous()  # [n, head]
+            out[("attn_entropy", l, pos)] = normalized_entropy(pq, n_keys).mean(-1)
             out[("attn_jsd", l, pos)] = js_divergence(pf, pq).mean(-1)
             out[("sign_flip", l, pos)] = sign_flip_rate(fp[key("pre")], q[key("pre")])
             out[("topk_jaccard", l, pos)] = topk_jaccard(fp[key("post")], q[key("post")],
@@ -207,6 +207,7 @@ def named_variants(variants) -> list[tuple[str, VariantSpec]]:
     return out
 
 
+@beartype
 def component_metrics(
     model: HookedTransformer,
     facts: FactSet,
@@ -249,6 +250,7 @@ def component_metrics(
     return pd.concat(frames, ignore_index=True)
 
 
+@beartype
 def component_summary(df: pd.DataFrame, by: str | Sequence[str] | None = None) -> pd.DataFrame:
     """Mean and spread per (``by`` …, variant, layer, position, metric) over prompts.
 

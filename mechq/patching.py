@@ -242,6 +242,54 @@ def _expand(x: Tensor | None, rows: int) -> Tensor | None:
     return None if x is None else x.expand(rows, *x.shape[1:])
 
 
+#: GEMM rows (replicas × tokens) below which a block call costs about as much as this many rows:
+#: small calls are merged into position bands (see :func:`_bands`).
+MIN_TOKENS = 64
+
+
+def _bands(layer_idx: Tensor, pos_idx: Tensor, n: int, n_layers: int, reuse_kv: bool,
+           min_tokens: int = MIN_TOKENS) -> list[tuple[int, list[int]]]:
+    """Split the sites' positions into contiguous bands ``(start, positions)``.
+
+    A band's replicas run on tokens ``start … n-1`` (positions before ``start`` come from the
+    KV cache). One band per position does the fewest FLOPs, but makes many small block calls;
+    this picks the partition minimising ``Σ_calls max(rows × tokens, min_tokens)`` by dynamic
+    programming over the sorted positions. Without KV reuse there is one band from 0.
+    """
+    U = sorted(set(pos_idx.tolist()))
+    if not reuse_kv:
+        return [(0, U)]
+    li, pi = layer_idx.tolist(), pos_idx.tolist()
+    # sites per (position, layer)
+    count: dict[tuple[int, int], int] = {}
+    for l, p in zip(li, pi):
+        count[(p, l)] = count.get((p, l), 0) + 1
+    lo = min(li)
+
+    def cost(i: int, j: int) -> int:
+        s = U[i]
+        rows, total = 0, 0
+        for l in range(lo, n_layers):
+            rows += sum(count.get((p, l), 0) for p in U[i : j + 1])
+            if rows:
+                total += max(rows * (n - s), min_tokens)
+        return total
+
+    best = [0] + [None] * len(U)
+    cut = [0] * (len(U) + 1)
+    for j in range(1, len(U) + 1):
+        for i in range(j):
+            c = best[i] + cost(i, j - 1)
+            if best[j] is None or c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], len(U)
+    while j > 0:
+        i = cut[j]
+        out.append((U[i], U[i:j]))
+        j = i
+    return out[::-1]
+
+
 @torch.no_grad()
 def _patched_logits(
     model: HookedTransformer,
@@ -253,6 +301,7 @@ def _patched_logits(
     max_batch: int,
     memory_mb: float | None,
     on_chunk=None,
+    min_tokens: int = MIN_TOKENS,
 ) -> Tensor:
     """Last-position logits of one replica per site (``source=None``: zero ablation).
 
@@ -268,10 +317,9 @@ def _patched_logits(
     L = model.cfg.n_layers
     n = prep.tokens.shape[1]
     dev = model.cfg.device
-    out = torch.empty(len(layer_idx), model.cfg.d_vocab)
-    starts = sorted(set(pos_idx.tolist())) if prep.reuse_kv else [0]
-    for s in starts:
-        sel = (pos_idx == s).nonzero()[:, 0] if prep.reuse_kv else torch.arange(len(pos_idx))
+    final = torch.empty(len(layer_idx), model.cfg.d_model, dtype=model.cfg.dtype, device=dev)
+    for s, band in _bands(layer_idx, pos_idx, n, L, prep.reuse_kv, min_tokens):
+        sel = torch.isin(pos_idx, torch.tensor(band)).nonzero()[:, 0]
         sel = sel[torch.argsort(layer_idx[sel], stable=True)]
         chunk = rows_per_chunk(model, n - s, max_batch, memory_mb)
         for c0 in range(0, len(sel), chunk):
@@ -316,10 +364,10 @@ def _patched_logits(
                         past_kv_cache_entry=entry,
                         attention_mask=_expand(prep.attention_mask, rows_now),
                     )
-            out[idx] = _decode(model, resid[:, -1]).cpu()
+            final[idx.to(dev)] = resid[:, -1]
             if on_chunk is not None:
                 on_chunk(len(ls))
-    return out
+    return _decode(model, final).cpu()
 
 
 def _check(activation: str, mode: str, variant: Variant | None) -> None:
@@ -410,7 +458,7 @@ def patch_sites(
     names = {act_name(activation, l) for l in lay} if patch else set()
     with _weights(model, src_w):
         src_cache, src_logits = _capture(model, tokens, names)
-    with _weights(model, tgt_w):
+    with _weights(model, tgt_w), kernel_layout(model, range(lay[0], model.cfg.n_layers)):
         prep, base_logits = _prepare(model, tokens, lay, activation,
                                      kv_reuse and _can_reuse_kv(model))
         source = {l: src_cache[act_name(activation, l)] for l in lay} if patch else None
@@ -588,7 +636,7 @@ def patch_sweep(
                 cache, lg = _capture(model, toks.to(model.cfg.device), names)
                 sources.append({l: cache[act_name(activation, l)] for l in lay} if patch else None)
                 src_logits.append(lg)
-        with _weights(model, tgt_w):
+        with _weights(model, tgt_w), kernel_layout(model, range(lay[0], model.cfg.n_layers)):
             for (f, toks, labels, pos, tid, text), source, slg in zip(block, sources, src_logits):
                 prep, base_logits = _prepare(model, toks.to(model.cfg.device), lay, activation,
                                              reuse)

@@ -119,6 +119,12 @@ def top_predictions_figure(top: pd.DataFrame, title: str | None = None) -> go.Fi
     from plotly.subplots import make_subplots
 
     order = variant_order(top["variant"])
+    if not order:
+        fig = go.Figure()
+        fig.add_annotation(text="no wrong answers", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper")
+        return fig.update_layout(title=title or "Top-1 predictions when the answer is wrong",
+                                 template="plotly_white")
     fig = make_subplots(rows=1, cols=len(order), subplot_titles=order, shared_yaxes=False)
     for i, v in enumerate(order, start=1):
         g = top[top["variant"] == v]

@@ -109,6 +109,7 @@ def _directions(X: Tensor) -> tuple[Tensor, Tensor]:
     return S, Vh.T
 
 
+@jaxtyped(typechecker=beartype)
 def energy_rank(S: Float[Tensor, " r"], energy: float) -> int:
     """Smallest ``k`` with ``Σ_{i≤k} σ_i² ≥ energy · Σ σ_i²`` (``S`` sorted decreasingly)."""
     if not 0 < energy <= 1:
@@ -235,6 +236,7 @@ def compare_representations(
     return pd.concat(cka_rows, ignore_index=True), pd.DataFrame(sub_rows)
 
 
+@beartype
 def representation_metrics(
     model: HookedTransformer,
     facts: FactSet,

@@ -2,7 +2,9 @@
 
 ``quantize(model, ...)`` returns a :class:`~mechq.quant.variants.Variant`. Every variant is
 stored as a GPTQ-layout checkpoint directory under ``<cache>/variants/<key>``, where ``key`` hashes
-(model, method, bits, group size, sym, desc_act, calibration token ids, mechq's format version);
+(model, method, bits, group size, sym, desc_act, calibration, mechq's format version) — the
+calibration enters as its recipe for the default sampled text and as a hash of the token ids for
+user texts;
 asking again for the same variant reads that directory instead of quantizing. GPTQ checkpoints
 are GPTQModel's own output; RTN variants are written by mechq in the same layout. Both are read
 back by :func:`load_quantized`, i.e. by mechq's dequantizer.
@@ -20,7 +22,7 @@ from pathlib import Path
 from transformer_lens import HookedTransformer
 
 from mechq import models
-from mechq.calibration import get_calibration
+from mechq.calibration import get_calibration, is_sampled, sampled_spec
 from mechq.quant import layout
 from mechq.quant.checkpoint import check_architecture, load_gptq_checkpoint, save_gptq_checkpoint
 from mechq.quant.gptq import run_gptq
@@ -70,15 +72,19 @@ def quantize(
     if method == "rtn" and desc_act:
         raise ValueError("desc_act (activation order) needs calibration: it applies to GPTQ only.")
     src = models.source_of(model)
-    calib = None
+    calib, calib_id = None, None
     if method == "gptq":
-        calib = get_calibration(model, calibration, n_samples=n_samples, seq_len=seq_len,
-                                seed=seed)
+        if is_sampled(calibration):  # drawn only on a cache miss
+            calib_id = sampled_spec(n_samples, seq_len, seed)
+        else:
+            calib = get_calibration(model, calibration, n_samples=n_samples, seq_len=seq_len,
+                                    seed=seed)
+            calib_id = calib.digest
     key_fields = dict(
         model=src.name,
         config=hashlib.sha256((src.hf_dir / "config.json").read_bytes()).hexdigest()[:16],
         method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
-        calibration=calib.digest if calib else None, seed=seed if calib else None,
+        calibration=calib_id, seed=seed if calib_id else None,
         format=CACHE_FORMAT,
     )
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
@@ -92,8 +98,13 @@ def quantize(
     t0 = time.perf_counter()
     try:
         if method == "gptq":
+            if calib is None:
+                calib = get_calibration(model, None, n_samples=n_samples, seq_len=seq_len,
+                                        seed=seed)
             run_gptq(src.hf_dir, tmp, calib, bits=bits, group_size=group_size, sym=sym,
                      desc_act=desc_act, seed=seed, device=str(model.cfg.device).split(":")[0])
+            (tmp / "calibration.json").write_text(json.dumps(
+                {"source": calib.source, "digest": calib.digest, "tokens": calib.tokens}))
         else:
             packed = {
                 m: rtn_quantize_weight(layout.module_weight(model, m), bits, group_size, sym)
@@ -108,7 +119,8 @@ def quantize(
             )
         meta = dict(key_fields, name=vname, seconds=round(time.perf_counter() - t0, 2),
                     calibration_source=calib.source if calib else None,
-                    calibration_tokens=calib.n_tokens if calib else 0)
+                    calibration_tokens=calib.n_tokens if calib else 0,
+                    calibration_digest=calib.digest if calib else None)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         if out.exists():
             shutil.rmtree(out)
