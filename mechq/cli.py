@@ -4,6 +4,8 @@
     mechq cliff      GPTQ/RTN at several bit widths -> recall table + performance_cliff.html
     mechq recall     recall, answer ranks, top-1 tokens and Robust/Failure subsets
     mechq lens       logit lens per layer, FP vs variants, Robust/Failure side by side
+    mechq components attention entropy / JSD, FFN sign flips / Jaccard / value cosine (§4.1)
+    mechq representation  CKA layer x layer, activation and error subspaces (§4.2)
     mechq quantize   make (or find in the cache) one variant and print its checkpoint path
 
 Variants are named as mechq names them: ``gptq-w4g128``, ``rtn-w2g128``, ``gptq-w3`` (group
@@ -246,6 +248,90 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _subset_labels(model, facts, variants, args) -> dict[str, str] | None:
+    """fact_id -> "Robust" / "Failure" against the reference variant (None without variants)."""
+    import mechq
+    from mechq.recall import subsets
+
+    if not variants:
+        return None
+    ref = args.reference or variants[0].name
+    ref_v = [v for v in variants if v.name == ref]
+    if not ref_v:
+        raise SystemExit(f"--reference {ref} is not among the variants")
+    recall = mechq.evaluate_recall(model, facts, ref_v, progress=False)
+    sub = subsets(recall, reference=ref)
+    print(f"subsets (reference {ref}): Robust {len(sub['robust'])}, "
+          f"Failure {len(sub['failure'])}")
+    return {i: "Robust" for i in sub["robust"]} | {i: "Failure" for i in sub["failure"]}
+
+
+def cmd_components(args) -> int:
+    """Attention and FFN diagnostics per layer at the last subject token and last token."""
+    from mechq import plots
+    from mechq.components import METRICS, component_metrics, component_summary
+    from mechq.report import Report
+
+    out, model, facts = _prepare(args)
+    variants = load_variants(model, args.variants, args)
+    df = component_metrics(model, facts, variants, batch_size=args.batch_size)
+    labels = _subset_labels(model, facts, variants, args)
+    df["subset"] = df["fact_id"].map(labels).fillna("FP wrong") if labels else "all"
+    df.to_csv(out / "components.csv.gz", index=False)
+    summ = component_summary(df)
+    summ.to_csv(out / "components_summary.csv", index=False)
+    summ_sub = component_summary(df, by="subset")
+    summ_sub.to_csv(out / "components_by_subset.csv", index=False)
+    rep = Report(f"Component diagnostics — {args.model}")
+    rep.text("Definitions are in mechq.components (the paper publishes no code).", note=True)
+    for metric in METRICS:
+        rep.heading(metric)
+        rep.figure(plots.component_lines(summ, metric))
+    L = model.cfg.n_layers
+    show = summ[summ.layer.isin([1, L // 2, L - 1])].pivot_table(
+        index=["metric", "position", "layer"], columns="variant", values="mean")
+    rep.heading("Means at early / middle / late layers")
+    rep.table(show.reset_index())
+    rep.write(out / "components.html")
+    print("\n" + show.to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"wrote {out / 'components.html'}, components.csv.gz, components_summary.csv")
+    return 0
+
+
+def cmd_representation(args) -> int:
+    """Linear CKA (layer x layer) and subspace similarity / error alignment per layer."""
+    from mechq import plots
+    from mechq.report import Report
+    from mechq.representation import cka_diagonal, representation_metrics
+
+    out, model, facts = _prepare(args)
+    variants = load_variants(model, args.variants, args)
+    rep_ = representation_metrics(model, facts, variants, batch_size=args.batch_size,
+                                  energy=args.energy)
+    rep_.cka.to_csv(out / "cka.csv.gz", index=False)
+    rep_.subspace.to_csv(out / "subspace.csv", index=False)
+    rep = Report(f"Representation diagnostics — {args.model}")
+    rep.text(f"Linear CKA on prompt-centred activations; subspaces keep {args.energy:.0%} of "
+             "the FP spectral energy (mechq.representation).", note=True)
+    for stream in dict.fromkeys(rep_.cka["stream"]):
+        for pos in dict.fromkeys(rep_.cka["position"]):
+            rep.heading(f"CKA {stream} at {pos}")
+            rep.figure(plots.cka_heatmaps(rep_.cka, stream=stream, position=pos))
+    for pos in dict.fromkeys(rep_.subspace["position"]):
+        rep.heading(f"Subspaces at {pos}")
+        rep.figure(plots.subspace_lines(rep_.subspace, position=pos))
+    diag = cka_diagonal(rep_.cka)
+    L = model.cfg.n_layers
+    show = diag[diag.layer.isin([1, L // 2, L - 1])].pivot_table(
+        index=["stream", "position", "layer"], columns="variant", values="cka")
+    rep.heading("CKA diagonal at early / middle / late layers")
+    rep.table(show.reset_index())
+    rep.write(out / "representation.html")
+    print("\n" + show.to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"wrote {out / 'representation.html'}, cka.csv.gz, subspace.csv")
+    return 0
+
+
 def cmd_quantize(args) -> int:
     """Quantize a model and print where the (cached) checkpoint lives."""
     import mechq
@@ -294,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, helptext in [
         ("recall", cmd_recall, "recall, answer ranks, top-1 tokens, subsets (§3.2)"),
         ("lens", cmd_lens, "logit lens per layer, Robust vs Failure (§3.3)"),
+        ("components", cmd_components, "attention and FFN diagnostics per layer (§4.1)"),
+        ("representation", cmd_representation, "CKA and SVD subspaces per layer (§4.2)"),
     ]:
         p = sub.add_parser(name, help=helptext)
         _common(p)
@@ -301,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="variant names (gptq-w4g128, rtn-w2g128 ...) or checkpoint dirs")
         p.add_argument("--reference", default=None,
                        help="variant defining Robust/Failure (default: the first)")
+        if name == "representation":
+            p.add_argument("--energy", type=float, default=0.9,
+                           help="share of FP spectral energy the top-k subspace keeps")
         p.set_defaults(func=func)
     p = sub.add_parser("quantize", help="make one variant (cached), print its checkpoint path")
     _common(p, facts=False)

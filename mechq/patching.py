@@ -48,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -402,7 +402,7 @@ def _layers(model: HookedTransformer, layers) -> list[int]:
 
 
 def _run_prompt(model, prep, base_logits, li, pi, activation, source, max_batch, memory_mb,
-                skip_identical, on_chunk=None) -> Tensor:
+                skip_identical, on_chunk=None, min_tokens: int = MIN_TOKENS) -> Tensor:
     """Logits of every site; sites whose patch writes the value already there reuse the
     unpatched logits (exact: the patched forward *is* the unpatched one)."""
     same = torch.zeros(len(li), dtype=torch.bool)
@@ -415,10 +415,67 @@ def _run_prompt(model, prep, base_logits, li, pi, activation, source, max_batch,
     todo = (~same).nonzero()[:, 0]
     if len(todo):
         logits[todo] = _patched_logits(model, prep, li[todo], pi[todo], activation, source,
-                                       max_batch, memory_mb, on_chunk)
+                                       max_batch, memory_mb, on_chunk, min_tokens)
     if on_chunk is not None and int(same.sum()):
         on_chunk(int(same.sum()))
     return logits
+
+
+@jaxtyped(typechecker=beartype)
+def batched_act_patch(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "1 pos"],
+    clean_cache=None,
+    metric: Callable[[Tensor], Tensor] | None = None,
+    *,
+    target_id: int | None = None,
+    activation: str = "resid_pre",
+    layers: Iterable[int] | None = None,
+    positions: Iterable[int] | None = None,
+    max_batch: int = 512,
+    memory_mb: float | int | None = 1024.0,
+    kv_reuse: bool = True,
+    skip_identical: bool = True,
+    min_tokens: int = MIN_TOKENS,
+) -> Float[Tensor, "layer site_pos"]:
+    """Batched counterpart of ``transformer_lens.patching.get_act_patch_<activation>``.
+
+    Same inputs as TransformerLens's function for one prompt: the model *as it is now* (e.g.
+    with a variant swapped in: the "corrupted" run), its ``tokens`` and a ``clean_cache`` (an
+    ``ActivationCache`` or a dict of hook name → ``[1, pos, ...]``, e.g. from the FP model) whose
+    activation at each (layer, position) is patched in; ``clean_cache=None`` zero-ablates
+    instead. ``metric`` maps last-position logits ``[sites, vocab]`` to ``[sites]`` (default:
+    softmax probability of ``target_id``). Returns ``[len(layers), len(positions)]`` (default
+    all layers × all positions), like TransformerLens's ``[n_layers, pos]``.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
+    if metric is None:
+        if target_id is None:
+            raise ValueError("Give a metric or a target_id.")
+        metric = lambda logits: logits.softmax(-1)[:, target_id]  # noqa: E731
+    n = tokens.shape[1]
+    lay = _layers(model, layers)
+    pos = _positions(n, positions)
+    tokens = tokens.to(model.cfg.device)
+    li = torch.tensor(lay).repeat_interleave(len(pos))
+    pi = torch.tensor(pos).repeat(len(lay))
+    source = None
+    if clean_cache is not None:
+        source = {l: clean_cache[act_name(activation, l)][0].to(model.cfg.device) for l in lay}
+    with kernel_layout(model, range(lay[0], model.cfg.n_layers)):
+        prep, base_logits = _prepare(model, tokens, lay, activation,
+                                     kv_reuse and _can_reuse_kv(model))
+        logits = _run_prompt(model, prep, base_logits, li, pi, activation, source, max_batch,
+                             memory_mb, skip_identical, min_tokens=min_tokens)
+    return metric(logits).reshape(len(lay), len(pos))
+
+
+def _positions(n: int, positions) -> list[int]:
+    pos = list(range(n)) if positions is None else [int(p) for p in positions]
+    if not pos or any(not 0 <= p < n for p in pos):
+        raise ValueError(f"positions must be in 0…{n - 1}, got {pos}.")
+    return pos
 
 
 @jaxtyped(typechecker=beartype)
@@ -448,9 +505,7 @@ def patch_sites(
     _check(activation, mode, variant)
     n = tokens.shape[1]
     lay = _layers(model, layers)
-    pos = list(range(n)) if positions is None else [int(p) for p in positions]
-    if not pos or any(not 0 <= p < n for p in pos):
-        raise ValueError(f"positions must be in 0…{n - 1}, got {pos}.")
+    pos = _positions(n, positions)
     tokens = tokens.to(model.cfg.device)
     src_w, tgt_w, patch = _roles(mode, variant)
     li = torch.tensor(lay).repeat_interleave(len(pos))
@@ -517,6 +572,8 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
     for c in ("layer", "position", "n_tokens", "target_id", "target_rank", "baseline_rank",
               "fp_rank", "n_sites"):
         df[c] = df[c].astype("int64")
+    for c in ("target_prob", "baseline_prob", "fp_prob", "delta_prob"):
+        df[c] = df[c].astype("float64")
     for c in _BOOL:
         df[c] = df[c].astype(bool)
     return df
@@ -631,7 +688,7 @@ def patch_sweep(
         block = todo[b0 : b0 + prompt_block]
         names = {act_name(activation, l) for l in lay} if patch else set()
         sources, src_logits = [], []
-        with _weights(model, src_w):
+        with _weights(model, src_w), kernel_layout(model, range(model.cfg.n_layers)):
             for f, toks, *_ in block:
                 cache, lg = _capture(model, toks.to(model.cfg.device), names)
                 sources.append({l: cache[act_name(activation, l)] for l in lay} if patch else None)

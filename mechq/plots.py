@@ -315,3 +315,50 @@ def subspace_lines(df: pd.DataFrame, position: str | None = None,
         + (f" (k: {energy:.0%} of FP spectral energy)" if energy is not None else ""),
         template="plotly_white", height=260 * len(streams) + 120)
     return fig
+
+
+def patching_heatmap(frame: pd.DataFrame, value: str = "restored", title: str | None = None,
+                     zmin: float | None = None, zmax: float | None = None) -> go.Figure:
+    """Layers × semantic positions heatmaps of an activation-patching sweep (paper §3.4).
+
+    ``frame`` is :func:`mechq.patching.patch_heatmap_frame`. One panel per (variant, activation,
+    mode); x = layer, y = position name in prompt order (subject first at the top). ``value``:
+    ``restored`` (share of the FP-vs-unpatched probability gap closed by the patch; default),
+    ``mean_delta`` (patched − unpatched target probability), ``mean_prob``, ``correct_share``.
+    Hover shows the mean probabilities and the number of prompts behind each cell.
+    """
+    from plotly.subplots import make_subplots
+
+    from mechq.positions import NAMES
+
+    keys = ["variant", "activation", "mode"]
+    panels = list(frame[keys].drop_duplicates().itertuples(index=False, name=None))
+    panels.sort(key=lambda k: (variant_order(frame["variant"]).index(k[0]), k[1], k[2]))
+    names = [n for n in NAMES if n in set(frame["position_label"])]
+    layers = sorted(frame["layer"].unique())
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.12 /
+                        max(len(panels), 1), subplot_titles=[f"{v} · {a} · {m}"
+                                                             for v, a, m in panels])
+    diverging = value in ("mean_delta",)
+    for r, (v, a, m) in enumerate(panels, start=1):
+        g = frame[(frame["variant"] == v) & (frame["activation"] == a) & (frame["mode"] == m)]
+        z = g.pivot(index="position_label", columns="layer", values=value).reindex(
+            index=names, columns=layers)
+        n = g.pivot(index="position_label", columns="layer", values="n_facts").reindex(
+            index=names, columns=layers)
+        p = g.pivot(index="position_label", columns="layer", values="mean_prob").reindex(
+            index=names, columns=layers)
+        fig.add_trace(go.Heatmap(
+            z=z.to_numpy(), x=layers, y=names, customdata=np.dstack([p.to_numpy(), n.to_numpy()]),
+            colorscale="RdBu" if diverging else "Viridis", zmid=0 if diverging else None,
+            zmin=zmin, zmax=zmax, showscale=(r == 1),
+            hovertemplate=(f"{v}<br>layer %{{x}} · %{{y}}<br>{value} %{{z:.3f}}"
+                           "<br>patched target prob %{customdata[0]:.3f}"
+                           "<br>prompts %{customdata[1]}<extra></extra>"),
+        ), row=r, col=1)
+        fig.update_yaxes(autorange="reversed", row=r, col=1)
+    fig.update_xaxes(title_text="layer", row=len(panels), col=1)
+    fig.update_layout(
+        title=title or f"Activation patching: {value} by layer × position",
+        template="plotly_white", height=220 * len(panels) + 140)
+    return fig

@@ -66,3 +66,18 @@ def test_report_is_one_offline_file(tmp_path):
     for heading in ("Performance cliff", "Answer rank", "Logit lens"):
         assert heading in html
     assert (tmp_path / "lens_summary.csv").exists()
+
+
+def test_components_and_representation_commands(tmp_path, capsys):
+    args = ["--model", "tiny-gpt2", "--variants", "rtn-w2g32", "--max-facts", "24",
+            "--out", str(tmp_path)]
+    assert cli.main(["components", *args]) == 0
+    summ = pd.read_csv(tmp_path / "components_summary.csv")
+    fp_cos = summ[(summ.variant == "fp") & (summ.metric == "value_cosine")]["mean"]
+    assert (fp_cos - 1).abs().max() < 1e-5
+    _self_contained(tmp_path / "components.html")
+    assert cli.main(["representation", *args]) == 0
+    cka = pd.read_csv(tmp_path / "cka.csv.gz")
+    diag = cka[(cka.variant == "fp") & (cka.layer_fp == cka.layer_q)]["cka"]
+    assert (diag - 1).abs().max() < 1e-4
+    _self_contained(tmp_path / "representation.html")

@@ -1,0 +1,235 @@
+"""Batched activation patching: agreement with transformer_lens.patching, sanity, sweeps."""
+
+import pandas as pd
+import pytest
+import torch
+from transformer_lens import patching as tlp
+
+import mechq
+import mechq.positions
+from mechq import patching
+from mechq.facts import target_token
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_w2(tiny):
+    return mechq.quantize(tiny, "rtn", bits=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_facts(facts):
+    # one-token subjects, a multi-token subject with relation tokens, different lengths
+    ids = ["capital-001", "sport-001"]
+    picked = [f for f in facts if f.id in ids]
+    multi = next(f for f in facts if f.relation == "birth_country")
+    return mechq.FactSet(picked + [multi], "test")
+
+
+def _prob_metric(tid):
+    return lambda logits: logits[0, -1].softmax(-1)[tid]
+
+
+def _tokens_target(model, fact):
+    return model.to_tokens(fact.prompt), target_token(model.tokenizer, fact.object)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Agreement with TransformerLens
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tl_fn,activation", [
+    (tlp.get_act_patch_resid_pre, "resid_pre"),
+    (tlp.get_act_patch_resid_mid, "resid_mid"),
+    (tlp.get_act_patch_attn_out, "attn_out"),
+    (tlp.get_act_patch_mlp_out, "mlp_out"),
+])
+def test_matches_transformer_lens_tiny(tiny, tiny_w2, tiny_facts, tl_fn, activation):
+    for fact in tiny_facts:
+        toks, tid = _tokens_target(tiny, fact)
+        _, fp_cache = tiny.run_with_cache(toks)
+        with mechq.swap(tiny, tiny_w2):
+            ref = tl_fn(tiny, toks, fp_cache, _prob_metric(tid))
+            ours = patching.batched_act_patch(tiny, toks, fp_cache, target_id=tid,
+                                              activation=activation)
+        assert ref.shape == ours.shape == (tiny.cfg.n_layers, toks.shape[1])
+        assert (ref - ours).abs().max() < TOL, fact.prompt
+        assert ref.std() > 1e-3  # the variant really differs: the test is not vacuous
+        # The fact-level API (it swaps the variant itself) gives the same grid.
+        got = patching.patch_sites(tiny, toks, tid, tiny_w2, activation=activation)
+        assert (got["target_prob"] - ref).abs().max() < TOL
+
+
+def test_shortcuts_do_not_change_results(tiny, tiny_w2, tiny_facts):
+    fact = tiny_facts[2]
+    toks, tid = _tokens_target(tiny, fact)
+    grids = [patching.patch_sites(tiny, toks, tid, tiny_w2, kv_reuse=kv, skip_identical=sk)
+             ["target_prob"] for kv in (True, False) for sk in (True, False)]
+    for g in grids[1:]:
+        assert (g - grids[0]).abs().max() < 1e-5
+    _, fp_cache = tiny.run_with_cache(toks)
+    with mechq.swap(tiny, tiny_w2):
+        for mt in (0, 10**6):  # one band per position … one band for all
+            g = patching.batched_act_patch(tiny, toks, fp_cache, target_id=tid, min_tokens=mt,
+                                           max_batch=5)  # and many small chunks
+            assert (g - grids[0]).abs().max() < 1e-5
+
+
+def test_matches_transformer_lens_smollm2(smol):
+    """Llama path (RMSNorm, rotary, grouped-query attention, KV reuse) on a few layers."""
+    fact = next(f for f in mechq.bundled_facts() if f.id == "capital-001")
+    toks, tid = _tokens_target(smol, fact)
+    w2 = mechq.quantize(smol, "rtn", bits=2)
+    _, fp_cache = smol.run_with_cache(toks, names_filter=lambda n: n.endswith("resid_pre"))
+    layers = [1, 14, 29]
+    idx = pd.DataFrame([(l, p) for l in layers for p in range(toks.shape[1])],
+                       columns=["layer", "pos"])
+    with mechq.swap(smol, w2):
+        ref = tlp.generic_activation_patch(smol, toks, fp_cache, _prob_metric(tid),
+                                           tlp.layer_pos_patch_setter, "resid_pre",
+                                           index_df=idx)
+        ours = patching.batched_act_patch(smol, toks, fp_cache, target_id=tid, layers=layers)
+    assert (ref.reshape(ours.shape) - ours).abs().max() < TOL
+    assert ref.max() - ref.min() > 0.05  # patching the last position late restores the answer
+
+
+# --------------------------------------------------------------------------------------------
+# Zero ablation and sanity
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["resid_pre", "attn_out", "mlp_out", "resid_post"])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_zero_ablation_matches_manual_hook(tiny, tiny_w2, tiny_facts, activation, quantized):
+    fact = tiny_facts[2]
+    toks, tid = _tokens_target(tiny, fact)
+    v = tiny_w2 if quantized else None
+    got = patching.patch_sites(tiny, toks, tid, v, activation=activation, mode="zero")
+    n = toks.shape[1]
+    with mechq.swap(tiny, v) if v is not None else torch.no_grad(), torch.no_grad():
+        for layer, pos in [(0, 1), (1, n - 1), (3, 4), (2, 0)]:
+            def zero(act, hook, pos=pos):
+                act[:, pos] = 0
+                return act
+
+            logits = tiny.run_with_hooks(toks, fwd_hooks=[(f"blocks.{layer}.hook_{activation}",
+                                                           zero)])
+            want = logits[0, -1].softmax(-1)[tid]
+            assert abs(got["target_prob"][layer, pos] - want) < TOL
+    assert got["target_prob"].min() < got["baseline_prob"] - 0.05  # ablation does something
+
+
+def test_sanity_identities(tiny, tiny_w2, tiny_facts):
+    for fact in tiny_facts:
+        toks, tid = _tokens_target(tiny, fact)
+        n, L = toks.shape[1], tiny.cfg.n_layers
+        pre = patching.patch_sites(tiny, toks, tid, tiny_w2, skip_identical=False)
+        assert pre["baseline_prob"] != pytest.approx(pre["fp_prob"], abs=1e-3)
+        # Embeddings are not quantized: FP resid_pre at layer 0 is the variant's own.
+        assert torch.allclose(pre["target_prob"][0], pre["baseline_prob"].expand(n), atol=1e-6)
+        # FP's final residual at the last position fixes the output: FP's probability exactly.
+        post = patching.patch_sites(tiny, toks, tid, tiny_w2, activation="resid_post",
+                                    layers=[L - 1], positions=[n - 1], skip_identical=False)
+        assert post["target_prob"][0, 0] == pytest.approx(float(pre["fp_prob"]), abs=1e-6)
+        # FP into FP changes nothing, at any site.
+        same = patching.patch_sites(tiny, toks, tid, None, skip_identical=False)
+        assert (same["target_prob"] - same["baseline_prob"]).abs().max() < 1e-6
+        assert float(same["baseline_prob"]) == pytest.approx(float(pre["fp_prob"]), abs=1e-7)
+        # The reverse direction: the variant's final residual gives the variant's probability.
+        rev = patching.patch_sites(tiny, toks, tid, tiny_w2, mode="variant_to_fp",
+                                   activation="resid_post", layers=[L - 1], positions=[n - 1])
+        assert rev["target_prob"][0, 0] == pytest.approx(float(pre["baseline_prob"]), abs=1e-6)
+
+
+def test_kernel_layout_is_bit_identical_and_restores(tiny, smol):
+    for model in (tiny, smol):
+        toks = model.to_tokens("The capital of France is")
+        before = {n: p.data for n, p in model.named_parameters()}
+        ref = model(toks)
+        with patching.kernel_layout(model, range(model.cfg.n_layers)):
+            got = model(toks)
+        assert torch.equal(ref, got)
+        assert all(p.data is before[n] for n, p in model.named_parameters())
+
+
+def test_rows_per_chunk_respects_budget(smol):
+    assert patching.rows_per_chunk(smol, 8, max_batch=512, memory_mb=None) == 512
+    small = patching.rows_per_chunk(smol, 8, max_batch=512, memory_mb=8)
+    big = patching.rows_per_chunk(smol, 8, max_batch=10**6, memory_mb=1024)
+    assert 1 <= small < 32 < big
+    assert patching.rows_per_chunk(smol, 64, max_batch=10**6, memory_mb=1024) < big
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps over facts, aggregation, resumable output, figure
+# --------------------------------------------------------------------------------------------
+
+
+def test_patch_sweep_frame_and_heatmap(tiny, tiny_w2, tiny_facts):
+    df = patching.patch_sweep(tiny, tiny_facts, tiny_w2, positions="semantic", progress=False)
+    assert list(df.columns) == patching.COLUMNS
+    L = tiny.cfg.n_layers
+    for fact in tiny_facts:
+        g = df[df["fact_id"] == fact.id]
+        labels = mechq.positions.locate_fact(tiny, fact).labels()
+        n_sem = sum(lab in patching.SEMANTIC for lab in labels)
+        assert len(g) == L * n_sem == g["n_sites"].iloc[0]
+        assert set(g["position_label"]) <= set(patching.SEMANTIC)
+        toks, tid = _tokens_target(tiny, fact)
+        grid = patching.patch_sites(tiny, toks, tid, tiny_w2)["target_prob"]
+        for r in g.itertuples():
+            assert abs(r.target_prob - grid[r.layer, r.position]) < 1e-5
+    assert (df["delta_prob"] - (df["target_prob"] - df["baseline_prob"])).abs().max() < 1e-7
+    assert df["variant"].eq(tiny_w2.name).all()
+
+    hm = patching.patch_heatmap_frame(df)
+    assert set(hm["position_label"]) == set(df["position_label"])
+    assert len(hm) == L * hm["position_label"].nunique()
+    last = hm[(hm["position_label"] == "last") & (hm["layer"] == L - 1)].iloc[0]
+    assert last["n_facts"] == len(tiny_facts)
+    # FP resid_pre of the last layer at the last token: most of the gap is closed
+    assert last["restored"] > 0.5
+    assert hm[hm["layer"] == 0]["restored"].abs().max() < 1e-4  # embeddings are shared
+
+    from mechq.plots import patching_heatmap
+
+    fig = patching_heatmap(hm)
+    assert len(fig.data) == 1 and fig.data[0].type == "heatmap"
+    assert list(fig.data[0].y) == [n for n in mechq.positions.NAMES if n in set(hm["position_label"])]
+
+
+def test_patch_sweep_resumes_from_disk(tiny, tiny_w2, tiny_facts, tmp_path, monkeypatch):
+    out = tmp_path / "sweep.csv"
+    full = patching.patch_sweep(tiny, tiny_facts, tiny_w2, mode="zero", out_path=out,
+                                progress=False)
+    # Simulate a crash in the middle of writing the last prompt: cut the file mid-line.
+    text = out.read_text()
+    out.write_text(text[: len(text) - 200])
+    calls = []
+    real = patching._prepare
+    monkeypatch.setattr(patching, "_prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = patching.patch_sweep(tiny, tiny_facts, tiny_w2, mode="zero", out_path=out,
+                                 progress=False)
+    assert len(calls) == 1  # only the cut-off prompt was recomputed
+    pd.testing.assert_frame_equal(again, full, check_exact=False, atol=1e-6)
+    calls.clear()
+    patching.patch_sweep(tiny, tiny_facts, tiny_w2, mode="zero", out_path=out, progress=False)
+    assert calls == []  # everything done: nothing recomputed
+    # A different sweep in the same file is computed, not confused with the first.
+    other = patching.patch_sweep(tiny, tiny_facts[:1], tiny_w2, mode="fp_to_variant",
+                                 out_path=out, progress=False)
+    assert len(calls) == 1 and other["mode"].eq("fp_to_variant").all()
+    assert len(pd.read_csv(out)) == len(full) + len(other)
+
+
+def test_bad_arguments(tiny, tiny_w2, tiny_facts):
+    with pytest.raises(ValueError, match="activation"):
+        patching.patch_sweep(tiny, tiny_facts, tiny_w2, activation="logits")
+    with pytest.raises(ValueError, match="variant_to_fp"):
+        patching.patch_sweep(tiny, tiny_facts, None, mode="variant_to_fp")
+    with pytest.raises(ValueError, match="layers"):
+        patching.patch_sweep(tiny, tiny_facts, tiny_w2, layers=[99])
+    with pytest.raises(ValueError, match="position names"):
+        patching.patch_sweep(tiny, tiny_facts, tiny_w2, positions=["subject"])
