@@ -26,17 +26,31 @@ token ``t``, see :mod:`mechq.recall`): ``target_prob = softmax(z)[t]``,
 unpatched run's numbers (``baseline_*``: the model being patched, without the patch) and the FP
 model's (``fp_*``), and ``delta_prob = target_prob - baseline_prob``.
 
-How the engine batches. For one prompt the ``S`` sites are put on the batch axis: replica ``i``
-patches site ``i``, through one hook per layer that writes into the rows of that layer's
-replicas. Sites are sorted by layer, and a replica only *joins* the batch at its own layer
-``l``, starting from the unpatched run's ``resid_pre`` there (cached once per prompt): before
-``l`` it would be identical to the unpatched run anyway. So block ``l`` runs on the replicas of
-layers ``≤ l`` only, which does about half the work of running every replica through every
-layer, and the final norm and unembedding are applied to the last position only. Sites are
-split into chunks of at most ``max_batch`` replicas and at most ``memory_mb`` of estimated
-transient activation memory (:func:`rows_per_chunk`). The FP (or variant) activations that are
-patched in come from one batch-1 run per prompt that keeps only the hooked activation at the
-chosen layers. Variants are swapped in once per block of prompts, not once per prompt.
+How the engine batches. TransformerLens's ``patching`` runs one full forward per site. Here,
+for one prompt, the sites are put on the batch axis: replica ``i`` patches site ``i``, through
+one hook per layer that writes into the rows of that layer's replicas. Three exact shortcuts
+follow from causality:
+
+1. *Layers*: a site at layer ``l`` leaves layers ``< l`` as in the unpatched run, so its replica
+   joins the batch at layer ``l`` from the unpatched ``resid_pre`` there (cached by one unpatched
+   run per prompt); block ``l`` runs only the replicas of layers ``≤ l``.
+2. *Positions* (KV reuse): a site at position ``p`` leaves positions ``< p`` as in the unpatched
+   run, so its replica computes positions ``p … n-1`` only and attends to the unpatched run's
+   keys/values of earlier positions, handed to each block as a frozen TransformerLens KV-cache
+   entry (what ``generate`` uses). Replicas are grouped into position bands that start at the
+   band's first position (:func:`_bands` trades FLOPs against too-small block calls).
+3. *Identical sites*: where the value patched in equals the one already there (``resid_pre`` of
+   layer 0: embeddings are not quantized), the patched run *is* the unpatched one.
+
+Only the last position's final residual is kept; the final norm and unembedding run once per
+site (not per position). Attention and gated-MLP weights are given, for the duration, the memory
+layout TransformerLens's kernels build on every call (:func:`kernel_layout`, bit-identical), so
+block calls do not copy weights. Sites are split into chunks of at most ``max_batch`` replicas
+and ``memory_mb`` of estimated transient memory (:func:`rows_per_chunk`); logits are decoded and
+reduced in slices of the same budget. The activations patched in come from one batch-1 run per
+prompt that keeps only the hooked activation at the chosen layers, and a variant is swapped in
+once per block of ``prompt_block`` prompts. All shortcuts can be switched off (``kv_reuse``,
+``skip_identical``); results do not change beyond float rounding (tested).
 
 Results agree with ``transformer_lens.patching`` (one forward per site) within float rounding
 (tested to 1e-4 against ``get_act_patch_resid_pre`` with the FP cache as clean cache and the
@@ -114,20 +128,25 @@ def _weights(model: HookedTransformer, variant: Variant | None):
     return swap(model, variant) if variant is not None else nullcontext()
 
 
-def _decode(model: HookedTransformer, resid: Float[Tensor, "batch d_model"],
-            rows: int = 1024) -> Float[Tensor, "batch vocab"]:
-    """Final norm + unembedding of last-position residual vectors, ``rows`` at a time.
+def _decode(model: HookedTransformer, resid: Float[Tensor, "batch d_model"]
+            ) -> Float[Tensor, "batch vocab"]:
+    """Final norm + unembedding of last-position residual vectors.
 
     ``x @ W_U + b_U`` on the stored ``[d_model, vocab]`` matrix (TransformerLens's ``Unembed``
     first copies its transpose, 113 MB for SmolLM2, on every call).
     """
-    W_U, b_U = model.unembed.W_U, model.unembed.b_U
-    out = []
-    for i in range(0, resid.shape[0], rows):
-        x = model.ln_final(resid[i : i + rows, None, :])[:, 0]
-        out.append(apply_softcap(torch.addmm(b_U, x, W_U), model.cfg.output_logits_soft_cap)
-                   .float())
-    return torch.cat(out)
+    x = model.ln_final(resid[:, None, :])[:, 0]
+    logits = torch.addmm(model.unembed.b_U, x, model.unembed.W_U)
+    return apply_softcap(logits, model.cfg.output_logits_soft_cap).float()
+
+
+def _decode_apply(model: HookedTransformer, resid: Tensor, fn: Callable, rows: int):
+    """``fn(logits)`` over slices of ``rows`` residual vectors (logits never all in memory);
+    concatenates tensors, or dicts of tensors key by key."""
+    parts = [fn(_decode(model, resid[i : i + rows])) for i in range(0, resid.shape[0], rows)]
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
 
 
 @contextmanager
@@ -185,7 +204,8 @@ def _score(logits: Float[Tensor, "batch vocab"], target: int) -> dict[str, Tenso
 @torch.no_grad()
 def _capture(model: HookedTransformer, tokens: Tensor, names: set[str]
              ) -> tuple[dict[str, Tensor], Tensor]:
-    """One unpatched run: the hooked activations named (batch row 0) and last-position logits."""
+    """One unpatched run: the hooked activations named (batch row 0) and the final residual
+    stream at the last position (``[1, d_model]``)."""
     store: dict[str, Tensor] = {}
 
     def grab(act, hook):
@@ -193,7 +213,7 @@ def _capture(model: HookedTransformer, tokens: Tensor, names: set[str]
 
     with model.hooks(fwd_hooks=[(lambda n: n in names, grab)]):
         resid = model(tokens, stop_at_layer=model.cfg.n_layers)
-    return store, _decode(model, resid[:, -1])
+    return store, resid[:, -1]
 
 
 @dataclass
@@ -203,7 +223,7 @@ class _Prepared:
     tokens: Tensor                        # [1, n]
     resid_pre: dict[int, Tensor]          # layer -> [n, d_model]
     own: dict[int, Tensor]                # layer -> [n, ...] the patched activation, unpatched
-    keys: dict[int, Tensor]               # layer -> [1, n, kv_heads, d_head] (as the KV cache holds)
+    keys: dict[int, Tensor]               # layer -> [1, n, kv_heads, d_head], as cached
     values: dict[int, Tensor]
     shortformer: Tensor | None            # [1, n, d_model] or None
     attention_mask: Tensor | None         # [1, n] or None
@@ -226,7 +246,7 @@ def _prepare(model: HookedTransformer, tokens: Tensor, layers: Sequence[int], ac
     names = {act_name("resid_pre", l) for l in layers} | {act_name(activation, l) for l in layers}
     kv_layers = range(min(layers), L) if reuse_kv else range(0)
     names |= {f"blocks.{l}.attn.hook_{x}" for l in kv_layers for x in "kv"}
-    cache, logits = _capture(model, tokens, names)
+    cache, final = _capture(model, tokens, names)
     _, _, spe, mask = model.input_to_embed(tokens)
     return _Prepared(
         tokens,
@@ -235,7 +255,7 @@ def _prepare(model: HookedTransformer, tokens: Tensor, layers: Sequence[int], ac
         keys={l: cache[f"blocks.{l}.attn.hook_k"][None] for l in kv_layers},
         values={l: cache[f"blocks.{l}.attn.hook_v"][None] for l in kv_layers},
         shortformer=spe, attention_mask=mask, reuse_kv=reuse_kv,
-    ), logits
+    ), final
 
 
 def _expand(x: Tensor | None, rows: int) -> Tensor | None:
@@ -259,27 +279,20 @@ def _bands(layer_idx: Tensor, pos_idx: Tensor, n: int, n_layers: int, reuse_kv: 
     U = sorted(set(pos_idx.tolist()))
     if not reuse_kv:
         return [(0, U)]
-    li, pi = layer_idx.tolist(), pos_idx.tolist()
-    # sites per (position, layer)
-    count: dict[tuple[int, int], int] = {}
-    for l, p in zip(li, pi):
-        count[(p, l)] = count.get((p, l), 0) + 1
-    lo = min(li)
-
-    def cost(i: int, j: int) -> int:
-        s = U[i]
-        rows, total = 0, 0
-        for l in range(lo, n_layers):
-            rows += sum(count.get((p, l), 0) for p in U[i : j + 1])
-            if rows:
-                total += max(rows * (n - s), min_tokens)
-        return total
-
+    # rows[k, l]: replicas of position U[k] alive at layer l (they join at their own layer)
+    count = torch.zeros(len(U), n_layers, dtype=torch.long)
+    index = {p: k for k, p in enumerate(U)}
+    count.index_put_((torch.tensor([index[p] for p in pos_idx.tolist()]), layer_idx),
+                     torch.ones(len(pos_idx), dtype=torch.long), accumulate=True)
+    alive = torch.cat([torch.zeros(1, n_layers, dtype=torch.long),
+                       count.cumsum(1).cumsum(0)])  # prefix sums over positions
     best = [0] + [None] * len(U)
     cut = [0] * (len(U) + 1)
     for j in range(1, len(U) + 1):
-        for i in range(j):
-            c = best[i] + cost(i, j - 1)
+        for i in range(max(0, j - 64), j):  # bands of at most 64 positions
+            rows = alive[j] - alive[i]
+            cost = torch.where(rows > 0, (rows * (n - U[i])).clamp(min=min_tokens), 0).sum()
+            c = best[i] + int(cost)
             if best[j] is None or c < best[j]:
                 best[j], cut[j] = c, i
     out, j = [], len(U)
@@ -291,7 +304,7 @@ def _bands(layer_idx: Tensor, pos_idx: Tensor, n: int, n_layers: int, reuse_kv: 
 
 
 @torch.no_grad()
-def _patched_logits(
+def _patched_final(
     model: HookedTransformer,
     prep: _Prepared,
     layer_idx: Tensor,
@@ -303,14 +316,15 @@ def _patched_logits(
     on_chunk=None,
     min_tokens: int = MIN_TOKENS,
 ) -> Tensor:
-    """Last-position logits of one replica per site (``source=None``: zero ablation).
+    """Final last-position residual of one replica per site (``source=None``: zero ablation).
 
     Sites are grouped by position ``p``. Patching at ``(l, p)`` leaves every position ``< p``
     and every layer ``< l`` as in the unpatched run, so a replica is run only on positions
     ``p … n-1`` from layer ``l`` on: it joins the batch at its layer with the unpatched
     ``resid_pre`` there, and attends to the unpatched run's keys and values of positions ``< p``
-    (a frozen TransformerLens KV-cache entry, which is what ``generate`` uses). Returns logits
-    in the order of the given sites.
+    (a frozen TransformerLens KV-cache entry, which is what ``generate`` uses). Positions are
+    grouped into bands (:func:`_bands`) so that block calls are not too small. Returns
+    ``[sites, d_model]`` in the order of the given sites.
     """
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
@@ -367,7 +381,7 @@ def _patched_logits(
             final[idx.to(dev)] = resid[:, -1]
             if on_chunk is not None:
                 on_chunk(len(ls))
-    return _decode(model, final).cpu()
+    return final
 
 
 def _check(activation: str, mode: str, variant: Variant | None) -> None:
@@ -401,24 +415,31 @@ def _layers(model: HookedTransformer, layers) -> list[int]:
     return out
 
 
-def _run_prompt(model, prep, base_logits, li, pi, activation, source, max_batch, memory_mb,
+def _run_prompt(model, prep, base_final, li, pi, activation, source, max_batch, memory_mb,
                 skip_identical, on_chunk=None, min_tokens: int = MIN_TOKENS) -> Tensor:
-    """Logits of every site; sites whose patch writes the value already there reuse the
-    unpatched logits (exact: the patched forward *is* the unpatched one)."""
+    """Final last-position residual of every site (``[sites, d_model]``). Sites whose patch
+    writes the value already there reuse the unpatched run's (exact: the patched forward *is*
+    the unpatched one)."""
     same = torch.zeros(len(li), dtype=torch.bool)
     if skip_identical:
         for i, (l, p) in enumerate(zip(li.tolist(), pi.tolist())):
             own = prep.own[l][p]
             same[i] = bool((own == 0).all()) if source is None else torch.equal(source[l][p], own)
-    logits = torch.empty(len(li), model.cfg.d_vocab)
-    logits[same] = base_logits.cpu()
+    final = torch.empty(len(li), model.cfg.d_model, dtype=base_final.dtype,
+                        device=base_final.device)
+    final[same.to(final.device)] = base_final
     todo = (~same).nonzero()[:, 0]
     if len(todo):
-        logits[todo] = _patched_logits(model, prep, li[todo], pi[todo], activation, source,
-                                       max_batch, memory_mb, on_chunk, min_tokens)
+        final[todo.to(final.device)] = _patched_final(model, prep, li[todo], pi[todo],
+                                                      activation, source, max_batch, memory_mb,
+                                                      on_chunk, min_tokens)
     if on_chunk is not None and int(same.sum()):
         on_chunk(int(same.sum()))
-    return logits
+    return final
+
+
+def _decode_rows(model: HookedTransformer, max_batch: int, memory_mb) -> int:
+    return rows_per_chunk(model, 1, max_batch, memory_mb)
 
 
 @jaxtyped(typechecker=beartype)
@@ -464,11 +485,12 @@ def batched_act_patch(
     if clean_cache is not None:
         source = {l: clean_cache[act_name(activation, l)][0].to(model.cfg.device) for l in lay}
     with kernel_layout(model, range(lay[0], model.cfg.n_layers)):
-        prep, base_logits = _prepare(model, tokens, lay, activation,
-                                     kv_reuse and _can_reuse_kv(model))
-        logits = _run_prompt(model, prep, base_logits, li, pi, activation, source, max_batch,
-                             memory_mb, skip_identical, min_tokens=min_tokens)
-    return metric(logits).reshape(len(lay), len(pos))
+        prep, base_final = _prepare(model, tokens, lay, activation,
+                                    kv_reuse and _can_reuse_kv(model))
+        final = _run_prompt(model, prep, base_final, li, pi, activation, source, max_batch,
+                            memory_mb, skip_identical, min_tokens=min_tokens)
+        out = _decode_apply(model, final, metric, _decode_rows(model, max_batch, memory_mb))
+    return out.reshape(len(lay), len(pos))
 
 
 def _positions(n: int, positions) -> list[int]:
@@ -493,12 +515,12 @@ def patch_sites(
     memory_mb: float | int | None = 1024.0,
     kv_reuse: bool = True,
     skip_identical: bool = True,
-) -> dict[str, Tensor]:
+) -> dict[str, Tensor | float | int | bool]:
     """Patch every (layer, position) of one token sequence; grids of shape ``[layer, pos]``.
 
     The tensor-level engine behind :func:`patch_sweep`, for any token sequence (no fact needed).
     Returns ``target_prob``, ``target_rank``, ``correct`` (each ``[len(layers), len(positions)]``),
-    ``baseline_prob/rank/correct`` and ``fp_prob/rank/correct`` (scalars), ``layers`` and
+    ``baseline_prob/rank/correct`` and ``fp_prob/rank/correct`` (Python scalars), ``layers`` and
     ``positions``. Swaps ``variant`` in and out itself. ``kv_reuse`` / ``skip_identical``
     switch off the engine's two shortcuts (see :func:`patch_sweep`); results do not change.
     """
@@ -512,20 +534,22 @@ def patch_sites(
     pi = torch.tensor(pos).repeat(len(lay))
     names = {act_name(activation, l) for l in lay} if patch else set()
     with _weights(model, src_w):
-        src_cache, src_logits = _capture(model, tokens, names)
+        src_cache, src_final = _capture(model, tokens, names)
+        src_score = _score(_decode(model, src_final), target_id)
     with _weights(model, tgt_w), kernel_layout(model, range(lay[0], model.cfg.n_layers)):
-        prep, base_logits = _prepare(model, tokens, lay, activation,
-                                     kv_reuse and _can_reuse_kv(model))
+        prep, base_final = _prepare(model, tokens, lay, activation,
+                                    kv_reuse and _can_reuse_kv(model))
         source = {l: src_cache[act_name(activation, l)] for l in lay} if patch else None
-        logits = _run_prompt(model, prep, base_logits, li, pi, activation, source, max_batch,
-                             memory_mb, skip_identical)
-    s = _score(logits, target_id)
-    base = _score(base_logits, target_id)
-    fp = _score(src_logits if tgt_w is not None else base_logits, target_id)
+        final = _run_prompt(model, prep, base_final, li, pi, activation, source, max_batch,
+                            memory_mb, skip_identical)
+        s = _decode_apply(model, final, lambda lg: _score(lg, target_id),
+                          _decode_rows(model, max_batch, memory_mb))
+        base = _score(_decode(model, base_final), target_id)
+    fp = src_score if tgt_w is not None else base
     shape = (len(lay), len(pos))
     out = {f"target_{k}" if k != "correct" else "correct": v.reshape(shape) for k, v in s.items()}
-    out.update({f"baseline_{k}": v[0] for k, v in base.items()})
-    out.update({f"fp_{k}": v[0] for k, v in fp.items()})
+    out.update({f"baseline_{k}": v[0].item() for k, v in base.items()})
+    out.update({f"fp_{k}": v[0].item() for k, v in fp.items()})
     out.update(layers=torch.tensor(lay), positions=torch.tensor(pos))
     return out
 
@@ -586,7 +610,8 @@ def _read_done(path: Path) -> pd.DataFrame:
     raw = pd.read_csv(path, dtype=str, na_filter=False, on_bad_lines="skip", engine="python")
     missing = set(COLUMNS) - set(raw.columns)
     if missing:
-        raise ValueError(f"{path} is not a mechq patching file (missing columns {sorted(missing)}).")
+        raise ValueError(f"{path} is not a mechq patching file "
+                         f"(missing columns {sorted(missing)}).")
     df = _typed(raw[COLUMNS])
     # A prompt counts as done when all of its rows are there (an interrupted write drops it).
     counts = df.groupby(["sweep", "fact_id"])["n_sites"].transform("size")
@@ -687,24 +712,26 @@ def patch_sweep(
     for b0 in range(0, len(todo), prompt_block):
         block = todo[b0 : b0 + prompt_block]
         names = {act_name(activation, l) for l in lay} if patch else set()
-        sources, src_logits = [], []
+        sources, src_scores = [], []
         with _weights(model, src_w), kernel_layout(model, range(model.cfg.n_layers)):
-            for f, toks, *_ in block:
-                cache, lg = _capture(model, toks.to(model.cfg.device), names)
+            for f, toks, labels, pos, tid, text in block:
+                cache, fin = _capture(model, toks.to(model.cfg.device), names)
                 sources.append({l: cache[act_name(activation, l)] for l in lay} if patch else None)
-                src_logits.append(lg)
+                src_scores.append(_score(_decode(model, fin), tid))
         with _weights(model, tgt_w), kernel_layout(model, range(lay[0], model.cfg.n_layers)):
-            for (f, toks, labels, pos, tid, text), source, slg in zip(block, sources, src_logits):
-                prep, base_logits = _prepare(model, toks.to(model.cfg.device), lay, activation,
-                                             reuse)
+            for (f, toks, labels, pos, tid, text), source, src_score in zip(block, sources,
+                                                                            src_scores):
+                prep, base_final = _prepare(model, toks.to(model.cfg.device), lay, activation,
+                                            reuse)
                 n = toks.shape[1]
                 li = torch.tensor(lay).repeat_interleave(len(pos))
                 pi = torch.tensor(pos).repeat(len(lay))
-                logits = _run_prompt(model, prep, base_logits, li, pi, activation, source,
-                                     max_batch, memory_mb, skip_identical, on_chunk=bar.update)
-                s = _score(logits, tid)
-                base = _score(base_logits, tid)
-                fp = _score(slg if tgt_w is not None else base_logits, tid)
+                final = _run_prompt(model, prep, base_final, li, pi, activation, source,
+                                    max_batch, memory_mb, skip_identical, on_chunk=bar.update)
+                s = _decode_apply(model, final, lambda lg, tid=tid: _score(lg, tid),
+                                  _decode_rows(model, max_batch, memory_mb))
+                base = _score(_decode(model, base_final), tid)
+                fp = src_score if tgt_w is not None else base
                 str_toks = model.to_str_tokens(toks[0])
                 pl = pi.tolist()
                 frame = pd.DataFrame({

@@ -27,6 +27,16 @@ def smol():
     return mechq.load_model("smollm2-135m", device="cpu")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many small forwards: one thread avoids oversubscribing shared cores (opt in per module
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def facts():
     import mechq

@@ -12,13 +12,7 @@ from mechq.representation import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small models: one thread is faster, and far faster when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rand(*shape, seed=0):
