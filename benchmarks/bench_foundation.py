@@ -12,7 +12,7 @@ Each mechq operation is measured side by side with its peer in the same run:
 
 Peak memory is each step's peak RSS, measured in a fresh child process per step.
 Writes benchmarks/results/foundation.json and prints a table.
-Run: make bench   (or: .venv/bin/python benchmarks/bench_foundation.py)
+Run: make bench   (or: .venv/bin/python benchmarks/bench_foundation.py [--checkpoint DIR])
 """
 
 from __future__ import annotations
@@ -86,12 +86,12 @@ def _child(step: str, q) -> None:
             # The peer: keep a full dequantized state dict in memory and load it / restore it.
             fp = {k: t.clone() for k, t in model.state_dict().items()}
             params = dict(model.named_parameters())
-            q = dict(fp)
+            quant = dict(fp)
             for s in layout.sites(model.cfg):
-                q[s.param] = layout.linear_to_hooked(v.weight(s.module), s, model.cfg)
+                quant[s.param] = layout.linear_to_hooked(v.weight(s.module), s, model.cfg)
             base, t0 = _peak_mib(), time.perf_counter()
             for _ in range(3):
-                model.load_state_dict(q, strict=False)
+                model.load_state_dict(quant, strict=False)
                 model.load_state_dict(fp, strict=False)
             res["extra_bytes_held"] = sum(
                 params[s.param].numel() * 4 for s in layout.sites(model.cfg)
@@ -138,11 +138,16 @@ def main() -> None:
                                torch=torch.__version__)}
     run("load_mechq")  # warm the conversion cache before timing
     results["load"] = [run("load_mechq"), run("load_hf")]
-    # cache=False: both quantizers really run (their checkpoints land in the mechq cache).
-    rtn = run("rtn_w4")
-    gptq = run("gptq_w4")
-    results["quantize"] = [rtn, gptq]
-    env = {"BENCH_CKPT": gptq["variant_path"]}
+    if len(sys.argv) > 2 and sys.argv[1] == "--checkpoint":
+        # Skip the quantizers: dequantize / swap / memory on an existing GPTQ checkpoint.
+        env = {"BENCH_CKPT": sys.argv[2]}
+        results["quantize"] = "skipped (--checkpoint)"
+    else:
+        # cache=False: both quantizers really run (checkpoints land in the mechq cache).
+        rtn = run("rtn_w4")
+        gptq = run("gptq_w4")
+        results["quantize"] = [rtn, gptq]
+        env = {"BENCH_CKPT": gptq["variant_path"]}
     results["dequantize"] = [run("dequant_mechq", env), run("dequant_gptqmodel", env)]
     results["swap"] = [run("swap_mechq", env), run("swap_state_dict", env)]
     results["memory"] = run("memory", env)
