@@ -21,10 +21,16 @@ from mechq.facts import Fact, FactSet, bundled_facts, load_facts, target_report 
 from mechq.models import load_model  # noqa: E402
 from mechq.quant.quantize import load_quantized, quantize  # noqa: E402
 from mechq.quant.variants import Variant, swap  # noqa: E402
-from mechq.recall import accuracy, evaluate_recall  # noqa: E402
+from mechq.recall import accuracy, evaluate_recall, subsets  # noqa: E402
+from mechq.lens import logit_lens  # noqa: E402
+from mechq.components import component_metrics  # noqa: E402
+from mechq.representation import representation_metrics  # noqa: E402
+from mechq.patching import patch_sweep  # noqa: E402
+from mechq.pararel import load_pararel  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "Fact", "FactSet", "Variant", "accuracy", "bundled_facts", "evaluate_recall", "load_facts",
-    "load_model", "load_quantized", "quantize", "swap", "target_report",
+    "Fact", "FactSet", "Variant", "accuracy", "bundled_facts", "component_metrics",
+    "evaluate_recall", "load_facts", "load_model", "load_pararel", "load_quantized", "logit_lens",
+    "patch_sweep", "quantize", "representation_metrics", "subsets", "swap", "target_report",
 ]

@@ -266,6 +266,16 @@ def _subset_labels(model, facts, variants, args) -> dict[str, str] | None:
     return {i: "Robust" for i in sub["robust"]} | {i: "Failure" for i in sub["failure"]}
 
 
+def _finish(rep, heading: str, show, path: Path, frames: str) -> int:
+    """Close a diagnostics report with its summary table, print it, write the HTML."""
+    rep.heading(heading)
+    rep.table(show.reset_index())
+    rep.write(path)
+    print("\n" + show.to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"wrote {path}, {frames}")
+    return 0
+
+
 def cmd_components(args) -> int:
     """Attention and FFN diagnostics per layer at the last subject token and last token."""
     from mechq import plots
@@ -290,12 +300,8 @@ def cmd_components(args) -> int:
     L = model.cfg.n_layers
     show = summ[summ.layer.isin([1, L // 2, L - 1])].pivot_table(
         index=["metric", "position", "layer"], columns="variant", values="mean")
-    rep.heading("Means at early / middle / late layers")
-    rep.table(show.reset_index())
-    rep.write(out / "components.html")
-    print("\n" + show.to_string(float_format=lambda x: f"{x:.3f}"))
-    print(f"wrote {out / 'components.html'}, components.csv.gz, components_summary.csv")
-    return 0
+    return _finish(rep, "Means at early / middle / late layers", show, out / "components.html",
+                   "components.csv.gz, components_summary.csv")
 
 
 def cmd_representation(args) -> int:
@@ -324,12 +330,8 @@ def cmd_representation(args) -> int:
     L = model.cfg.n_layers
     show = diag[diag.layer.isin([1, L // 2, L - 1])].pivot_table(
         index=["stream", "position", "layer"], columns="variant", values="cka")
-    rep.heading("CKA diagonal at early / middle / late layers")
-    rep.table(show.reset_index())
-    rep.write(out / "representation.html")
-    print("\n" + show.to_string(float_format=lambda x: f"{x:.3f}"))
-    print(f"wrote {out / 'representation.html'}, cka.csv.gz, subspace.csv")
-    return 0
+    return _finish(rep, "CKA diagonal at early / middle / late layers", show,
+                   out / "representation.html", "cka.csv.gz, subspace.csv")
 
 
 def cmd_quantize(args) -> int:
