@@ -362,3 +362,57 @@ def patching_heatmap(frame: pd.DataFrame, value: str = "restored", title: str | 
         title=title or f"Activation patching: {value} by layer × position",
         template="plotly_white", height=220 * len(panels) + 140)
     return fig
+
+
+def first_domino_curve(acc_by_k: pd.DataFrame, color: str | None = None,
+                       title: str | None = None) -> go.Figure:
+    """Accuracy vs. k of a first-domino sweep (paper Fig. 10).
+
+    ``acc_by_k`` is ``recall.accuracy(first_domino(...), by=["k", ...])``: x = k (layers
+    ``0 … k`` quantized; ``k = −1`` is FP), y = accuracy with its Wilson interval as error bars.
+    ``color`` names a column (e.g. ``subset`` or ``variant``) drawn as separate lines.
+    """
+    fig = go.Figure()
+    groups = [(None, acc_by_k)] if color is None else list(acc_by_k.groupby(color, sort=False))
+    for name, g in groups:
+        g = g.sort_values("k")
+        fig.add_trace(go.Scatter(
+            x=g["k"], y=g["accuracy"], mode="lines+markers", name=str(name or "accuracy"),
+            error_y=dict(type="data", symmetric=False, array=g["ci_high"] - g["accuracy"],
+                         arrayminus=g["accuracy"] - g["ci_low"]),
+            customdata=np.stack([g["mean_target_prob"], g["n"]], axis=-1),
+            hovertemplate=("k %{x}<br>accuracy %{y:.3f}<br>mean target prob "
+                           "%{customdata[0]:.3f}<br>n %{customdata[1]}<extra></extra>"),
+        ))
+    fig.update_layout(title=title or "First domino: layers 0…k quantized, the rest FP",
+                      xaxis_title="k (last quantized layer)", yaxis_title="accuracy",
+                      yaxis_range=[-0.02, 1.02], template="plotly_white")
+    return fig
+
+
+def injection_curves(df: pd.DataFrame, value: str = "cos_mean",
+                     title: str | None = None) -> go.Figure:
+    """Signal injection (paper Fig. 12/24): cosine to FP by layer, one line per k, one panel per
+    stream (resid_post, attn_out, mlp_out). ``df`` is :func:`mechq.sensitivity.signal_injection`;
+    the legend shows each k's accuracy."""
+    from plotly.subplots import make_subplots
+
+    streams = list(dict.fromkeys(df["stream"]))
+    fig = make_subplots(rows=1, cols=len(streams), shared_yaxes=True, subplot_titles=streams)
+    ks = sorted(df["k"].unique())
+    for c, s in enumerate(streams, start=1):
+        for i, k in enumerate(ks):
+            g = df[(df["stream"] == s) & (df["k"] == k)].sort_values("layer")
+            acc = g["accuracy"].iloc[0] if "accuracy" in g and len(g) else float("nan")
+            fig.add_trace(go.Scatter(
+                x=g["layer"], y=g[value], mode="lines", legendgroup=str(k), showlegend=(c == 1),
+                name=f"k={k} (acc {acc:.2f})",
+                line=dict(color=f"hsl({int(270 * i / max(len(ks) - 1, 1))},70%,45%)"),
+                hovertemplate=f"k={k} · {s}<br>layer %{{x}}<br>{value} %{{y:.4f}}<extra></extra>",
+            ), row=1, col=c)
+        fig.update_xaxes(title_text="layer", row=1, col=c)
+    hi, lo = (df["high"].iloc[0], df["low"].iloc[0]) if "high" in df else ("high", "low")
+    fig.update_layout(title=title or f"Signal injection: first k layers {hi}, the rest {lo}",
+                      yaxis_title=f"cosine to FP ({value})", template="plotly_white",
+                      height=420)
+    return fig
