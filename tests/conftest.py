@@ -38,6 +38,14 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def tiny_w2(tiny):
+    """An RTN 2-bit g128 variant of the tiny model (shared by several test modules)."""
+    import mechq
+
+    return mechq.quantize(tiny, "rtn", bits=2, group_size=128)
+
+
+@pytest.fixture(scope="session")
 def facts():
     import mechq
 

@@ -14,10 +14,6 @@ TOL = 1e-4
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_w2(tiny):
-    return mechq.quantize(tiny, "rtn", bits=2)
-
 
 @pytest.fixture(scope="module")
 def tiny_facts(facts):

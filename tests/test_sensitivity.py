@@ -16,10 +16,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 COLS = ["fact_id", "correct", "target_prob", "target_rank"]
 
 
-@pytest.fixture(scope="module")
-def tiny_w2(tiny):
-    return mechq.quantize(tiny, "rtn", bits=2, group_size=128)
-
 
 @pytest.fixture(scope="module")
 def smol_w2(smol):

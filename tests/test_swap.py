@@ -13,10 +13,6 @@ def tiny_w4(tiny):
     return mechq.quantize(tiny, "rtn", bits=4, group_size=128)
 
 
-@pytest.fixture(scope="module")
-def tiny_w2(tiny):
-    return mechq.quantize(tiny, "rtn", bits=2, group_size=128)
-
 
 @pytest.fixture(scope="module")
 def smol_w3(smol):
