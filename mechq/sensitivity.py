@@ -89,19 +89,32 @@ def _evaluate(model: HookedTransformer, prep: _Prepared) -> pd.DataFrame:
 
 
 class _Store:
-    """Append-only CSV of finished steps (``key`` column), or an in-memory list without a path."""
+    """Append-only CSV of finished steps, or an in-memory list without a path.
 
-    def __init__(self, out_path: str | os.PathLike | None, key: str):
+    A step (a value of the ``key`` column: ``k`` or ``layer``) counts as done when the file holds
+    a row for every requested fact under the same ``tags`` (e.g. the variant); rows of other
+    facts or variants in the same file are kept on disk but left out of the result.
+    """
+
+    def __init__(self, out_path: str | os.PathLike | None, key: str, fact_ids: Sequence[str],
+                 **tags):
         self.path = Path(out_path) if out_path is not None else None
-        self.key = key
+        if self.path is not None and self.path.suffix.lower() != ".csv":
+            raise ValueError(f"out_path must be a .csv file, got {self.path}.")
+        self.key, self.tags = key, tags
+        self.fact_ids = [str(f) for f in fact_ids]
         self.frames: list[pd.DataFrame] = []
         self.done: set = set()
         if self.path is not None and self.path.exists() and self.path.stat().st_size > 0:
             old = pd.read_csv(self.path, dtype={"fact_id": str, "relation": str,
-                                                "target_kind": str})
+                                                "target_kind": str, "components": str})
             old["correct"] = old["correct"].astype(bool)
+            for col, val in tags.items():
+                old = old[old[col].astype(str) == str(val)]
+            old = old[old["fact_id"].isin(self.fact_ids)]
             self.frames.append(old)
-            self.done = set(old[key].tolist())
+            have = old.groupby(key)["fact_id"].nunique()
+            self.done = set(have[have == len(set(self.fact_ids))].index.tolist())
 
     def add(self, df: pd.DataFrame) -> None:
         self.frames.append(df)
@@ -113,14 +126,14 @@ class _Store:
                 fh.flush()
                 os.fsync(fh.fileno())
 
-    def result(self, order: Sequence, fact_order: Sequence[str]) -> pd.DataFrame:
+    def result(self, order: Sequence) -> pd.DataFrame:
         out = pd.concat(self.frames, ignore_index=True)
-        out = out[out[self.key].isin(list(order))]
+        out = out[out[self.key].isin(list(order)) & out["fact_id"].isin(self.fact_ids)]
         rank_k = {k: i for i, k in enumerate(order)}
-        rank_f = {f: i for i, f in enumerate(fact_order)}
+        rank_f = {f: i for i, f in enumerate(self.fact_ids)}
         out = out.assign(_k=out[self.key].map(rank_k), _f=out["fact_id"].astype(str).map(rank_f))
         out = out.sort_values(["_k", "_f"], kind="stable").drop(columns=["_k", "_f"])
-        out = out.drop_duplicates(subset=[self.key, "fact_id"], keep="first")
+        out = out.drop_duplicates(subset=[self.key, "fact_id"], keep="last")
         return out.reset_index(drop=True)
 
 
@@ -151,7 +164,7 @@ def first_domino(
     if not ks or ks[0] < -1 or ks[-1] >= L:
         raise ValueError(f"ks must lie in −1 … {L - 1}, got {ks}.")
     prep = _Prepared(model, facts, batch_size)
-    store = _Store(out_path, "k")
+    store = _Store(out_path, "k", prep.info["fact_id"].tolist(), variant=variant.name)
     todo = set(k for k in ks if k not in store.done)
     bar = tqdm(total=len(todo), desc=f"first domino {variant.name}", unit="k",
                disable=not progress)
@@ -166,7 +179,7 @@ def first_domino(
             store.add(_tag(_evaluate(model, prep), variant=variant.name, k=k))
             bar.update(1)
     bar.close()
-    return store.result(ks, prep.info["fact_id"].tolist())
+    return store.result(ks)
 
 
 def single_layer_sweep(
@@ -184,14 +197,15 @@ def single_layer_sweep(
     L = model.cfg.n_layers
     layers = sorted(set(range(L) if layers is None else layers))
     prep = _Prepared(model, facts, batch_size)
-    store = _Store(out_path, "layer")
     comp = components if isinstance(components, str) else "+".join(components)
+    store = _Store(out_path, "layer", prep.info["fact_id"].tolist(), variant=variant.name,
+                   components=comp)
     todo = [l for l in layers if l not in store.done]
     for l in tqdm(todo, desc=f"single layer {variant.name}", unit="layer", disable=not progress):
         with swap(model, variant, layers=l, components=components):
             store.add(_tag(_evaluate(model, prep), variant=variant.name, components=comp,
                            layer=l))
-    return store.result(layers, prep.info["fact_id"].tolist())
+    return store.result(layers)
 
 
 def component_sensitivity(

@@ -186,3 +186,22 @@ def test_plots(tiny, sub, tiny_w2):
     fig = plots.injection_curves(inj)
     assert len(fig.data) == 2 * 3
     assert np.allclose(fig.data[-1].y, 1, atol=1e-5)
+
+
+def test_sweep_file_shared_by_variants_and_fact_sets(tiny, sub, tiny_w2, tmp_path):
+    """One CSV may hold several variants and fact sets: each run sees only its own rows."""
+    path = tmp_path / "domino.csv"
+    w4 = mechq.quantize(tiny, "rtn", bits=4, group_size=128)
+    a = sens.first_domino(tiny, sub, tiny_w2, ks=[0, 1], out_path=path, progress=False)
+    b = sens.first_domino(tiny, sub, w4, ks=[0, 1], out_path=path, progress=False)
+    assert set(b["variant"]) == {w4.name} and len(b) == 2 * len(sub)
+    fresh = sens.first_domino(tiny, sub, w4, ks=[0, 1], progress=False)
+    pd.testing.assert_frame_equal(b[fresh.columns], fresh, check_dtype=False)
+    more = sub.facts + [f for f in mechq.bundled_facts() if f.id not in {g.id for g in sub}][:4]
+    c = sens.first_domino(tiny, mechq.FactSet(more), tiny_w2, ks=[0, 1], out_path=path,
+                          progress=False)  # the 4 new facts make both steps incomplete
+    assert len(c) == 2 * len(more) and set(c["variant"]) == {tiny_w2.name}
+    pd.testing.assert_frame_equal(
+        c[c.fact_id.isin(a.fact_id)].reset_index(drop=True)[a.columns], a, check_dtype=False)
+    with pytest.raises(ValueError, match="csv"):
+        sens.first_domino(tiny, sub, w4, out_path=tmp_path / "x.parquet", progress=False)
