@@ -6,6 +6,8 @@
     mechq lens       logit lens per layer, FP vs variants, Robust/Failure side by side
     mechq components attention entropy / JSD, FFN sign flips / Jaccard / value cosine (§4.1)
     mechq representation  CKA layer x layer, activation and error subspaces (§4.2)
+    mechq patch      FP->variant activation patching and zero ablation heatmaps (§3.4)
+    mechq sensitivity  first domino, single layers, component table, signal injection (§4.3)
     mechq quantize   make (or find in the cache) one variant and print its checkpoint path
 
 Variants are named as mechq names them: ``gptq-w4g128``, ``rtn-w2g128``, ``gptq-w3`` (group
@@ -334,6 +336,208 @@ def cmd_representation(args) -> int:
                    out / "representation.html", "cka.csv.gz, subspace.csv")
 
 
+SUBSETS = ("fp-correct", "failure", "robust", "all")
+
+
+def _choose_facts(model, facts, variants, args):
+    """Facts to analyse (``--subset``) and their Robust/Failure label against ``--reference``.
+
+    Subsets are defined as in §3.2 against the reference variant (default: the first one given,
+    e.g. the 4-bit one): Robust = FP and reference correct, Failure = FP correct, reference wrong.
+    Facts FP gets wrong are labelled "FP wrong" (analysed only with ``--subset all``).
+    """
+    labels = _subset_labels(model, facts, variants, args) or {}
+    keep = {"fp-correct": ("Robust", "Failure"), "failure": ("Failure",),
+            "robust": ("Robust",), "all": None}[args.subset]
+    chosen = [f for f in facts if keep is None or labels.get(f.id) in keep]
+    if not chosen:
+        raise SystemExit(f"no facts in subset {args.subset!r} (of {len(facts)}); "
+                         "try --subset all or more facts")
+    label = {f.id: labels.get(f.id, "FP wrong") for f in facts}
+    print(f"analysing {len(chosen)} facts (--subset {args.subset})", flush=True)
+    return chosen, label
+
+
+def _by_third(df, value: str, L: int, lowest: bool = False):
+    """Mean of ``value`` over early / middle / late thirds of the layers, and its strongest
+    cell (the highest, or the lowest with ``lowest``: zero ablation lowers the probability)."""
+    third = df["layer"].map(lambda l: ("early", "middle", "late")[min(2, 3 * l // L)])
+    keys = ["variant", "activation", "mode", "position_label"]
+    g = df.assign(third=third).pivot_table(index=keys, columns="third", values=value,
+                                           aggfunc="mean")
+    g = g.reindex(columns=["early", "middle", "late"])
+    grouped = df.dropna(subset=[value]).groupby(keys)[value]
+    peak = df.loc[grouped.idxmin() if lowest else grouped.idxmax(),
+                  keys + ["layer", value]].set_index(keys)
+    g["strongest"], g["at_layer"] = peak[value], peak["layer"]
+    return g
+
+
+def cmd_patch(args) -> int:
+    """Activation patching FP -> variant (sufficiency) and zero ablation (necessity), §3.4."""
+    from mechq import plots
+    from mechq.patching import patch_heatmap_frame, patch_sweep
+    from mechq.report import Report
+
+    out, model, facts = _prepare(args)
+    variants = load_variants(model, args.variants, args)
+    if not variants:
+        raise SystemExit("mechq patch needs at least one variant (--variants)")
+    chosen, label = _choose_facts(model, facts, variants, args)
+    csv = out / "patching.csv"
+    frames = []
+    for activation in args.activations:
+        for mode in args.modes:
+            targets = list(variants)
+            if mode == "zero" and not args.no_fp_ablation:
+                targets = [None] + targets
+            for v in targets:
+                frames.append(patch_sweep(
+                    model, chosen, v, activation=activation, mode=mode, layers=args.layers,
+                    positions=args.positions, memory_mb=args.memory_mb, out_path=csv))
+    import pandas as pd
+
+    df = pd.concat(frames, ignore_index=True)
+    df["subset"] = df["fact_id"].map(label)
+    heat = patch_heatmap_frame(df)
+    heat.to_csv(out / "patching_heatmap.csv", index=False)
+    patch_heatmap_frame(df, by=["subset"]).to_csv(out / "patching_heatmap_by_subset.csv",
+                                                  index=False)
+    L = model.cfg.n_layers
+    rep = Report(f"Activation patching — {args.model}")
+    rep.text(f"{len(chosen)} facts (--subset {args.subset}); positions {args.positions}. "
+             "restored = share of the FP-vs-unpatched target-probability gap that patching the "
+             "FP activation closes; mean_delta = patched minus unpatched target probability "
+             "(definitions in mechq.patching).", note=True)
+    shows = []
+    for (activation, mode), g in heat.groupby(["activation", "mode"], sort=False):
+        value = "restored" if mode == "fp_to_variant" else "mean_delta"
+        rep.heading(f"{activation} · {mode} ({value})")
+        fig = plots.patching_heatmap(g, value=value, title=f"{activation}, {mode}: {value}")
+        name = f"patching_{activation}_{mode}.html"
+        plots.save_html(fig, out / name)
+        rep.figure(fig)
+        show = _by_third(g, value, L, lowest=(mode == "zero"))
+        rep.table(show.reset_index())
+        shows.append((f"{activation} · {mode}: {value}", show))
+    rep.write(out / "patching.html")
+    for title, show in shows:
+        print(f"\n{title} (mean over early / middle / late layers, and the strongest)")
+        print(show.to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"wrote {out / 'patching.html'}, patching.csv, patching_heatmap.csv")
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    """First domino, single-layer sweep, component table and signal injection (§4.3)."""
+    import pandas as pd
+
+    import mechq
+    from mechq import plots
+    from mechq import sensitivity as sens
+    from mechq.recall import accuracy
+    from mechq.report import Report
+
+    out, model, facts = _prepare(args)
+    variants = load_variants(model, args.variants, args)
+    if not variants:
+        raise SystemExit("mechq sensitivity needs at least one variant (--variants)")
+    chosen, label = _choose_facts(model, facts, variants, args)
+    chosen = mechq.FactSet(chosen, name=f"{facts.name}:{args.subset}")
+    L = model.cfg.n_layers
+    rep = Report(f"Layer and component sensitivity — {args.model}")
+    rep.text(f"{len(chosen)} facts (--subset {args.subset}); Robust / Failure against "
+             f"{args.reference or variants[0].name}. Definitions in mechq.sensitivity.",
+             note=True)
+
+    def acc_by(df, keys):
+        df = df.assign(subset=df["fact_id"].map(label))
+        both = pd.concat([df, df.assign(subset="all")], ignore_index=True)
+        return accuracy(both, ["variant", "subset", *keys])
+
+    printed = []
+    if "domino" in args.analyses:
+        dom = pd.concat([sens.first_domino(model, chosen, v, ks=range(-1, L),
+                                           batch_size=args.batch_size,
+                                           out_path=out / f"first_domino_{v.name}.csv")
+                         for v in variants], ignore_index=True)
+        acc = acc_by(dom, ["k"])
+        acc.to_csv(out / "first_domino_accuracy.csv", index=False)
+        rep.heading("First domino: layers 0…k quantized, the rest FP (paper Fig. 10, Table 2)")
+        for v, g in acc.groupby("variant", sort=False):
+            fig = plots.first_domino_curve(g, color="subset", title=f"First domino — {v}")
+            plots.save_html(fig, out / f"first_domino_{v}.html")
+            rep.figure(fig)
+        ks = sorted({-1, 0, 1, 2, 4, L // 4, L // 2, 3 * L // 4, L - 1})
+        show = acc[acc.k.isin(ks)].pivot_table(index=["variant", "subset"], columns="k",
+                                               values="accuracy", sort=False)
+        rep.table(show.reset_index())
+        printed.append(("first domino: accuracy with layers 0…k quantized (k = -1: FP)", show))
+    if "single" in args.analyses:
+        one = pd.concat([sens.single_layer_sweep(model, chosen, v, batch_size=args.batch_size,
+                                                 out_path=out / f"single_layer_{v.name}.csv")
+                         for v in variants], ignore_index=True)
+        acc = acc_by(one, ["layer"])
+        acc.to_csv(out / "single_layer_accuracy.csv", index=False)
+        rep.heading("Single-layer quantization: only layer l quantized (paper Fig. 22–23)")
+        for v, g in acc.groupby("variant", sort=False):
+            fig = plots.first_domino_curve(g.rename(columns={"layer": "k"}), color="subset",
+                                           title=f"Single layer quantized — {v}",
+                                           xaxis_title="quantized layer")
+            plots.save_html(fig, out / f"single_layer_{v}.html")
+            rep.figure(fig)
+        worst = (acc[acc.subset == "all"].sort_values(["variant", "accuracy"])
+                 .groupby("variant", sort=False).head(3))
+        rep.table(worst[["variant", "layer", "accuracy", "n"]])
+        printed.append(("single layer: the three most damaging layers",
+                        worst.set_index(["variant", "layer"])[["accuracy", "n"]]))
+    if "components" in args.analyses:
+        comp = pd.concat([sens.component_sensitivity(model, chosen, v,
+                                                     batch_size=args.batch_size)
+                          for v in variants], ignore_index=True)
+        comp.to_csv(out / "component_sensitivity.csv", index=False)
+        acc = acc_by(comp, ["setting"])
+        acc.to_csv(out / "component_accuracy.csv", index=False)
+        table = acc.pivot_table(index="setting", columns=["variant", "subset"],
+                                values="accuracy", sort=False)
+        rep.heading("Component sensitivity: one component quantized in every layer (Table 5)")
+        rep.table(table.reset_index())
+        printed.append(("component table: accuracy with only this component quantized", table))
+    if "injection" in args.analyses:
+        low = variants[-1] if args.injection_low is None else load_variants(
+            model, [args.injection_low], args)[0]
+        highs = [None if h == "fp" else (next((v for v in variants if v.name == h), None)
+                                         or load_variants(model, [h], args)[0])
+                 for h in args.injection_high]
+        ks = args.injection_ks or sorted({0, L // 10, L // 5, L // 3, L // 2, 2 * L // 3, L})
+        parts, recalls = [], []
+        for h in highs:
+            part = sens.signal_injection(model, chosen, h, low, ks=ks, batch_size=args.batch_size)
+            recalls.append(part.attrs.pop("recall"))
+            parts.append(part)
+        inj = pd.concat(parts, ignore_index=True)
+        inj.to_csv(out / "signal_injection.csv", index=False)
+        pd.concat(recalls, ignore_index=True).to_csv(out / "signal_injection_recall.csv",
+                                                     index=False)
+        rep.heading(f"Signal injection: first k layers at high precision, the rest {low.name} "
+                    "(paper Fig. 12, 24)")
+        for h, g in inj.groupby("high", sort=False):
+            fig = plots.injection_curves(g)
+            plots.save_html(fig, out / f"signal_injection_{h}.html")
+            rep.figure(fig)
+        last = inj[(inj.layer == L - 1)].pivot_table(
+            index=["high", "k"], columns="stream", values="cos_mean", sort=False)
+        last["accuracy"] = inj.groupby(["high", "k"], sort=False)["accuracy"].first()
+        rep.table(last.reset_index())
+        printed.append((f"signal injection → {low.name}: cosine to FP at the last layer, "
+                        "and accuracy", last))
+    rep.write(out / "sensitivity.html")
+    for title, show in printed:
+        print(f"\n{title}\n" + show.to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"wrote {out / 'sensitivity.html'} and its CSV frames")
+    return 0
+
+
 def cmd_quantize(args) -> int:
     """Quantize a model and print where the (cached) checkpoint lives."""
     import mechq
@@ -359,6 +563,16 @@ def _common(p: argparse.ArgumentParser, facts: bool = True) -> None:
                        help="bundled | a facts CSV | pararel[:P36,P103]")
         p.add_argument("--max-facts", type=int, default=None, help="sample this many facts")
         p.add_argument("--batch-size", type=int, default=32)
+
+
+def _analysis_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variants", nargs="+", default=["gptq-w4g128", "gptq-w2g128"],
+                   help="variant names (gptq-w4g128, rtn-w2g128 ...) or checkpoint dirs")
+    p.add_argument("--reference", default=None,
+                   help="variant defining Robust/Failure (default: the first)")
+    p.add_argument("--subset", choices=SUBSETS, default="fp-correct",
+                   help="facts analysed: FP-correct (Robust + Failure, default), one of "
+                        "them, or all")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -395,6 +609,34 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--energy", type=float, default=0.9,
                            help="share of FP spectral energy the top-k subspace keeps")
         p.set_defaults(func=func)
+    p = sub.add_parser("patch", help="FP->variant activation patching, zero ablation (§3.4)")
+    _common(p)
+    _analysis_args(p)
+    p.add_argument("--activations", nargs="+", default=["resid_pre"],
+                   choices=["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"])
+    p.add_argument("--modes", nargs="+", default=["fp_to_variant", "zero"],
+                   choices=["fp_to_variant", "variant_to_fp", "zero"])
+    p.add_argument("--positions", default="semantic",
+                   help="semantic (subject, relation, last tokens) or all")
+    p.add_argument("--layers", type=int, nargs="*", default=None, help="default: every layer")
+    p.add_argument("--memory-mb", type=float, default=1024.0,
+                   help="budget for one batched forward's transient memory")
+    p.add_argument("--no-fp-ablation", action="store_true",
+                   help="zero mode: ablate only the variants, not the FP model")
+    p.set_defaults(func=cmd_patch)
+    p = sub.add_parser("sensitivity",
+                       help="first domino, single layers, components, signal injection (§4.3)")
+    _common(p)
+    _analysis_args(p)
+    p.add_argument("--analyses", nargs="+", default=["domino", "components", "injection"],
+                   choices=["domino", "single", "components", "injection"])
+    p.add_argument("--injection-high", nargs="+", default=["fp"],
+                   help="precisions of the first k layers: fp and/or variant names")
+    p.add_argument("--injection-low", default=None,
+                   help="precision of the other layers (default: the last of --variants)")
+    p.add_argument("--injection-ks", type=int, nargs="*", default=None,
+                   help="values of k (default: 0, L/10, L/5, L/3, L/2, 2L/3, L)")
+    p.set_defaults(func=cmd_sensitivity)
     p = sub.add_parser("quantize", help="make one variant (cached), print its checkpoint path")
     _common(p, facts=False)
     p.add_argument("variant", help="e.g. gptq-w4g128, rtn-w2g128-asym, gptq-w3g128-act")

@@ -365,7 +365,8 @@ def patching_heatmap(frame: pd.DataFrame, value: str = "restored", title: str | 
 
 
 def first_domino_curve(acc_by_k: pd.DataFrame, color: str | None = None,
-                       title: str | None = None) -> go.Figure:
+                       title: str | None = None,
+                       xaxis_title: str = "k (last quantized layer)") -> go.Figure:
     """Accuracy vs. k of a first-domino sweep (paper Fig. 10).
 
     ``acc_by_k`` is ``recall.accuracy(first_domino(...), by=["k", ...])``: x = k (layers
@@ -385,7 +386,7 @@ def first_domino_curve(acc_by_k: pd.DataFrame, color: str | None = None,
                            "%{customdata[0]:.3f}<br>n %{customdata[1]}<extra></extra>"),
         ))
     fig.update_layout(title=title or "First domino: layers 0…k quantized, the rest FP",
-                      xaxis_title="k (last quantized layer)", yaxis_title="accuracy",
+                      xaxis_title=xaxis_title, yaxis_title="accuracy",
                       yaxis_range=[-0.02, 1.02], template="plotly_white")
     return fig
 

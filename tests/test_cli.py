@@ -81,3 +81,78 @@ def test_components_and_representation_commands(tmp_path, capsys):
     diag = cka[(cka.variant == "fp") & (cka.layer_fp == cka.layer_q)]["cka"]
     assert (diag - 1).abs().max() < 1e-4
     _self_contained(tmp_path / "representation.html")
+
+
+def test_patch_command(tmp_path, capsys):
+    args = ["patch", "--model", "tiny-gpt2", "--variants", "rtn-w2g32", "--max-facts", "12",
+            "--subset", "all", "--activations", "resid_post", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "resid_post · fp_to_variant: restored" in out
+    df = pd.read_csv(tmp_path / "patching.csv")
+    assert set(map(tuple, df[["variant", "mode"]].drop_duplicates().to_numpy())) == {
+        ("rtn-w2g32", "fp_to_variant"), ("fp", "zero"), ("rtn-w2g32", "zero")}
+    assert df.groupby("sweep")["fact_id"].nunique().eq(12).all()
+    assert set(df["position_label"]) <= {"subject_first", "subject_mid", "subject_last",
+                                         "relation", "last"}
+    # Patching FP's final residual at the last position gives back FP's answer exactly.
+    heat = pd.read_csv(tmp_path / "patching_heatmap.csv")
+    cell = heat[(heat["mode"] == "fp_to_variant") & (heat.layer == 3)
+                & (heat.position_label == "last")]
+    assert abs(cell["restored"].item() - 1) < 1e-4
+    assert abs(cell["mean_prob"].item() - cell["fp_prob"].item()) < 1e-5
+    fp_zero = df[(df.variant == "fp") & (df["mode"] == "zero")]
+    assert (fp_zero["baseline_prob"] - fp_zero["fp_prob"]).abs().max() < 1e-6
+    by_subset = pd.read_csv(tmp_path / "patching_heatmap_by_subset.csv")
+    assert {"subset", "restored", "n_facts"} <= set(by_subset.columns)
+    _self_contained(tmp_path / "patching.html")
+    # A second run finds every sweep on disk and appends nothing.
+    n_lines = len((tmp_path / "patching.csv").read_text().splitlines())
+    assert cli.main(args) == 0
+    assert len((tmp_path / "patching.csv").read_text().splitlines()) == n_lines
+
+
+def test_sensitivity_command(tmp_path, capsys):
+    import mechq
+    from mechq.recall import accuracy
+
+    args = ["sensitivity", "--model", "tiny-gpt2", "--variants", "rtn-w4g128", "rtn-w2g32",
+            "--max-facts", "16", "--analyses", "domino", "single", "components", "injection",
+            "--injection-ks", "0", "2", "4", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "first domino" in out and "component table" in out and "signal injection" in out
+    model = mechq.load_model("tiny-gpt2", device="cpu")
+    facts = cli.load_fact_source("bundled", 16, 0)
+    w2 = mechq.quantize(model, "rtn", bits=2, group_size=32)
+    rec = mechq.evaluate_recall(model, facts, [w2], progress=False)
+    ref = accuracy(rec).set_index("variant")["mean_target_prob"]
+    dom = pd.read_csv(tmp_path / "first_domino_accuracy.csv")
+    dom = dom[(dom.variant == "rtn-w2g32") & (dom.subset == "all")].set_index("k")
+    assert list(dom.index) == [-1, 0, 1, 2, 3]
+    assert (dom["n"] == 16).all()  # every tiny fact is FP-correct
+    assert abs(dom.loc[-1, "mean_target_prob"] - ref["fp"]) < 1e-5
+    assert abs(dom.loc[3, "mean_target_prob"] - ref["rtn-w2g32"]) < 1e-5
+    comp = pd.read_csv(tmp_path / "component_accuracy.csv")
+    allq = comp[(comp.variant == "rtn-w2g32") & (comp.subset == "all") & (comp.setting == "All")]
+    assert abs(allq["mean_target_prob"].item() - ref["rtn-w2g32"]) < 1e-5
+    single = pd.read_csv(tmp_path / "single_layer_accuracy.csv")
+    assert sorted(single["layer"].unique()) == [0, 1, 2, 3]
+    inj = pd.read_csv(tmp_path / "signal_injection.csv")
+    assert set(inj["high"]) == {"fp"} and set(inj["low"]) == {"rtn-w2g32"}
+    full = inj[inj.k == 4]  # every layer FP
+    assert (full["cos_mean"] - 1).abs().max() < 1e-5
+    assert (inj[inj.k == 0]["cos_mean"] < 0.999).any()
+    _self_contained(tmp_path / "sensitivity.html")
+    # The layer sweeps resume from their CSVs: a second run appends nothing.
+    sizes = {p.name: p.stat().st_size for p in tmp_path.glob("*_rtn-*.csv")}
+    assert len(sizes) == 4
+    assert cli.main([*args[:-8], "--out", str(tmp_path)]) == 0  # --analyses domino single
+    assert {p.name: p.stat().st_size for p in tmp_path.glob("*_rtn-*.csv")} == sizes
+
+
+def test_analysis_commands_refuse_empty_subsets(tmp_path):
+    # The tiny model keeps every fact at 4 bits: the Failure subset is empty.
+    with pytest.raises(SystemExit, match="no facts in subset 'failure'"):
+        cli.main(["sensitivity", "--model", "tiny-gpt2", "--variants", "rtn-w4g128",
+                  "--max-facts", "8", "--subset", "failure", "--out", str(tmp_path)])
