@@ -239,7 +239,7 @@ def main(argv=None) -> dict:
     import torch
 
     import mechq
-
+    from mechq import patching
     from mechq.facts import target_token
 
     cuda = args.device == "cuda"
@@ -286,8 +286,8 @@ def main(argv=None) -> dict:
     res = dict(
         model=model_label,
         n_layers=L, **head, variant=variant.name, activation="resid_pre",
-        mode="fp_to_variant", engine_defaults=dict(max_batch=512, memory_mb=1024,
-                                                   min_tokens=64),
+        mode="fp_to_variant", engine_defaults=dict(
+            max_batch=512, memory_mb=1024, min_tokens=patching.default_min_tokens(model)),
         runs=runs,
     )
     if extra:

@@ -265,6 +265,16 @@ def _expand(x: Tensor | None, rows: int) -> Tensor | None:
 #: GEMM rows (replicas × tokens) below which a block call costs about as much as this many rows:
 #: small calls are merged into position bands (see :func:`_bands`).
 MIN_TOKENS = 64
+#: On a GPU a block call costs its launch overhead more than its arithmetic: fewer, larger bands
+#: win (H100, full SmolLM2 sweeps: 4096 ran 2.7-5.7x faster than 64, same results;
+#: benchmarks/results/patching_h100.json).
+MIN_TOKENS_CUDA = 4096
+
+
+def default_min_tokens(model: HookedTransformer) -> int:
+    """Band-size floor for :func:`_bands`: :data:`MIN_TOKENS` on CPU, more on a GPU."""
+    return MIN_TOKENS_CUDA if torch.device(model.cfg.device).type == "cuda" else MIN_TOKENS
+
 
 
 def _bands(layer_idx: Tensor, pos_idx: Tensor, n: int, n_layers: int, reuse_kv: bool,
@@ -314,7 +324,7 @@ def _patched_final(
     max_batch: int,
     memory_mb: float | None,
     on_chunk=None,
-    min_tokens: int = MIN_TOKENS,
+    min_tokens: int | None = None,
 ) -> Tensor:
     """Final last-position residual of one replica per site (``source=None``: zero ablation).
 
@@ -332,6 +342,8 @@ def _patched_final(
     n = prep.tokens.shape[1]
     dev = model.cfg.device
     final = torch.empty(len(layer_idx), model.cfg.d_model, dtype=model.cfg.dtype, device=dev)
+    if min_tokens is None:
+        min_tokens = default_min_tokens(model)
     for s, band in _bands(layer_idx, pos_idx, n, L, prep.reuse_kv, min_tokens):
         sel = torch.isin(pos_idx, torch.tensor(band)).nonzero()[:, 0]
         sel = sel[torch.argsort(layer_idx[sel], stable=True)]
@@ -416,7 +428,7 @@ def _layers(model: HookedTransformer, layers) -> list[int]:
 
 
 def _run_prompt(model, prep, base_final, li, pi, activation, source, max_batch, memory_mb,
-                skip_identical, on_chunk=None, min_tokens: int = MIN_TOKENS) -> Tensor:
+                skip_identical, on_chunk=None, min_tokens: int | None = None) -> Tensor:
     """Final last-position residual of every site (``[sites, d_model]``). Sites whose patch
     writes the value already there reuse the unpatched run's (exact: the patched forward *is*
     the unpatched one)."""
@@ -457,7 +469,7 @@ def batched_act_patch(
     memory_mb: float | int | None = 1024.0,
     kv_reuse: bool = True,
     skip_identical: bool = True,
-    min_tokens: int = MIN_TOKENS,
+    min_tokens: int | None = None,
 ) -> Float[Tensor, "layer site_pos"]:
     """Batched counterpart of ``transformer_lens.patching.get_act_patch_<activation>``.
 
@@ -467,7 +479,8 @@ def batched_act_patch(
     activation at each (layer, position) is patched in; ``clean_cache=None`` zero-ablates
     instead. ``metric`` maps last-position logits ``[sites, vocab]`` to ``[sites]`` (default:
     softmax probability of ``target_id``). Returns ``[len(layers), len(positions)]`` (default
-    all layers × all positions), like TransformerLens's ``[n_layers, pos]``.
+    all layers × all positions), like TransformerLens's ``[n_layers, pos]``. ``min_tokens``:
+    the smallest block call worth making (:func:`_bands`; default :func:`default_min_tokens`).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
