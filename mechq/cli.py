@@ -358,6 +358,19 @@ def _choose_facts(model, facts, variants, args):
     return chosen, label
 
 
+def _prepare_analysis(args):
+    """Model, facts and variants of ``mechq patch`` / ``mechq sensitivity``, plus the facts to
+    analyse (a FactSet) and every fact's subset label."""
+    from mechq.facts import FactSet
+
+    out, model, facts = _prepare(args)
+    variants = load_variants(model, args.variants, args)
+    if not variants:
+        raise SystemExit(f"mechq {args.command} needs at least one variant (--variants)")
+    chosen, label = _choose_facts(model, facts, variants, args)
+    return out, model, facts, variants, FactSet(chosen, name=f"{facts.name}:{args.subset}"), label
+
+
 def _by_third(df, value: str, L: int, lowest: bool = False):
     """Mean of ``value`` over early / middle / late thirds of the layers, and its strongest
     cell (the highest, or the lowest with ``lowest``: zero ablation lowers the probability)."""
@@ -379,11 +392,7 @@ def cmd_patch(args) -> int:
     from mechq.patching import patch_heatmap_frame, patch_sweep
     from mechq.report import Report
 
-    out, model, facts = _prepare(args)
-    variants = load_variants(model, args.variants, args)
-    if not variants:
-        raise SystemExit("mechq patch needs at least one variant (--variants)")
-    chosen, label = _choose_facts(model, facts, variants, args)
+    out, model, _, variants, chosen, label = _prepare_analysis(args)
     csv = out / "patching.csv"
     frames = []
     for activation in args.activations:
@@ -432,18 +441,12 @@ def cmd_sensitivity(args) -> int:
     """First domino, single-layer sweep, component table and signal injection (§4.3)."""
     import pandas as pd
 
-    import mechq
     from mechq import plots
     from mechq import sensitivity as sens
     from mechq.recall import accuracy
     from mechq.report import Report
 
-    out, model, facts = _prepare(args)
-    variants = load_variants(model, args.variants, args)
-    if not variants:
-        raise SystemExit("mechq sensitivity needs at least one variant (--variants)")
-    chosen, label = _choose_facts(model, facts, variants, args)
-    chosen = mechq.FactSet(chosen, name=f"{facts.name}:{args.subset}")
+    out, model, _, variants, chosen, label = _prepare_analysis(args)
     L = model.cfg.n_layers
     rep = Report(f"Layer and component sensitivity — {args.model}")
     rep.text(f"{len(chosen)} facts (--subset {args.subset}); Robust / Failure against "
@@ -455,37 +458,36 @@ def cmd_sensitivity(args) -> int:
         both = pd.concat([df, df.assign(subset="all")], ignore_index=True)
         return accuracy(both, ["variant", "subset", *keys])
 
+    def layer_sweep(fn, stem, key, heading, title, xaxis_title, **kw):
+        """Run a resumable per-layer sweep for every variant; accuracy curves per subset."""
+        df = pd.concat([fn(model, chosen, v, batch_size=args.batch_size,
+                           out_path=out / f"{stem}_{v.name}.csv", **kw) for v in variants],
+                       ignore_index=True)
+        acc = acc_by(df, [key])
+        acc.to_csv(out / f"{stem}_accuracy.csv", index=False)
+        rep.heading(heading)
+        for v, g in acc.groupby("variant", sort=False):
+            fig = plots.first_domino_curve(g.rename(columns={key: "k"}), color="subset",
+                                           title=f"{title} — {v}", xaxis_title=xaxis_title)
+            plots.save_html(fig, out / f"{stem}_{v}.html")
+            rep.figure(fig)
+        return acc
+
     printed = []
     if "domino" in args.analyses:
-        dom = pd.concat([sens.first_domino(model, chosen, v, ks=range(-1, L),
-                                           batch_size=args.batch_size,
-                                           out_path=out / f"first_domino_{v.name}.csv")
-                         for v in variants], ignore_index=True)
-        acc = acc_by(dom, ["k"])
-        acc.to_csv(out / "first_domino_accuracy.csv", index=False)
-        rep.heading("First domino: layers 0…k quantized, the rest FP (paper Fig. 10, Table 2)")
-        for v, g in acc.groupby("variant", sort=False):
-            fig = plots.first_domino_curve(g, color="subset", title=f"First domino — {v}")
-            plots.save_html(fig, out / f"first_domino_{v}.html")
-            rep.figure(fig)
+        acc = layer_sweep(sens.first_domino, "first_domino", "k",
+                          "First domino: layers 0…k quantized, the rest FP (paper Fig. 10, "
+                          "Table 2)", "First domino", "k (last quantized layer)",
+                          ks=range(-1, L))
         ks = sorted({-1, 0, 1, 2, 4, L // 4, L // 2, 3 * L // 4, L - 1})
         show = acc[acc.k.isin(ks)].pivot_table(index=["variant", "subset"], columns="k",
                                                values="accuracy", sort=False)
         rep.table(show.reset_index())
         printed.append(("first domino: accuracy with layers 0…k quantized (k = -1: FP)", show))
     if "single" in args.analyses:
-        one = pd.concat([sens.single_layer_sweep(model, chosen, v, batch_size=args.batch_size,
-                                                 out_path=out / f"single_layer_{v.name}.csv")
-                         for v in variants], ignore_index=True)
-        acc = acc_by(one, ["layer"])
-        acc.to_csv(out / "single_layer_accuracy.csv", index=False)
-        rep.heading("Single-layer quantization: only layer l quantized (paper Fig. 22–23)")
-        for v, g in acc.groupby("variant", sort=False):
-            fig = plots.first_domino_curve(g.rename(columns={"layer": "k"}), color="subset",
-                                           title=f"Single layer quantized — {v}",
-                                           xaxis_title="quantized layer")
-            plots.save_html(fig, out / f"single_layer_{v}.html")
-            rep.figure(fig)
+        acc = layer_sweep(sens.single_layer_sweep, "single_layer", "layer",
+                          "Single-layer quantization: only layer l quantized (paper Fig. 22–23)",
+                          "Single layer quantized", "quantized layer")
         worst = (acc[acc.subset == "all"].sort_values(["variant", "accuracy"])
                  .groupby("variant", sort=False).head(3))
         rep.table(worst[["variant", "layer", "accuracy", "n"]])

@@ -325,7 +325,9 @@ def patching_heatmap(frame: pd.DataFrame, value: str = "restored", title: str | 
     mode); x = layer, y = position name in prompt order (subject first at the top). ``value``:
     ``restored`` (share of the FP-vs-unpatched probability gap closed by the patch; default),
     ``mean_delta`` (patched − unpatched target probability), ``mean_prob``, ``correct_share``.
-    Hover shows the mean probabilities and the number of prompts behind each cell.
+    All panels share one colour range (``zmin``/``zmax``, default the data's range; symmetric
+    around 0 for ``mean_delta``). Hover shows the mean probabilities and the number of prompts
+    behind each cell.
     """
     from plotly.subplots import make_subplots
 
@@ -340,6 +342,17 @@ def patching_heatmap(frame: pd.DataFrame, value: str = "restored", title: str | 
                         max(len(panels), 1), subplot_titles=[f"{v} · {a} · {m}"
                                                              for v, a, m in panels])
     diverging = value in ("mean_delta",)
+    # One colour scale for every panel, so that panels compare (plotly scales each on its own).
+    vals = frame[value].to_numpy(dtype=float)
+    vals = vals[np.isfinite(vals)]
+    if vals.size:
+        if diverging:
+            bound = float(np.abs(vals).max()) or 1.0
+            zmin = -bound if zmin is None else zmin
+            zmax = bound if zmax is None else zmax
+        else:
+            zmin = float(vals.min()) if zmin is None else zmin
+            zmax = float(vals.max()) if zmax is None else zmax
     for r, (v, a, m) in enumerate(panels, start=1):
         g = frame[(frame["variant"] == v) & (frame["activation"] == a) & (frame["mode"] == m)]
         z = g.pivot(index="position_label", columns="layer", values=value).reindex(

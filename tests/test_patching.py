@@ -197,6 +197,14 @@ def test_patch_sweep_frame_and_heatmap(tiny, tiny_w2, tiny_facts):
     assert len(fig.data) == 1 and fig.data[0].type == "heatmap"
     present = set(hm["position_label"])
     assert list(fig.data[0].y) == [n for n in mechq.positions.NAMES if n in present]
+    # Two panels share one colour range: the data's overall range, not each panel's own.
+    other = hm.assign(variant="other", restored=hm["restored"] * 0.25)
+    fig2 = patching_heatmap(pd.concat([hm, other]))
+    assert len(fig2.data) == 2
+    assert {(t.zmin, t.zmax) for t in fig2.data} == {(hm["restored"].min(),
+                                                      hm["restored"].max())}
+    d = patching_heatmap(hm, value="mean_delta").data[0]
+    assert d.zmin == -d.zmax == -hm["mean_delta"].abs().max()
 
 
 def test_patch_sweep_resumes_from_disk(tiny, tiny_w2, tiny_facts, tmp_path, monkeypatch):
