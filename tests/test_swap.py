@@ -131,3 +131,18 @@ def test_bad_requests_raise_clear_errors(tiny, smol, tiny_w4):
     with pytest.raises(TypeError):
         with mechq.swap(tiny, {0: "w4"}):
             pass
+
+
+def test_weight_device_argument_moves_packed_tensors_only(tiny_w2):
+    """``Variant.weight(device=...)`` dequantizes where it is asked to (swap uses the model's
+    device); on the device the packed tensors already occupy it changes nothing."""
+    for name, packed in list(tiny_w2.modules.items())[:4]:
+        assert packed.to("cpu") is packed
+        assert torch.equal(tiny_w2.weight(name, device="cpu"), tiny_w2.weight(name))
+        assert tiny_w2.weight(name, torch.float16, device=torch.device("cpu")).dtype == \
+            torch.float16
+    if torch.cuda.is_available():  # exercised on GPU machines only (not in CI)
+        name, packed = next(iter(tiny_w2.modules.items()))
+        on_gpu = tiny_w2.weight(name, device="cuda")
+        assert on_gpu.device.type == "cuda" and packed.qweight.device.type == "cpu"
+        assert torch.equal(on_gpu.cpu(), tiny_w2.weight(name))

@@ -30,7 +30,7 @@ GPTQModel v1 checkpoint whose zero point is 0 round-trips and dequantizes bit-id
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from beartype import beartype
@@ -254,6 +254,16 @@ class PackedLinear:
         if self.bias is not None:
             ts.append(self.bias)
         return sum(t.numel() * t.element_size() for t in ts)
+
+    def to(self, device: torch.device | str) -> PackedLinear:
+        """The same layer with its tensors on ``device`` (``self`` when they are there)."""
+        device = torch.device(device)
+        if self.qweight.device == device:
+            return self
+        moved = {n: getattr(self, n).to(device) for n in ("qweight", "qzeros", "scales", "g_idx")}
+        if self.bias is not None:
+            moved["bias"] = self.bias.to(device)
+        return replace(self, **moved)
 
     def codes(self) -> Int32[Tensor, "in out"]:
         """The integer codes ``q``, input-major ``(in, out)``."""

@@ -67,12 +67,17 @@ class Variant:
         """Bytes held by the packed tensors of all modules."""
         return sum(p.nbytes for p in self.modules.values())
 
-    def weight(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dequantized ``(out, in)`` weight of one module."""
+    def weight(self, module: str, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> torch.Tensor:
+        """Dequantized ``(out, in)`` weight of one module, computed on ``device`` (default: where
+        the packed tensors are). Only the packed tensors travel: on a GPU the dequantization
+        runs there, with the same float16 arithmetic (bit-identical result)."""
         try:
             packed = self.modules[module]
         except KeyError:
             raise KeyError(f"Variant {self.name!r} has no module {module!r}.") from None
+        if device is not None:
+            packed = packed.to(device)
         return packed.weight(dtype)
 
 
@@ -133,7 +138,7 @@ def swap(
     try:
         for (vid, module), site_list in plan.items():
             ref = params[site_list[0].param]
-            w = registry[vid].weight(module, dtype=ref.dtype).to(ref.device)
+            w = registry[vid].weight(module, dtype=ref.dtype, device=ref.device)
             for s in site_list:
                 p = params[s.param]
                 new = layout.linear_to_hooked(w, s, model.cfg).contiguous()
