@@ -11,11 +11,25 @@ a weight swap on one ``HookedTransformer``, so FP and quantized runs share hook 
         logits = model("The capital of France is")
 """
 
+import logging as _logging
 import warnings as _warnings
 
 # transformer-lens 3.9 warns that HookedTransformer is deprecated (4.x removed it; see README).
 _warnings.filterwarnings("ignore", message=".*HookedTransformer.*", category=DeprecationWarning)
 _warnings.filterwarnings("ignore", category=FutureWarning, module="transformer_lens")
+
+
+def _import_noise(record: _logging.LogRecord) -> bool:
+    """False for two import-time log lines that say nothing about the user's run: torchao (a
+    GPTQModel dependency that transformers imports) not loading kernels built for other CUDA
+    versions, and torch's deprecation note on torchao's Enum pytree registrations."""
+    msg = str(record.msg)
+    return not (msg.startswith("Failed to load") and "torchao" in record.getMessage()
+                or "is an Enum subclass and is now natively supported" in msg)
+
+
+_logging.getLogger("torchao").addFilter(_import_noise)
+_logging.getLogger("torch.utils._pytree").addFilter(_import_noise)
 
 from mechq.facts import Fact, FactSet, bundled_facts, load_facts, target_report  # noqa: E402
 from mechq.models import load_model  # noqa: E402

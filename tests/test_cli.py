@@ -156,3 +156,26 @@ def test_analysis_commands_refuse_empty_subsets(tmp_path):
     with pytest.raises(SystemExit, match="no facts in subset 'failure'"):
         cli.main(["sensitivity", "--model", "tiny-gpt2", "--variants", "rtn-w4g128",
                   "--max-facts", "8", "--subset", "failure", "--out", str(tmp_path)])
+
+
+def test_import_is_quiet():
+    """Importing mechq prints no third-party import-time noise (torchao kernels for other CUDA
+    builds, torch's Enum-registration deprecation), and the filter drops only those lines."""
+    import logging
+    import subprocess
+    import sys
+
+    import mechq
+
+    err = subprocess.run([sys.executable, "-c", "import mechq"], capture_output=True,
+                         text=True, check=True).stderr
+    assert "Failed to load" not in err and "is an Enum subclass" not in err
+
+    def record(msg, *args):
+        return logging.LogRecord("x", logging.WARNING, "f", 1, msg, args, None)
+
+    assert not mechq._import_noise(record("Failed to load %s", "/x/torchao/_C_mxfp8.so"))
+    assert not mechq._import_noise(record("%s is an Enum subclass and is now natively "
+                                          "supported by torch.compile", "<enum 'K'>"))
+    assert mechq._import_noise(record("Failed to load %s", "/x/other/lib.so"))
+    assert mechq._import_noise(record("something else"))
