@@ -33,6 +33,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_foundation.py
+	$(BIN)/python benchmarks/bench_patching.py --extra-fact instrument-010
 
 clean:
 	rm -rf $(VENV)
