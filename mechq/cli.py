@@ -631,7 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _analysis_args(p)
     p.add_argument("--analyses", nargs="+", default=["domino", "components", "injection"],
-                   choices=["domino", "single", "components", "injection"])
+                   choices=["domino", "single", "components", "injection"],
+                   help="default: domino components injection (single adds one evaluation "
+                        "per layer and variant)")
     p.add_argument("--injection-high", nargs="+", default=["fp"],
                    help="precisions of the first k layers: fp and/or variant names")
     p.add_argument("--injection-low", default=None,
