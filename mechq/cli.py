@@ -495,9 +495,9 @@ def cmd_sensitivity(args) -> int:
                         worst.set_index(["variant", "layer"])[["accuracy", "n"]]))
     if "components" in args.analyses:
         comp = pd.concat([sens.component_sensitivity(model, chosen, v,
-                                                     batch_size=args.batch_size)
+                                                     batch_size=args.batch_size,
+                                                     out_path=out / "component_sensitivity.csv")
                           for v in variants], ignore_index=True)
-        comp.to_csv(out / "component_sensitivity.csv", index=False)
         acc = acc_by(comp, ["setting"])
         acc.to_csv(out / "component_accuracy.csv", index=False)
         table = acc.pivot_table(index="setting", columns=["variant", "subset"],
@@ -512,15 +512,14 @@ def cmd_sensitivity(args) -> int:
                                          or load_variants(model, [h], args)[0])
                  for h in args.injection_high]
         ks = args.injection_ks or sorted({0, L // 10, L // 5, L // 3, L // 2, 2 * L // 3, L})
-        parts, recalls = [], []
-        for h in highs:
-            part = sens.signal_injection(model, chosen, h, low, ks=ks, batch_size=args.batch_size)
-            recalls.append(part.attrs.pop("recall"))
+        parts = []
+        for h in highs:  # per-fact rows (scores, cosines) go to signal_injection_recall.csv
+            part = sens.signal_injection(model, chosen, h, low, ks=ks, batch_size=args.batch_size,
+                                         out_path=out / "signal_injection_recall.csv")
+            part.attrs.clear()
             parts.append(part)
         inj = pd.concat(parts, ignore_index=True)
         inj.to_csv(out / "signal_injection.csv", index=False)
-        pd.concat(recalls, ignore_index=True).to_csv(out / "signal_injection_recall.csv",
-                                                     index=False)
         rep.heading(f"Signal injection: first k layers at high precision, the rest {low.name} "
                     "(paper Fig. 12, 24)")
         for h, g in inj.groupby("high", sort=False):

@@ -22,9 +22,10 @@ position as :mod:`mechq.recall` does (``correct``, ``target_prob``, ``target_ran
   and ``hook_mlp_out`` at the last prompt position, averaged over facts (FP activations are
   computed once and cached at the last position only), plus accuracy and mean target prob per k.
 
-Long sweeps: :func:`first_domino` and :func:`single_layer_sweep` take ``out_path`` (CSV). After
-every step its rows are appended to the file and flushed; a re-run with the same path reads the
-file and skips the steps already there, so an interrupted sweep loses nothing it had finished.
+Long sweeps: every analysis takes ``out_path`` (CSV). After every step (a k, a layer, a
+setting) its per-fact rows are appended to the file and flushed; a re-run with the same path
+reads the file and skips the steps already complete there for the same facts and variant(s), so
+an interrupted sweep loses nothing it had finished. One file may hold several variants.
 """
 
 from __future__ import annotations
@@ -215,21 +216,27 @@ def component_sensitivity(
     *,
     settings: Sequence[str] | None = None,
     batch_size: int = 32,
+    out_path: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Quantize one component group in all layers (Table 5); one row per fact × setting.
 
     Settings: All, MLP, Attn, MLP gate+up, MLP down, Q+K, V, O (:data:`COMPONENT_SETTINGS`).
-    For GELU models without a gate, "MLP gate+up" quantizes ``up`` only.
+    For GELU models without a gate, "MLP gate+up" quantizes ``up`` only. With ``out_path`` each
+    setting's rows are appended to a CSV and finished settings are skipped.
     """
     settings = list(COMPONENT_SETTINGS) if settings is None else list(settings)
+    unknown = [x for x in settings if x not in COMPONENT_SETTINGS]
+    if unknown or not settings:
+        raise ValueError(f"Unknown settings {unknown}; choose from {list(COMPONENT_SETTINGS)}.")
     prep = _Prepared(model, facts, batch_size)
-    frames = []
-    for name in tqdm(settings, desc=f"components {variant.name}", unit="setting",
+    store = _Store(out_path, "setting", prep.info["fact_id"].tolist(), variant=variant.name)
+    todo = [x for x in settings if x not in store.done]
+    for name in tqdm(todo, desc=f"components {variant.name}", unit="setting",
                      disable=not progress):
         with swap(model, variant, components=COMPONENT_SETTINGS[name]):
-            frames.append(_tag(_evaluate(model, prep), variant=variant.name, setting=name))
-    return pd.concat(frames, ignore_index=True)
+            store.add(_tag(_evaluate(model, prep), variant=variant.name, setting=name))
+    return store.result(settings)
 
 
 @torch.no_grad()
@@ -268,6 +275,7 @@ def signal_injection(
     *,
     ks: Iterable[int],
     batch_size: int = 32,
+    out_path: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Layers ``0 … k−1`` at ``high`` (None = FP), ``k … L−1`` at ``low``; cosine to FP.
@@ -275,37 +283,46 @@ def signal_injection(
     One row per k × layer × stream (resid_post, attn_out, mlp_out): ``cos_mean`` and
     ``cos_median`` over facts of the cosine similarity to the FP activation at the last position,
     ``n``; and per k (repeated on its rows) ``accuracy`` and ``mean_target_prob``. The per-fact
-    scores of each k are in ``df.attrs["recall"]``.
+    scores and cosines of each k (columns ``cos_<stream>_<layer>``) are in
+    ``df.attrs["recall"]``; with ``out_path`` those per-fact rows are appended to a CSV per k and
+    finished ks are skipped.
     """
     L = model.cfg.n_layers
     ks = sorted(set(ks))
     if not ks or ks[0] < 0 or ks[-1] > L:
         raise ValueError(f"ks must lie in 0 … {L}, got {ks}.")
     prep = _Prepared(model, facts, batch_size)
-    fp_acts, _ = _last_acts(model, prep)
     hname = high.name if high is not None else "fp"
-    frames, recall = [], []
-    for k in tqdm(ks, desc=f"injection {hname}→{low.name}", unit="k", disable=not progress):
+    store = _Store(out_path, "k", prep.info["fact_id"].tolist(), high=hname, low=low.name)
+    todo = [k for k in ks if k not in store.done]
+    cos_cols = [f"cos_{stream}_{l}" for l in range(L) for stream in STREAMS]  # (L, S) order
+    fp_acts = _last_acts(model, prep)[0] if todo else None
+    for k in tqdm(todo, desc=f"injection {hname}→{low.name}", unit="k", disable=not progress):
         spec = {l: (high if l < k else low) for l in range(L)}
         with swap(model, spec) if any(v is not None for v in spec.values()) else nullcontext():
             acts, sc = _last_acts(model, prep)
         cos = torch.nn.functional.cosine_similarity(acts, fp_acts, dim=-1)  # (n, L, S)
-        acc = sc["correct"].mean().item()
-        mtp = sc["target_prob"].mean().item()
-        for j, stream in enumerate(STREAMS):
-            frames.append(pd.DataFrame({
-                "high": hname, "low": low.name, "k": k, "layer": range(L), "stream": stream,
-                "cos_mean": cos[:, :, j].mean(0).numpy(),
-                "cos_median": cos[:, :, j].median(0).values.numpy(),
-                "n": len(prep.prompts), "accuracy": acc, "mean_target_prob": mtp,
-            }))
         r = _tag(prep.info.copy(), high=hname, low=low.name, k=k)
         for c in SCORE_COLS:
             r[c] = sc[c].numpy()
         r["correct"] = r["correct"].astype(bool)
         r["target_rank"] = r["target_rank"].astype(int)
         r["top1_id"] = r["top1_id"].astype(int)
-        recall.append(r)
+        r = pd.concat([r, pd.DataFrame(cos.reshape(len(r), -1).numpy(), columns=cos_cols)],
+                      axis=1)
+        store.add(r)
+    recall = store.result(ks)
+    frames = []
+    for k, g in recall.groupby("k", sort=False):
+        cos = torch.tensor(g[cos_cols].to_numpy()).reshape(len(g), L, len(STREAMS))
+        for j, stream in enumerate(STREAMS):
+            frames.append(pd.DataFrame({
+                "high": hname, "low": low.name, "k": k, "layer": range(L), "stream": stream,
+                "cos_mean": cos[:, :, j].mean(0).numpy(),
+                "cos_median": cos[:, :, j].median(0).values.numpy(),
+                "n": len(g), "accuracy": g["correct"].mean(),
+                "mean_target_prob": g["target_prob"].mean(),
+            }))
     out = pd.concat(frames, ignore_index=True)
-    out.attrs["recall"] = pd.concat(recall, ignore_index=True)
+    out.attrs["recall"] = recall
     return out

@@ -144,11 +144,18 @@ def test_sensitivity_command(tmp_path, capsys):
     assert (full["cos_mean"] - 1).abs().max() < 1e-5
     assert (inj[inj.k == 0]["cos_mean"] < 0.999).any()
     _self_contained(tmp_path / "sensitivity.html")
-    # The layer sweeps resume from their CSVs: a second run appends nothing.
-    sizes = {p.name: p.stat().st_size for p in tmp_path.glob("*_rtn-*.csv")}
-    assert len(sizes) == 4
-    assert cli.main([*args[:-8], "--out", str(tmp_path)]) == 0  # --analyses domino single
-    assert {p.name: p.stat().st_size for p in tmp_path.glob("*_rtn-*.csv")} == sizes
+    # Every sweep resumes from its CSV: a second run appends nothing and says the same.
+    def sizes():
+        names = [p.name for p in tmp_path.glob("*_rtn-*.csv")]
+        names += ["component_sensitivity.csv", "signal_injection_recall.csv"]
+        return {n: (tmp_path / n).stat().st_size for n in names}
+
+    before = sizes()
+    assert len(before) == 6
+    assert cli.main(args) == 0
+    assert sizes() == before
+    again = pd.read_csv(tmp_path / "signal_injection.csv")
+    pd.testing.assert_frame_equal(again, inj, check_exact=False, atol=1e-6)
 
 
 def test_analysis_commands_refuse_empty_subsets(tmp_path):

@@ -205,3 +205,31 @@ def test_sweep_file_shared_by_variants_and_fact_sets(tiny, sub, tiny_w2, tmp_pat
         c[c.fact_id.isin(a.fact_id)].reset_index(drop=True)[a.columns], a, check_dtype=False)
     with pytest.raises(ValueError, match="csv"):
         sens.first_domino(tiny, sub, w4, out_path=tmp_path / "x.parquet", progress=False)
+
+
+def test_resumable_components_and_injection(tiny, sub, tiny_w2, tmp_path, monkeypatch):
+    L = tiny.cfg.n_layers
+    comp_path, inj_path = tmp_path / "comp.csv", tmp_path / "inj.csv"
+    comp = sens.component_sensitivity(tiny, sub, tiny_w2, out_path=comp_path, progress=False)
+    inj = sens.signal_injection(tiny, sub, None, tiny_w2, ks=[0, 2, L], out_path=inj_path,
+                                progress=False)
+    assert len(inj.attrs["recall"]) == 3 * len(sub)
+    assert {f"cos_resid_post_{L - 1}", "cos_mlp_out_0"} <= set(inj.attrs["recall"].columns)
+    for path in (comp_path, inj_path):  # as if interrupted after the first step
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join(lines[: 1 + len(sub)]) + "\n")
+    calls = []
+    real_eval, real_acts = sens._evaluate, sens._last_acts
+    monkeypatch.setattr(sens, "_evaluate", lambda m, p: calls.append("e") or real_eval(m, p))
+    monkeypatch.setattr(sens, "_last_acts", lambda m, p: calls.append("a") or real_acts(m, p))
+    comp2 = sens.component_sensitivity(tiny, sub, tiny_w2, out_path=comp_path, progress=False)
+    inj2 = sens.signal_injection(tiny, sub, None, tiny_w2, ks=[0, 2, L], out_path=inj_path,
+                                 progress=False)
+    # 7 component settings left; injection: the FP reference run and ks 2 and L
+    assert calls.count("e") == len(sens.COMPONENT_SETTINGS) - 1 and calls.count("a") == 3
+    pd.testing.assert_frame_equal(comp2[comp.columns], comp, check_dtype=False)
+    pd.testing.assert_frame_equal(inj2, inj, check_dtype=False, check_exact=False, atol=1e-6)
+    calls.clear()
+    sens.signal_injection(tiny, sub, None, tiny_w2, ks=[0, L], out_path=inj_path,
+                          progress=False)
+    assert calls == []  # everything on disk: not even the FP reference run
