@@ -98,7 +98,7 @@ class _Store:
     """
 
     def __init__(self, out_path: str | os.PathLike | None, key: str, fact_ids: Sequence[str],
-                 **tags):
+                 required: Sequence[str] = (), **tags):
         self.path = Path(out_path) if out_path is not None else None
         if self.path is not None and self.path.suffix.lower() != ".csv":
             raise ValueError(f"out_path must be a .csv file, got {self.path}.")
@@ -109,6 +109,10 @@ class _Store:
         if self.path is not None and self.path.exists() and self.path.stat().st_size > 0:
             old = pd.read_csv(self.path, dtype={"fact_id": str, "relation": str,
                                                 "target_kind": str, "components": str})
+            missing = sorted(set([key, "fact_id", "correct", *tags, *required]) - set(old))
+            if missing:
+                raise ValueError(f"{self.path} was not written by this analysis (no columns "
+                                 f"{missing[:4]}); give another out_path.")
             old["correct"] = old["correct"].astype(bool)
             for col, val in tags.items():
                 old = old[old[col].astype(str) == str(val)]
@@ -293,9 +297,10 @@ def signal_injection(
         raise ValueError(f"ks must lie in 0 … {L}, got {ks}.")
     prep = _Prepared(model, facts, batch_size)
     hname = high.name if high is not None else "fp"
-    store = _Store(out_path, "k", prep.info["fact_id"].tolist(), high=hname, low=low.name)
-    todo = [k for k in ks if k not in store.done]
     cos_cols = [f"cos_{stream}_{l}" for l in range(L) for stream in STREAMS]  # (L, S) order
+    store = _Store(out_path, "k", prep.info["fact_id"].tolist(), required=cos_cols, high=hname,
+                   low=low.name)
+    todo = [k for k in ks if k not in store.done]
     fp_acts = _last_acts(model, prep)[0] if todo else None
     for k in tqdm(todo, desc=f"injection {hname}→{low.name}", unit="k", disable=not progress):
         spec = {l: (high if l < k else low) for l in range(L)}

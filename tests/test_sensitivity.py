@@ -233,3 +233,6 @@ def test_resumable_components_and_injection(tiny, sub, tiny_w2, tmp_path, monkey
     sens.signal_injection(tiny, sub, None, tiny_w2, ks=[0, L], out_path=inj_path,
                           progress=False)
     assert calls == []  # everything on disk: not even the FP reference run
+    with pytest.raises(ValueError, match="not written by this analysis"):
+        sens.signal_injection(tiny, sub, None, tiny_w2, ks=[0], out_path=comp_path,
+                              progress=False)
