@@ -59,6 +59,18 @@ def _timed(fn):
     return r, time.perf_counter() - w, time.process_time() - c
 
 
+def _repeat(fn, n: int, cuda: bool, peaks: list):
+    """Run ``fn`` (returning result, wall, cpu) ``n`` times: the last result and the
+    (wall, cpu) of each run; each run's peak GPU memory is appended to ``peaks``."""
+    out, runs = None, []
+    for _ in range(n):
+        with _Peak(cuda) as pk:
+            out, w, c = fn()
+        runs.append((w, c))
+        peaks.append(pk.mib)
+    return out, runs
+
+
 class _Peak:
     """Peak GPU memory (MiB) allocated while the body runs; None on CPU."""
 
@@ -111,18 +123,8 @@ def _measure(model, variant, toks, tid, fp_cache, args, threads: int | None,
         if cuda:  # untimed warm-up of both functions
             ours_once()
             tl_once()
-        runs = []
-        for _ in range(args.repeats):
-            with _Peak(cuda) as pk:
-                ours, w, c = ours_once()
-            runs.append((w, c))
-            peak_ours.append(pk.mib)
-        tl_runs = []
-        for _ in range(args.tl_repeats):
-            with _Peak(cuda) as pk:
-                ref, w, c = tl_once()
-            tl_runs.append((w, c))
-            peak_tl.append(pk.mib)
+        ours, runs = _repeat(ours_once, args.repeats, cuda, peak_ours)
+        ref, tl_runs = _repeat(tl_once, args.tl_repeats, cuda, peak_tl)
         tl_w = statistics.median(r[0] for r in tl_runs)
         tl_c = statistics.median(r[1] for r in tl_runs)
         # The engine with its shortcuts switched off (same results), for the record.
