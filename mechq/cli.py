@@ -388,6 +388,8 @@ def _by_third(df, value: str, L: int, lowest: bool = False):
 
 def cmd_patch(args) -> int:
     """Activation patching FP -> variant (sufficiency) and zero ablation (necessity), §3.4."""
+    import pandas as pd
+
     from mechq import plots
     from mechq.patching import patch_heatmap_frame, patch_sweep
     from mechq.report import Report
@@ -404,8 +406,6 @@ def cmd_patch(args) -> int:
                 frames.append(patch_sweep(
                     model, chosen, v, activation=activation, mode=mode, layers=args.layers,
                     positions=args.positions, memory_mb=args.memory_mb, out_path=csv))
-    import pandas as pd
-
     df = pd.concat(frames, ignore_index=True)
     df["subset"] = df["fact_id"].map(label)
     heat = patch_heatmap_frame(df)
