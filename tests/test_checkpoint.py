@@ -166,6 +166,8 @@ def assert_matches_gptqmodel(path: Path, zero_offset: int) -> None:
         assert p.zero_offset == zero_offset
         ours = p.dequantize()
         assert ours.dtype == ref.dtype == torch.float16, name
+        # Exact on any CPU: both sides compute scale * (code - zero) elementwise on the same
+        # checkpoint, and a correctly rounded fp16 product has one answer (no reductions).
         assert torch.equal(ours, ref), f"{path.name} {name}: max |diff| {(ours - ref).abs().max()}"
         # Our packer writes GPTQModel's layout, v1 zero-point borrows included, bit for bit.
         again = PackedLinear.from_codes(p.codes(), p.zeros(), p.scales, p.g_idx, p.bits,
@@ -390,7 +392,7 @@ def test_from_codes_round_trip(bits, zero_offset):
     assert torch.equal(p.codes(), codes.to(torch.int32))
     assert torch.equal(p.zeros(), zeros.to(torch.int32))
     expected = scales.half()[g_idx.long()] * (codes - zeros[g_idx.long()])
-    assert torch.equal(p.dequantize(), expected)
+    assert torch.equal(p.dequantize(), expected)  # the same elementwise fp16 product: exact
     assert torch.equal(p.weight(torch.float64), expected.T.double())
     assert p.nbytes == sum(t.numel() * t.element_size()
                            for t in (p.qweight, p.qzeros, p.scales, p.g_idx, bias))

@@ -149,6 +149,7 @@ def test_robustness_summary_thresholds():
         ("w4", "b", "R1", [0, 0, 0]),
     ])
     s = PR.robustness_summary(df).set_index("variant")
+    # shares of a few booleans, in float64: pytest.approx's default rel=1e-6 is ample
     assert s.loc["fp", "n_facts"] == 5 and s.loc["fp", "n_paraphrases"] == 16
     assert s.loc["fp", "any_correct"] == pytest.approx(4 / 5)
     assert s.loc["fp", "majority_correct"] == pytest.approx(2 / 5)
@@ -178,7 +179,7 @@ def test_subsets_on_hand_made_recall_frame():
     sizes = R.subset_sizes(df).set_index("relation")
     assert sizes.loc["all", ["n_facts", "fp_correct", "robust", "failure"]].tolist() == [6, 4, 2, 2]
     assert sizes.loc["R1", ["n_facts", "fp_correct", "robust", "failure"]].tolist() == [3, 2, 1, 1]
-    assert sizes.loc["R2", "failure_rate"] == pytest.approx(0.5)
+    assert sizes.loc["R2", "failure_rate"] == pytest.approx(0.5)  # float64 ratio of counts
     with pytest.raises(ValueError, match="reference"):
         R.subsets(df.replace({"variant": {"gptq-w4g128": "x", "gptq-w2g128": "y"}}))
     with pytest.raises(ValueError, match="not in the frame"):
@@ -205,10 +206,15 @@ def test_evaluate_paraphrases_on_smollm2(smol):
     # The primary paraphrase is exactly the recall prompt: same scores as evaluate_recall.
     rec = evaluate_recall(smol, pr.facts, progress=False).set_index("fact_id")
     prim = df[(df.variant == "fp") & df.is_primary].set_index("fact_id")
+    # FP ranks compared exactly: the nearest other logit is >= 2.4e-2 from the target on these
+    # prompts, vs ~4e-5 logit noise across CPUs.
     assert (prim.loc[rec.index, "target_rank"] == rec["target_rank"]).all()
+    # float32, the primary prompts run in other batches (padded among paraphrases): measured
+    # rel 1.7e-6; logit noise up to ~4e-5 moves a prob by rel <= 8e-5, which the old rel=1e-4
+    # barely covered. 1e-3 does, and a wrong prompt or target is off by far more.
     assert prim.loc[rec.index, "target_prob"].to_numpy() == pytest.approx(
-        rec["target_prob"].to_numpy(), rel=1e-4, abs=1e-7)
-    # 2-bit RTN changes the model's answers.
+        rec["target_prob"].to_numpy(), rel=1e-3, abs=1e-7)
+    # 2-bit RTN changes the model's answers (probs move by up to 0.34 here).
     fp, q = (df[df.variant == v].set_index(["fact_id", "pattern_index"]) for v in ("fp", w2.name))
     assert (fp["target_prob"] != q.loc[fp.index, "target_prob"]).any()
     s = PR.robustness_summary(df, by=["variant", "relation"])

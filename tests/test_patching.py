@@ -10,6 +10,10 @@ import mechq.positions
 from mechq import patching
 from mechq.facts import target_token
 
+# Patched target probabilities (<= 1, float32) from the batched engine vs one forward per site:
+# KV reuse, replica batches and kernel layouts reorder the sums. Measured |diff| <= 5e-7 on both
+# models; SmolLM2's probs move ~3e-6 between thread counts/ISAs: 1e-4 leaves 30x room and is
+# far below a wrong site or position (differences of 1e-2 and up).
 TOL = 1e-4
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +57,10 @@ def test_matches_transformer_lens_tiny(tiny, tiny_w2, tiny_facts, tl_fn, activat
                                               activation=activation)
         assert ref.shape == ours.shape == (tiny.cfg.n_layers, toks.shape[1])
         assert (ref - ours).abs().max() < TOL, fact.prompt
-        assert ref.std() > 1e-3  # the variant really differs: the test is not vacuous
+        # the variant really differs: the test is not vacuous. The smallest std over facts and
+        # activations is 1.3e-3 (RTN weights are the same on every CPU, float noise ~1e-7);
+        # was 1e-3, 5e-4 keeps that margin wide and still demands 5x TOL of variation.
+        assert ref.std() > 5e-4
         # The fact-level API (it swaps the variant itself) gives the same grid.
         got = patching.patch_sites(tiny, toks, tid, tiny_w2, activation=activation)
         assert (got["target_prob"] - ref).abs().max() < TOL
@@ -64,7 +71,7 @@ def test_shortcuts_do_not_change_results(tiny, tiny_w2, tiny_facts):
     toks, tid = _tokens_target(tiny, fact)
     grids = [patching.patch_sites(tiny, toks, tid, tiny_w2, kv_reuse=kv, skip_identical=sk)
              ["target_prob"] for kv in (True, False) for sk in (True, False)]
-    for g in grids[1:]:
+    for g in grids[1:]:  # float32 reorderings only: measured <= 3.6e-7 (also below), 28x room
         assert (g - grids[0]).abs().max() < 1e-5
     _, fp_cache = tiny.run_with_cache(toks)
     with mechq.swap(tiny, tiny_w2):
@@ -88,8 +95,9 @@ def test_matches_transformer_lens_smollm2(smol):
                                            tlp.layer_pos_patch_setter, "resid_pre",
                                            index_df=idx)
         ours = patching.batched_act_patch(smol, toks, fp_cache, target_id=tid, layers=layers)
-    assert (ref.reshape(ours.shape) - ours).abs().max() < TOL
-    assert ref.max() - ref.min() > 0.05  # patching the last position late restores the answer
+    assert (ref.reshape(ours.shape) - ours).abs().max() < TOL  # measured 4.8e-7
+    # patching the last position late restores the answer: range 0.58 measured (1e-4 .. 0.58)
+    assert ref.max() - ref.min() > 0.05
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,8 +122,9 @@ def test_zero_ablation_matches_manual_hook(tiny, tiny_w2, tiny_facts, activation
             logits = tiny.run_with_hooks(toks, fwd_hooks=[(f"blocks.{layer}.hook_{activation}",
                                                            zero)])
             want = logits[0, -1].softmax(-1)[tid]
-            assert abs(got["target_prob"][layer, pos] - want) < TOL
-    assert got["target_prob"].min() < got["baseline_prob"] - 0.05  # ablation does something
+            assert abs(got["target_prob"][layer, pos] - want) < TOL  # measured <= 1.2e-7
+    # ablation does something: the smallest patched prob is >= 0.93 below the baseline here
+    assert got["target_prob"].min() < got["baseline_prob"] - 0.05
 
 
 def test_sanity_identities(tiny, tiny_w2, tiny_facts):
@@ -123,19 +132,27 @@ def test_sanity_identities(tiny, tiny_w2, tiny_facts):
         toks, tid = _tokens_target(tiny, fact)
         n, L = toks.shape[1], tiny.cfg.n_layers
         pre = patching.patch_sites(tiny, toks, tid, tiny_w2, skip_identical=False)
+        # w2 moves the answer's prob by >= 7.2e-3 on these facts (float noise ~1e-7)
         assert pre["baseline_prob"] != pytest.approx(pre["fp_prob"], abs=1e-3)
-        # Embeddings are not quantized: FP resid_pre at layer 0 is the variant's own.
+        # Embeddings are not quantized: FP resid_pre at layer 0 is the variant's own. The replicas
+        # still run (skip_identical=False) on other shapes, with KV reuse: float32 reordering,
+        # measured <= 3e-7. Was atol=1e-6 plus the default rtol 1e-5·p; now 1e-5 outright.
         assert torch.allclose(pre["target_prob"][0], torch.full((n,), pre["baseline_prob"]),
-                              atol=1e-6)
-        # FP's final residual at the last position fixes the output: FP's probability exactly.
+                              atol=1e-5, rtol=0)
+        # FP's final residual at the last position fixes the output: FP's probability exactly
+        # (the vector is copied in and decoded by the same kernel: measured equal; 1e-6 is slack).
         post = patching.patch_sites(tiny, toks, tid, tiny_w2, activation="resid_post",
                                     layers=[L - 1], positions=[n - 1], skip_identical=False)
         assert post["target_prob"][0, 0] == pytest.approx(pre["fp_prob"], abs=1e-6)
-        # FP into FP changes nothing, at any site.
+        # FP into FP changes nothing, at any site. The patched replicas are other float32
+        # computations (KV reuse, other shapes) of the same numbers: 0 here, but reorderings of
+        # this kind measure 3e-7 above, so 1e-6 was too close; 1e-5 (a real change is > 1e-3).
         same = patching.patch_sites(tiny, toks, tid, None, skip_identical=False)
-        assert (same["target_prob"] - same["baseline_prob"]).abs().max() < 1e-6
+        assert (same["target_prob"] - same["baseline_prob"]).abs().max() < 1e-5
+        # the same unpatched FP forward (kernel_layout is bit-identical): measured equal
         assert same["baseline_prob"] == pytest.approx(pre["fp_prob"], abs=1e-7)
-        # The reverse direction: the variant's final residual gives the variant's probability.
+        # The reverse direction: the variant's final residual gives the variant's probability
+        # (copied and decoded as above: measured equal).
         rev = patching.patch_sites(tiny, toks, tid, tiny_w2, mode="variant_to_fp",
                                    activation="resid_post", layers=[L - 1], positions=[n - 1])
         assert rev["target_prob"][0, 0] == pytest.approx(pre["baseline_prob"], abs=1e-6)
@@ -148,6 +165,7 @@ def test_kernel_layout_is_bit_identical_and_restores(tiny, smol):
         ref = model(toks)
         with patching.kernel_layout(model, range(model.cfg.n_layers)):
             got = model(toks)
+        # exact by construction: the same operands reach the same GEMM in the same layout
         assert torch.equal(ref, got)
         assert all((p.data_ptr(), p.stride()) == before[n] for n, p in model.named_parameters())
 
@@ -177,8 +195,10 @@ def test_patch_sweep_frame_and_heatmap(tiny, tiny_w2, tiny_facts):
         assert set(g["position_label"]) <= set(patching.SEMANTIC)
         toks, tid = _tokens_target(tiny, fact)
         grid = patching.patch_sites(tiny, toks, tid, tiny_w2)["target_prob"]
-        for r in g.itertuples():
+        for r in g.itertuples():  # float32 reordering (other chunks): measured 2.4e-7
             assert abs(r.target_prob - grid[r.layer, r.position]) < 1e-5
+    # float64 differences of the same numbers: exact (measured 0); 1e-7 would even absorb the
+    # float32 repr rounding (<= 3e-8) of rows read back from a CSV
     assert (df["delta_prob"] - (df["target_prob"] - df["baseline_prob"])).abs().max() < 1e-7
     assert df["variant"].eq(tiny_w2.name).all()
 
@@ -187,9 +207,11 @@ def test_patch_sweep_frame_and_heatmap(tiny, tiny_w2, tiny_facts):
     assert len(hm) == L * hm["position_label"].nunique()
     last = hm[(hm["position_label"] == "last") & (hm["layer"] == L - 1)].iloc[0]
     assert last["n_facts"] == len(tiny_facts)
-    # FP resid_pre of the last layer at the last token: most of the gap is closed
+    # FP resid_pre of the last layer at the last token: most of the gap is closed (0.96)
     assert last["restored"] > 0.5
-    assert hm[hm["layer"] == 0]["restored"].abs().max() < 1e-4  # embeddings are shared
+    # embeddings are shared: layer 0 sites reuse the baseline run, exactly 0 (measured); 1e-4
+    # covers float64 means divided by the FP-baseline gap (>= 7e-3)
+    assert hm[hm["layer"] == 0]["restored"].abs().max() < 1e-4
 
     from mechq.plots import patching_heatmap
 
@@ -220,6 +242,9 @@ def test_patch_sweep_resumes_from_disk(tiny, tiny_w2, tiny_facts, tmp_path, monk
     again = patching.patch_sweep(tiny, tiny_facts, tiny_w2, mode="zero", out_path=out,
                                  progress=False)
     assert len(calls) == 1  # only the cut-off prompt was recomputed
+    # The recomputed prompt repeats the same ops (exact); rows read back from the CSV hold the
+    # float32 probs' shortest repr, off by <= 2**-25 = 3e-8 once parsed as float64 (measured
+    # 2.7e-8): atol 1e-6 (+ default rtol 1e-5) covers that.
     pd.testing.assert_frame_equal(again, full, check_exact=False, atol=1e-6)
     calls.clear()
     patching.patch_sweep(tiny, tiny_facts, tiny_w2, mode="zero", out_path=out, progress=False)

@@ -34,6 +34,10 @@ def ref(tiny, sub, tiny_w2):
 
 
 def _same(df, ref_rows):
+    """Rows of a sweep step against a plain evaluate_recall with the same weights. Both run the
+    same batches (one batch of all facts) through the same kernels, and swaps are bit-exact, so
+    the numbers are bit-equal on any CPU (measured 0 everywhere): exact correct/rank are safe
+    and the 1e-5 on probabilities is only slack."""
     df = df.set_index("fact_id").loc[ref_rows.index]
     assert (df["correct"] == ref_rows["correct"]).all()
     assert np.abs(df["target_prob"] - ref_rows["target_prob"]).max() < 1e-5
@@ -87,7 +91,7 @@ def test_single_layer_sweep(tiny, sub, tiny_w2, ref):
         with swap(tiny, tiny_w2, layers=l):
             r = evaluate_recall(tiny, sub, progress=False).set_index("fact_id")
         _same(df[df.layer == l], r)
-    # some single layer differs from FP (else the test says nothing)
+    # some single layer differs from FP (else the test says nothing): measured 0.16 (layer 0)
     fp = ref["fp"]["target_prob"]
     diffs = [np.abs(g.set_index("fact_id")["target_prob"].loc[fp.index] - fp).max()
              for _, g in df.groupby("layer")]
@@ -123,14 +127,19 @@ def test_signal_injection(tiny, sub, tiny_w2, ref):
     assert_params_equal(tiny, snap)
     assert len(df) == 3 * L * 3
     full = df[df.k == L]
+    # k = L is FP: its activations are bit-equal to the reference run's, so only cos(x, x)'s own
+    # float32 rounding remains (measured exactly 1; <= d·eps = 1.5e-5 in the worst case, which
+    # the default rtol 1e-5 adds to atol 1e-5)
     assert np.allclose(full["cos_mean"], 1, atol=1e-5)
     rec = df.attrs["recall"]
     _same(rec[rec.k == L], ref["fp"])
     _same(rec[rec.k == 0], ref[tiny_w2.name])
     low = df[df.k == 0]
-    assert low["cos_mean"].min() < 0.999
+    assert low["cos_mean"].min() < 0.999  # all layers at 2 bits: measured 0.886
+    # same forward as the reference (bit-equal), a float64 mean of the same booleans
     assert low["accuracy"].iloc[0] == pytest.approx(ref[tiny_w2.name]["correct"].mean())
-    # k = 2: FP layers 0, 1 are exact, later layers are not
+    # k = 2: FP layers 0, 1 are exact (bit-equal activations: cosine 1 up to its own rounding,
+    # as above), later layers are not (measured min 0.952)
     mid = df[df.k == 2]
     assert np.allclose(mid[mid.layer < 2]["cos_mean"], 1, atol=1e-5)
     assert mid[mid.layer >= 2]["cos_mean"].min() < 0.999
@@ -147,6 +156,8 @@ def test_resumable_first_domino(tiny, sub, tiny_w2, tmp_path, monkeypatch):
     monkeypatch.setattr(sens, "_evaluate", lambda m, p: calls.append(1) or real(m, p))
     again = sens.first_domino(tiny, sub, tiny_w2, out_path=path, progress=False)
     assert len(calls) == tiny.cfg.n_layers - 1
+    # rows read back from CSV (repr of float64: exact) or recomputed by the same ops: measured
+    # equal; assert_frame_equal's default rtol=1e-5 is only slack
     pd.testing.assert_frame_equal(again[full.columns], full, check_dtype=False)
     calls.clear()
     third = sens.first_domino(tiny, sub, tiny_w2, out_path=path, progress=False)
@@ -159,6 +170,7 @@ def test_resumable_single_layer(tiny, sub, tiny_w2, tmp_path):
     a = sens.single_layer_sweep(tiny, sub, tiny_w2, layers=[0, 1], out_path=path, progress=False)
     b = sens.single_layer_sweep(tiny, sub, tiny_w2, out_path=path, progress=False)
     c = sens.single_layer_sweep(tiny, sub, tiny_w2, progress=False)
+    # CSV round trip of float64 and the same ops again: exact (default rtol 1e-5 is slack)
     pd.testing.assert_frame_equal(b[c.columns], c, check_dtype=False)
     pd.testing.assert_frame_equal(b[b.layer <= 1].reset_index(drop=True)[a.columns], a,
                                   check_dtype=False)
@@ -173,6 +185,8 @@ def test_smol_first_domino_and_injection(smol, smol_w2, facts):
     _same(df[df.k == -1], rec[rec.variant == "fp"].set_index("fact_id"))
     _same(df[df.k == L - 1], rec[rec.variant == v.name].set_index("fact_id"))
     inj = sens.signal_injection(smol, sub, None, v, ks=[L], progress=False)
+    # k = L is FP, bit-equal to the reference run: cos(x, x) in float32 over d = 576 is 1 within
+    # d·eps = 7e-5 at worst (measured 1.2e-7)
     assert np.allclose(inj["cos_mean"], 1, atol=1e-4)
 
 
@@ -185,6 +199,7 @@ def test_plots(tiny, sub, tiny_w2):
     inj = sens.signal_injection(tiny, sub, None, tiny_w2, ks=[0, 4], progress=False)
     fig = plots.injection_curves(inj)
     assert len(fig.data) == 2 * 3
+    # the last trace is k = 4 = L (FP): cos(x, x), 1 up to float32 rounding (measured exact)
     assert np.allclose(fig.data[-1].y, 1, atol=1e-5)
 
 
@@ -196,6 +211,7 @@ def test_sweep_file_shared_by_variants_and_fact_sets(tiny, sub, tiny_w2, tmp_pat
     b = sens.first_domino(tiny, sub, w4, ks=[0, 1], out_path=path, progress=False)
     assert set(b["variant"]) == {w4.name} and len(b) == 2 * len(sub)
     fresh = sens.first_domino(tiny, sub, w4, ks=[0, 1], progress=False)
+    # same ops, same batches: exact; the default rtol is slack (also below)
     pd.testing.assert_frame_equal(b[fresh.columns], fresh, check_dtype=False)
     more = sub.facts + [f for f in mechq.bundled_facts() if f.id not in {g.id for g in sub}][:4]
     c = sens.first_domino(tiny, mechq.FactSet(more), tiny_w2, ks=[0, 1], out_path=path,
@@ -227,7 +243,10 @@ def test_resumable_components_and_injection(tiny, sub, tiny_w2, tmp_path, monkey
                                  progress=False)
     # 7 component settings left; injection: the FP reference run and ks 2 and L
     assert calls.count("e") == len(sens.COMPONENT_SETTINGS) - 1 and calls.count("a") == 3
-    pd.testing.assert_frame_equal(comp2[comp.columns], comp, check_dtype=False)
+    pd.testing.assert_frame_equal(comp2[comp.columns], comp, check_dtype=False)  # exact, as above
+    # cos_mean: the fresh run averages float32 cosines, the resumed one float64 ones read from
+    # the CSV; float32 summation of <= 24 terms <= 1 is off by <= 23·6e-8 = 1.4e-6 at worst
+    # (measured 8.7e-8), inside atol 1e-6 + rtol 1e-5·|cos|.
     pd.testing.assert_frame_equal(inj2, inj, check_dtype=False, check_exact=False, atol=1e-6)
     calls.clear()
     sens.signal_injection(tiny, sub, None, tiny_w2, ks=[0, L], out_path=inj_path,
