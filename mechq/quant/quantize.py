@@ -1,44 +1,77 @@
 """Making and loading quantized variants, with an on-disk cache.
 
-``quantize(model, ...)`` returns a :class:`~mechq.quant.variants.Variant`. Every variant is
-stored as a GPTQ-layout checkpoint directory under ``<cache>/variants/<key>``, where ``key`` hashes
-(model, method, bits, group size, sym, desc_act, calibration, mechq's format version) — the
-calibration enters as its recipe for the default sampled text and as a hash of the token ids for
-user texts;
-asking again for the same variant reads that directory instead of quantizing. GPTQ checkpoints
-are GPTQModel's own output; RTN variants are written by mechq in the same layout. Both are read
-back by :func:`load_quantized`, i.e. by mechq's dequantizer.
+``quantize(model, ...)`` returns a :class:`~mechq.quant.variants.Variant`; ``quantize_many``
+makes several, running the GPTQ ones in parallel child processes. Every variant is stored as a
+GPTQ-layout checkpoint directory under ``<cache>/variants/<key>``, where ``key`` hashes (model,
+its config, method, bits, group size, sym, desc_act, the calibration's token digest, mechq's
+format version); asking again for the same variant reads that directory instead of quantizing.
+GPTQ checkpoints are GPTQModel's own output (its log goes to ``<cache>/logs/``); RTN
+variants are written by mechq in the same layout. Both are read back by :func:`load_quantized`,
+i.e. by mechq's dequantizer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformer_lens import HookedTransformer
 
 from mechq import models
-from mechq.calibration import get_calibration, is_sampled, sampled_spec
+from mechq.calibration import N_SAMPLES, SEQ_LEN, Calibration, get_calibration
 from mechq.quant import layout
 from mechq.quant.checkpoint import check_architecture, load_gptq_checkpoint, save_gptq_checkpoint
-from mechq.quant.gptq import run_gptq
+from mechq.quant.gptq import make_job, run_gptq_jobs
 from mechq.quant.rtn import SUPPORTED_BITS, rtn_quantize_weight
 from mechq.quant.variants import Variant
 
 METHODS = ("gptq", "rtn")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by the calibration digest; GPTQ in float32 in a one-thread child
 META_FILE = "mechq_variant.json"
 
 
 def variant_name(method: str, bits: int, group_size: int, sym: bool = True,
-                 desc_act: bool = False) -> str:
-    """``gptq-w4g128``, with ``-asym`` / ``-act`` suffixes for non-default choices."""
+                 desc_act: bool = False, seed: int = 0) -> str:
+    """``gptq-w4g128``, with ``-asym`` / ``-act`` suffixes for non-default choices and ``-s1``
+    for calibration seed 1 (seed 0 is the default and has no suffix)."""
     g = "" if group_size in (-1, 0) else f"g{group_size}"
-    return f"{method}-w{bits}{g}" + ("" if sym else "-asym") + ("-act" if desc_act else "")
+    return (f"{method}-w{bits}{g}" + ("" if sym else "-asym") + ("-act" if desc_act else "")
+            + (f"-s{seed}" if seed else ""))
+
+
+@dataclass
+class Request:
+    """One variant to make: what :func:`quantize` takes, as data."""
+
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    calibration: str | Path | list[str] | None = None
+    seed: int = 0
+    n_samples: int = N_SAMPLES
+    seq_len: int = SEQ_LEN
+    name: str | None = None
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}; choose one of {METHODS}.")
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}.")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(
+                f"group_size must be positive or -1 (per-channel), got {self.group_size}.")
+        if self.method == "rtn" and self.desc_act:
+            raise ValueError(
+                "desc_act (activation order) needs calibration: it applies to GPTQ only.")
 
 
 def quantize(
@@ -48,87 +81,136 @@ def quantize(
     group_size: int = 128,
     sym: bool = True,
     desc_act: bool = False,
-    calibration: str | list[str] | None = None,
+    calibration: str | Path | list[str] | None = None,
     seed: int = 0,
     *,
-    n_samples: int = 16,
-    seq_len: int = 64,
+    n_samples: int = N_SAMPLES,
+    seq_len: int = SEQ_LEN,
     cache: bool = True,
     name: str | None = None,
 ) -> Variant:
     """Quantize ``model``'s linear layers and return the variant (not swapped in).
 
     ``method="gptq"`` runs GPTQModel on the model's Hugging Face weights with ``calibration``
-    (default: ``n_samples`` × ``seq_len`` tokens sampled from the FP model, see
-    :mod:`mechq.calibration`); ``method="rtn"`` is mechq's group-wise round-to-nearest, which
-    needs no calibration. ``group_size=-1`` means one group per row (per-channel).
+    (default: ``n_samples`` windows of ``seq_len`` tokens of mechq's bundled calibration text,
+    chosen by ``seed``; see :mod:`mechq.calibration`); ``method="rtn"`` is mechq's group-wise
+    round-to-nearest, which needs no calibration. ``group_size=-1`` means one group per row
+    (per-channel).
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}.")
-    if group_size not in (-1,) and group_size <= 0:
-        raise ValueError(f"group_size must be positive or -1 (per-channel), got {group_size}.")
-    if method == "rtn" and desc_act:
-        raise ValueError("desc_act (activation order) needs calibration: it applies to GPTQ only.")
-    src = models.source_of(model)
-    calib, calib_id = None, None
-    if method == "gptq":
-        if is_sampled(calibration):  # drawn only on a cache miss
-            calib_id = sampled_spec(n_samples, seq_len, seed)
-        else:
-            calib = get_calibration(model, calibration, n_samples=n_samples, seq_len=seq_len,
-                                    seed=seed)
-            calib_id = calib.digest
-    key_fields = dict(
-        model=src.name,
-        config=hashlib.sha256((src.hf_dir / "config.json").read_bytes()).hexdigest()[:16],
-        method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
-        calibration=calib_id, seed=seed if calib_id else None,
-        format=CACHE_FORMAT,
-    )
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
-    out = models.cache_dir() / "variants" / key
-    vname = name or variant_name(method, bits, group_size, sym, desc_act)
-    if cache and (out / META_FILE).exists():
-        return load_quantized(out, model=model, name=vname)
+    req = Request(method, bits, group_size, sym, desc_act, calibration, seed, n_samples, seq_len,
+                  name)
+    return quantize_many(model, [req], cache=cache, progress=False)[0]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{key}.tmp"))
-    t0 = time.perf_counter()
+
+def quantize_many(
+    model: HookedTransformer,
+    requests: Sequence[Request],
+    *,
+    cache: bool = True,
+    parallel: int | None = None,
+    progress: bool = True,
+    on_start: Callable[[int, str], None] | None = None,
+    verbose: bool = False,
+) -> list[Variant]:
+    """Make (or read from the cache) several variants; GPTQ runs go ``parallel`` at a time.
+
+    ``parallel`` defaults to ``$MECHQ_GPTQ_JOBS`` or, on CPU, the number of cores (each GPTQ
+    child uses one thread, see :mod:`mechq.quant.gptq`); on a GPU to 1. ``on_start(n, log_dir)``
+    is called before the first GPTQ run with the number of runs and the folder of their logs.
+    GPTQModel's output goes to one log file per run there; ``verbose`` also echoes it to stderr.
+    """
+    from tqdm.auto import tqdm
+
+    for r in requests:
+        r.check()
+    src = models.source_of(model)
+    device = str(model.cfg.device).split(":")[0]
+    config_hash = hashlib.sha256((src.hf_dir / "config.json").read_bytes()).hexdigest()[:16]
+    root = models.cache_dir() / "variants"
+    root.mkdir(parents=True, exist_ok=True)
+
+    plans = []  # (request, calibration, key fields, output dir, name)
+    for r in requests:
+        calib = (get_calibration(model, r.calibration, n_samples=r.n_samples,
+                                 seq_len=r.seq_len, seed=r.seed) if r.method == "gptq" else None)
+        fields = dict(model=src.name, config=config_hash, method=r.method, bits=r.bits,
+                      group_size=r.group_size, sym=r.sym, desc_act=r.desc_act,
+                      calibration=calib.digest if calib else None, format=CACHE_FORMAT)
+        key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+        name = r.name or variant_name(r.method, r.bits, r.group_size, r.sym, r.desc_act,
+                                      r.seed if r.method == "gptq" else 0)
+        plans.append((r, calib, fields, root / key, name))
+
+    todo = [p for p in plans if not (cache and (p[3] / META_FILE).exists())]
+    todo = list({str(p[3]): p for p in todo}.values())  # the same variant asked twice: make once
+    gptq = [p for p in todo if p[0].method == "gptq"]
+    if parallel is None:
+        parallel = int(os.environ.get("MECHQ_GPTQ_JOBS", 0)) or (
+            os.cpu_count() or 1 if device == "cpu" else 1)
+    bar = tqdm(total=len(todo), desc="quantize", unit="variant", disable=not progress or not todo)
+    logs = models.cache_dir() / "logs"
+    if gptq and on_start is not None:
+        on_start(len(gptq), str(logs))
+
+    tmps: dict[str, Path] = {}
     try:
-        if method == "gptq":
-            if calib is None:
-                calib = get_calibration(model, None, n_samples=n_samples, seq_len=seq_len,
-                                        seed=seed)
-            run_gptq(src.hf_dir, tmp, calib, bits=bits, group_size=group_size, sym=sym,
-                     desc_act=desc_act, seed=seed, device=str(model.cfg.device).split(":")[0])
-            (tmp / "calibration.json").write_text(json.dumps(
-                {"source": calib.source, "digest": calib.digest, "tokens": calib.tokens}))
-        else:
-            packed = {
-                m: rtn_quantize_weight(layout.module_weight(model, m), bits, group_size, sym)
-                for m in layout.modules(model.cfg)
-            }
-            save_gptq_checkpoint(
-                tmp,
-                packed,
-                dict(bits=bits, group_size=group_size, sym=sym, desc_act=False,
-                     quant_method="gptq", checkpoint_format="gptq_v2",
-                     meta={"quantizer": ["mechq-rtn"]}),
-            )
-        meta = dict(key_fields, name=vname, seconds=round(time.perf_counter() - t0, 2),
-                    calibration_source=calib.source if calib else None,
-                    calibration_tokens=calib.n_tokens if calib else 0,
-                    calibration_digest=calib.digest if calib else None)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        jobs = []
+        for r, calib, fields, out, name in gptq:
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{out.name}.tmp"))
+            tmps[str(out)] = tmp
+            jobs.append(make_job(src.hf_dir, tmp, calib, bits=r.bits, group_size=r.group_size,
+                                 sym=r.sym, desc_act=r.desc_act, device=device,
+                                 log=logs / f"{name}-{out.name}.log"))
+        finished = {}
+
+        def done(job, seconds):
+            finished[job.out_dir] = seconds
+            bar.update(1)
+
+        if jobs:
+            run_gptq_jobs(jobs, parallel=min(parallel, len(jobs)), on_done=done, verbose=verbose)
+        for r, calib, fields, out, name in todo:
+            t0 = time.perf_counter()
+            if r.method == "gptq":
+                tmp = tmps[str(out)]
+                (tmp / "calibration.json").write_text(json.dumps(
+                    {"source": calib.source, "digest": calib.digest, "tokens": calib.tokens}))
+                seconds = finished[str(tmp)]
+            else:
+                tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{out.name}.tmp"))
+                tmps[str(out)] = tmp
+                _write_rtn(model, tmp, r)
+                seconds = time.perf_counter() - t0
+                bar.update(1)
+            meta = dict(fields, name=name, seed=r.seed if calib else None,
+                        seconds=round(seconds, 2),
+                        calibration_source=calib.source if calib else None,
+                        calibration_tokens=calib.n_tokens if calib else 0,
+                        calibration_digest=calib.digest if calib else None)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return load_quantized(out, model=model, name=vname)
+        bar.close()
+        for tmp in tmps.values():
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return [load_quantized(out, model=model, name=name) for _, _, _, out, name in plans]
+
+
+def _write_rtn(model: HookedTransformer, out: Path, r: Request) -> None:
+    packed = {
+        m: rtn_quantize_weight(layout.module_weight(model, m), r.bits, r.group_size, r.sym)
+        for m in layout.modules(model.cfg)
+    }
+    save_gptq_checkpoint(
+        out,
+        packed,
+        dict(bits=r.bits, group_size=r.group_size, sym=r.sym, desc_act=False,
+             quant_method="gptq", checkpoint_format="gptq_v2",
+             meta={"quantizer": ["mechq-rtn"]}),
+    )
 
 
 def load_quantized(

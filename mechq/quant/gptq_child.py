@@ -1,0 +1,31 @@
+"""The GPTQModel child process (see :mod:`mechq.quant.gptq`): load, quantize, save.
+
+Run as a script (``python gptq_child.py JOB.json``) so that it imports only torch and GPTQModel,
+not mechq or TransformerLens. The job file holds :class:`mechq.quant.gptq.GPTQJob`'s fields.
+"""
+
+import json
+import sys
+
+
+def main(spec_path: str) -> None:
+    job = json.loads(open(spec_path).read())
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    torch.manual_seed(0)
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    cfg = dict(bits=job["bits"], group_size=job["group_size"], sym=job["sym"],
+               desc_act=job["desc_act"], offload_to_disk=False)
+    if job.get("dynamic"):
+        cfg["dynamic"] = job["dynamic"]
+    kw = {} if job["dtype"] == "auto" else {"dtype": getattr(torch, job["dtype"])}
+    model = GPTQModel.load(job["hf_dir"], QuantizeConfig(**cfg), device=job["device"], **kw)
+    rows = [{"input_ids": t, "attention_mask": [1] * len(t)} for t in job["tokens"]]
+    model.quantize(rows, batch_size=job["batch_size"])
+    model.save(job["out_dir"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
