@@ -7,14 +7,13 @@ it with the model's own final norm and unembedding, ``z_l = W_U · norm_final(x_
 reports ``prob = softmax(z_l)[t]`` and ``rank = 1 + #{v : z_l[v] > z_l[t]}``. At ``l = L`` this is
 exactly the model's output distribution.
 
-Only the last position of each prompt is kept (a hook gathers it during the forward pass), so
-memory does not grow with sequence length or with the full activation cache.
+Only the last position of each prompt is kept (:func:`mechq.forward.last_states`), so memory
+does not grow with sequence length or with the full activation cache.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import pandas as pd
 import torch
@@ -24,40 +23,30 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mechq.facts import FactSet
-from mechq.quant.variants import Variant, swap
-from mechq.recall import _variant_list, batches, tokenize_facts
+from mechq.forward import decode, lens_hook_name, last_states
+from mechq.quant.variants import Variant
+from mechq.recall import swapped, tokenize_facts, variant_runs
 
 
 def lens_hook_names(n_layers: int) -> list[str]:
     """Hook of lens layer ``l`` for ``l = 0 … n_layers``."""
-    return ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
+    return [lens_hook_name(l) for l in range(n_layers + 1)]
 
 
 @torch.no_grad()
-def last_position_resid(
-    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, " batch"]
-) -> Float[Tensor, "batch layer d_model"]:
-    """Residual stream at each prompt's last real position, for lens layers 0 … L."""
-    names = lens_hook_names(model.cfg.n_layers)
-    index = {n: i for i, n in enumerate(names)}
-    out = torch.empty(len(lengths), len(names), model.cfg.d_model, device=model.cfg.device,
-                      dtype=model.cfg.dtype)
-    rows = torch.arange(len(lengths), device=model.cfg.device)
-    last = (lengths - 1).to(model.cfg.device)
-
-    def grab(act, hook):
-        out[:, index[hook.name]] = act[rows, last]
-
-    model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=[(lambda n: n in index, grab)],
-                         return_type=None)
-    return out
-
-
-@torch.no_grad()
-def decode(model: HookedTransformer, resid: Float[Tensor, "batch layer d_model"]
-           ) -> Float[Tensor, "batch layer vocab"]:
-    """Final norm + unembedding of residual vectors (the lens read-out)."""
-    return model.unembed(model.ln_final(resid)).float()
+def lens_scores(model: HookedTransformer, resid: Float[Tensor, "n layer d_model"],
+                targets: Int[Tensor, " n"], chunk: int = 16) -> dict[str, Tensor]:
+    """Target prob, rank and top-1 id of the lens read-out of every (prompt, layer) state,
+    ``chunk`` prompts at a time (full-vocabulary logits are ``chunk × layers × vocab``)."""
+    out: dict[str, list[Tensor]] = {"target_prob": [], "target_rank": [], "top1_id": []}
+    for i in range(0, len(resid), chunk):
+        logits = decode(model, resid[i:i + chunk])
+        t = targets[i:i + chunk].to(logits.device)[:, None, None].expand(-1, logits.shape[1], 1)
+        tl = logits.gather(2, t)
+        out["target_prob"].append(logits.softmax(-1).gather(2, t)[..., 0].cpu())
+        out["target_rank"].append((1 + (logits > tl).sum(-1)).cpu())
+        out["top1_id"].append(logits.argmax(-1).cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def logit_lens(
@@ -66,45 +55,38 @@ def logit_lens(
     variants: Sequence[Variant] | None = None,
     *,
     include_fp: bool = True,
-    batch_size: int = 32,
+    batch_size: int = 64,
     progress: bool = True,
 ) -> pd.DataFrame:
     """One row per variant × fact × lens layer: target prob and rank at the last position.
 
     Columns: variant, fact_id, relation, layer (0 … n_layers), target_prob, target_rank,
-    top1_id, top1. Subsets (Robust / Failure) are joined later by ``fact_id``.
+    top1_id, top1. Subsets (Robust / Failure) are joined later by ``fact_id``. The rows of layer
+    ``n_layers`` are the model's own output, i.e. :func:`mechq.evaluate_recall`'s numbers.
     """
     prompts, info = tokenize_facts(model, facts)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    targets = torch.tensor(info["target_id"].to_numpy())
     L = model.cfg.n_layers
-    todo = _variant_list(variants, include_fp)
+    todo = variant_runs(variants, include_fp)
     frames = []
     bar = tqdm(total=len(todo) * len(prompts), desc="logit lens", unit="prompt",
                disable=not progress)
     for name, v in todo:
-        prob = torch.empty(len(prompts), L + 1)
-        rank = torch.empty(len(prompts), L + 1, dtype=torch.long)
-        top1 = torch.empty(len(prompts), L + 1, dtype=torch.long)
-        with swap(model, v) if v is not None else nullcontext():
-            for idx, b in batches(prompts, info["target_id"].tolist(), batch_size, pad):
-                logits = decode(model, last_position_resid(model, b.tokens, b.lengths))
-                t = b.targets.to(logits.device)[:, None, None].expand(-1, L + 1, 1)
-                tl = logits.gather(2, t)
-                prob[idx] = logits.softmax(-1).gather(2, t)[..., 0].cpu()
-                rank[idx] = (1 + (logits > tl).sum(-1)).cpu()
-                top1[idx] = logits.argmax(-1).cpu()
-                bar.update(len(idx))
+        with swapped(model, v):
+            resid = last_states(model, prompts, list(range(L + 1)),
+                                groups=info["relation"].tolist(), batch_size=batch_size,
+                                on_batch=bar.update)
+            s = lens_scores(model, resid, targets)
         n = len(prompts)
-        df = pd.DataFrame({
+        frames.append(pd.DataFrame({
             "variant": name,
             "fact_id": info["fact_id"].repeat(L + 1).to_numpy(),
             "relation": info["relation"].repeat(L + 1).to_numpy(),
             "layer": list(range(L + 1)) * n,
-            "target_prob": prob.reshape(-1).numpy(),
-            "target_rank": rank.reshape(-1).numpy(),
-            "top1_id": top1.reshape(-1).numpy(),
-        })
-        frames.append(df)
+            "target_prob": s["target_prob"].reshape(-1).numpy(),
+            "target_rank": s["target_rank"].reshape(-1).numpy(),
+            "top1_id": s["top1_id"].reshape(-1).numpy(),
+        }))
     bar.close()
     out = pd.concat(frames, ignore_index=True)
     vocab = {i: model.tokenizer.decode([i]) for i in out["top1_id"].unique().tolist()}

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from mechq.facts import Fact, FactSet, target_token
 from mechq.quant.variants import Variant, swap
-from mechq.recall import FP, _variant_list, batches, last_logits, score
+from mechq.recall import FP, batches, last_logits, score, variant_runs
 
 PATTERN_DIR = Path("data") / "pattern_data" / "graphs_json"
 TUPLE_DIR = Path("data") / "trex_lms_vocab"
@@ -271,7 +271,7 @@ def evaluate_paraphrases(
     frame["n_tokens"] = [len(p) for p in prompts]
     assert all(i in by_id for i in frame["fact_id"])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    todo = _variant_list(variants, include_fp)
+    todo = variant_runs(variants, include_fp)
     out = []
     bar = tqdm(total=len(todo) * len(prompts), desc="paraphrases", unit="prompt",
                disable=not progress)

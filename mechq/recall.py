@@ -6,9 +6,9 @@ For a prompt whose next token should be the target ``t``, with next-token logits
 - ``target_prob``: ``softmax(z)[t]``;
 - ``target_rank``: ``1 + #{v : z_v > z_t}`` (1 = top prediction).
 
-Prompts are run in batches, right-padded: under causal attention a real token never attends to
-the padding after it, so each prompt's last-position logits equal its unpadded run. Only the last
-position of each prompt is decoded (final norm + unembedding on one vector per prompt).
+Prompts run through :func:`mechq.forward.last_states` (right-padded batches, the template's shared
+prefix computed once per relation); only the last position of each prompt is decoded (final norm
++ unembedding on one vector per prompt).
 """
 
 from __future__ import annotations
@@ -26,18 +26,11 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mechq.facts import FactSet, target_token
+from mechq.forward import PromptBatch, batches, decode, last_logits, last_states, score
 from mechq.quant.variants import Variant, swap
 
 FP = "fp"
-
-
-@dataclass
-class PromptBatch:
-    """Tokenized prompts, right-padded, with each prompt's length and target id."""
-
-    tokens: Int[Tensor, "batch pos"]
-    lengths: Int[Tensor, " batch"]
-    targets: Int[Tensor, " batch"]
+__all__ = ["PromptBatch", "batches", "last_logits", "score"]  # re-exported for older imports
 
 
 def tokenize_facts(model: HookedTransformer, facts: FactSet) -> tuple[list[list[int]], pd.DataFrame]:
@@ -54,44 +47,8 @@ def tokenize_facts(model: HookedTransformer, facts: FactSet) -> tuple[list[list[
     return prompts, pd.DataFrame(rows)
 
 
-def batches(prompts: list[list[int]], targets: Sequence[int], batch_size: int, pad_id: int):
-    """Yield (indices, PromptBatch) with prompts sorted by length to minimise padding."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        toks = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        for row, i in enumerate(idx):
-            toks[row, : len(prompts[i])] = torch.tensor(prompts[i])
-        yield idx, PromptBatch(
-            toks,
-            torch.tensor([len(prompts[i]) for i in idx]),
-            torch.tensor([targets[i] for i in idx]),
-        )
-
-
-@torch.no_grad()
-def last_logits(model: HookedTransformer, batch: PromptBatch) -> Float[Tensor, "batch vocab"]:
-    """Next-token logits at each prompt's last real position."""
-    dev = model.cfg.device
-    resid = model(batch.tokens.to(dev), stop_at_layer=model.cfg.n_layers)
-    last = resid[torch.arange(len(batch.lengths)), (batch.lengths - 1).to(dev)]
-    return model.unembed(model.ln_final(last[:, None, :]))[:, 0].float()
-
-
-def score(logits: Float[Tensor, "batch vocab"], targets: Int[Tensor, " batch"]) -> dict:
-    """Correctness, target probability and rank (1-based) per row."""
-    targets = targets.to(logits.device)
-    tgt = logits.gather(1, targets[:, None])
-    return dict(
-        correct=(logits.argmax(-1) == targets).cpu(),
-        target_prob=logits.softmax(-1).gather(1, targets[:, None])[:, 0].cpu(),
-        target_rank=(1 + (logits > tgt).sum(-1)).cpu(),
-        top1_id=logits.argmax(-1).cpu(),
-    )
-
-
-def _variant_list(variants, include_fp: bool) -> list[tuple[str, Variant | None]]:
+def variant_runs(variants, include_fp: bool = True) -> list[tuple[str, Variant | None]]:
+    """``[(name, variant)]`` with FP first as ``("fp", None)``; names must be unique."""
     out: list[tuple[str, Variant | None]] = [(FP, None)] if include_fp else []
     for v in variants or []:
         if v is None:
@@ -103,6 +60,11 @@ def _variant_list(variants, include_fp: bool) -> list[tuple[str, Variant | None]
     if len(set(names)) != len(names):
         raise ValueError(f"Variant names must be unique, got {names}")
     return out
+
+
+def swapped(model: HookedTransformer, variant: Variant | None):
+    """``swap(model, variant)`` for a variant, a no-op context for FP (``None``)."""
+    return swap(model, variant) if variant is not None else nullcontext(model)
 
 
 def evaluate_recall(
@@ -122,29 +84,65 @@ def evaluate_recall(
     if len(facts) == 0:
         raise ValueError("evaluate_recall needs at least one fact.")
     prompts, info = tokenize_facts(model, facts)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     frames = []
-    todo = _variant_list(variants, include_fp)
+    todo = variant_runs(variants, include_fp)
     bar = tqdm(total=len(todo) * len(prompts), desc="recall", unit="prompt", disable=not progress)
     for name, v in todo:
-        cols: dict[str, list] = {k: [None] * len(prompts) for k in
-                                 ("correct", "target_prob", "target_rank", "top1_id")}
-        with swap(model, v) if v is not None else nullcontext():
-            for idx, b in batches(prompts, info["target_id"].tolist(), batch_size, pad):
-                s = score(last_logits(model, b), b.targets)
-                for k in cols:
-                    for row, i in enumerate(idx):
-                        cols[k][i] = s[k][row].item()
-                bar.update(len(idx))
-        df = info.copy()
-        df.insert(0, "variant", name)
-        for k, vals in cols.items():
-            df[k] = vals
-        df["correct"] = df["correct"].astype(bool)
-        df["top1"] = [model.tokenizer.decode([t]) for t in df["top1_id"]]
-        frames.append(df)
+        with swapped(model, v):
+            cols = score_prompts(model, prompts, info, batch_size=batch_size,
+                                 on_batch=bar.update)
+        frames.append(recall_rows(model, info, name, cols))
     bar.close()
     return pd.concat(frames, ignore_index=True)
+
+
+def score_prompts(model: HookedTransformer, prompts: list[list[int]], info: pd.DataFrame, *,
+                  batch_size: int = 64, on_batch=None) -> dict[str, np.ndarray]:
+    """Score tokenized facts with the model's current weights: correct, target prob, target rank
+    and top-1 id per prompt. The one scorer every fact analysis uses (recall, sensitivity), so
+    their numbers agree to the bit: prompts of one relation share their prefix's forward."""
+    targets = torch.tensor(info["target_id"].to_numpy())
+    resid = last_states(model, prompts, [model.cfg.n_layers], groups=info["relation"].tolist(),
+                        batch_size=batch_size, on_batch=on_batch)[:, 0]
+    return {k: t.numpy() for k, t in score_states(model, resid, targets, chunk=batch_size).items()}
+
+
+def recall_rows(model: HookedTransformer, info: pd.DataFrame, variant: str, cols: dict
+                ) -> pd.DataFrame:
+    """The frame of one variant: ``info`` (from :func:`tokenize_facts`) plus score columns."""
+    df = info.copy()
+    df.insert(0, "variant", variant)
+    for k in ("correct", "target_prob", "target_rank", "top1_id"):
+        df[k] = cols[k]
+    df["correct"] = df["correct"].astype(bool)
+    df["top1"] = [model.tokenizer.decode([int(t)]) for t in df["top1_id"]]
+    return df
+
+
+def recall_from_lens(model: HookedTransformer, facts: FactSet, lens: pd.DataFrame
+                     ) -> pd.DataFrame:
+    """:func:`evaluate_recall`'s frame for the variants of a :func:`mechq.logit_lens` frame.
+
+    The lens's last layer is the model's own output, so no forward pass is repeated.
+    """
+    _, info = tokenize_facts(model, facts)
+    last = lens[lens["layer"] == model.cfg.n_layers]
+    frames = []
+    for name, g in last.groupby("variant", sort=False):
+        g = g.set_index("fact_id").loc[info["fact_id"]]
+        top1 = g["top1_id"].to_numpy()
+        frames.append(recall_rows(model, info, name, dict(
+            correct=top1 == info["target_id"].to_numpy(), target_prob=g["target_prob"].to_numpy(),
+            target_rank=g["target_rank"].to_numpy(), top1_id=top1)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def score_states(model: HookedTransformer, resid: Float[Tensor, "n d_model"],
+                 targets: Int[Tensor, " n"], chunk: int = 64) -> dict[str, Tensor]:
+    """:func:`mechq.forward.score` of the decoded final residuals, ``chunk`` rows at a time."""
+    parts = [score(decode(model, resid[i:i + chunk]), targets[i:i + chunk])
+             for i in range(0, len(resid), chunk)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def accuracy(recall: pd.DataFrame, by: str | list[str] = "variant",

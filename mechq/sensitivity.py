@@ -42,7 +42,7 @@ from transformer_lens import HookedTransformer
 
 from mechq.facts import FactSet
 from mechq.quant.variants import Variant, swap
-from mechq.recall import batches, last_logits, score, tokenize_facts
+from mechq.recall import batches, score, score_prompts, tokenize_facts
 
 SCORE_COLS = ("correct", "target_prob", "target_rank", "top1_id")
 COMPONENT_SETTINGS: dict[str, tuple[str, ...]] = {
@@ -75,16 +75,10 @@ class _Prepared:
 
 def _evaluate(model: HookedTransformer, prep: _Prepared) -> pd.DataFrame:
     """Score every fact with the model's current weights: one row per fact."""
-    cols = {k: [None] * len(prep.prompts) for k in SCORE_COLS}
-    for idx, b in prep.batches():
-        s = score(last_logits(model, b), b.targets)
-        for k in cols:
-            vals = s[k].tolist()
-            for row, i in enumerate(idx):
-                cols[k][i] = vals[row]
+    cols = score_prompts(model, prep.prompts, prep.info, batch_size=prep.batch_size)
     df = prep.info.copy()
-    for k, v in cols.items():
-        df[k] = v
+    for k in SCORE_COLS:
+        df[k] = cols[k]
     df["correct"] = df["correct"].astype(bool)
     return df
 
