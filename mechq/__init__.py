@@ -33,7 +33,7 @@ _logging.getLogger("torch.utils._pytree").addFilter(_import_noise)
 
 from mechq.facts import Fact, FactSet, bundled_facts, load_facts, target_report  # noqa: E402
 from mechq.models import load_model  # noqa: E402
-from mechq.quant.quantize import load_quantized, quantize  # noqa: E402
+from mechq.quant.quantize import Request, load_quantized, quantize, quantize_many  # noqa: E402
 from mechq.quant.variants import Variant, swap  # noqa: E402
 from mechq.recall import accuracy, evaluate_recall, subsets  # noqa: E402
 from mechq.lens import logit_lens  # noqa: E402
@@ -41,10 +41,13 @@ from mechq.components import component_metrics  # noqa: E402
 from mechq.representation import representation_metrics  # noqa: E402
 from mechq.patching import patch_sweep  # noqa: E402
 from mechq.pararel import load_pararel  # noqa: E402
+from mechq.cliff import cliff_table  # noqa: E402
+from mechq.report import report  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "Fact", "FactSet", "Variant", "accuracy", "bundled_facts", "component_metrics",
-    "evaluate_recall", "load_facts", "load_model", "load_pararel", "load_quantized", "logit_lens",
-    "patch_sweep", "quantize", "representation_metrics", "subsets", "swap", "target_report",
+    "Fact", "FactSet", "Request", "Variant", "accuracy", "bundled_facts", "cliff_table",
+    "component_metrics", "evaluate_recall", "load_facts", "load_model", "load_pararel",
+    "load_quantized", "logit_lens", "patch_sweep", "quantize", "quantize_many", "report",
+    "representation_metrics", "subsets", "swap", "target_report",
 ]

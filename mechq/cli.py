@@ -24,53 +24,48 @@ import sys
 import time
 from pathlib import Path
 
-SPEC = re.compile(r"^(gptq|rtn)-w(\d+)(?:g(-?\d+))?((?:-asym|-act)*)$")
+from mechq.calibration import N_SAMPLES, SEQ_LEN
+
+SPEC = re.compile(r"^(gptq|rtn)-w(\d+)(?:g(-?\d+))?((?:-asym|-act)*)(?:-s(\d+))?$")
 
 
 def parse_variant(spec: str) -> dict:
-    """``gptq-w4g128-asym`` -> dict(method, bits, group_size, sym, desc_act)."""
+    """``gptq-w4g128-asym-s1`` -> dict(method, bits, group_size, sym, desc_act, seed)."""
     m = SPEC.match(spec)
     if not m:
         raise argparse.ArgumentTypeError(
-            f"bad variant {spec!r}: use METHOD-wBITS[gGROUP][-asym][-act], e.g. gptq-w4g128, "
-            "or a path to a GPTQ checkpoint directory")
-    method, bits, gs, flags = m.groups()
+            f"bad variant {spec!r}: use METHOD-wBITS[gGROUP][-asym][-act][-sSEED], e.g. "
+            "gptq-w4g128 or gptq-w4g128-s1 (calibration seed 1), or a path to a GPTQ "
+            "checkpoint directory")
+    method, bits, gs, flags, seed = m.groups()
     return dict(method=method, bits=int(bits), group_size=int(gs) if gs else 128,
-                sym="-asym" not in flags, desc_act="-act" in flags)
+                sym="-asym" not in flags, desc_act="-act" in flags, seed=int(seed or 0))
+
+
+def _calib_kw(args) -> dict:
+    return dict(calibration=args.calibration, n_samples=args.calib_samples,
+                seq_len=args.calib_len)
+
+
+def _gptq_log_note(n: int, logs: str) -> None:
+    print(f"  {n} GPTQ run{'s' if n > 1 else ''}; GPTQModel's output goes to {logs}/",
+          flush=True)
 
 
 def load_variants(model, specs: list[str], args) -> list:
+    """Variants named on the command line: checkpoint directories, or names made (in parallel)
+    or read from the cache."""
     import mechq
+    from mechq.quant.quantize import Request, quantize_many
 
-    out = []
-    for spec in specs:
-        if Path(spec).is_dir():
-            v = mechq.load_quantized(spec, model=model)
-        else:
-            kw = parse_variant(spec)
-            t = time.perf_counter()
-            v = mechq.quantize(model, **kw, seed=args.seed, n_samples=args.calib_samples,
-                               seq_len=args.calib_len)
-            print(f"  {v.name}: {v.avg_bits:.2f} bits/weight, {v.nbytes / 2**20:.1f} MiB "
-                  f"packed ({time.perf_counter() - t:.0f} s)", flush=True)
-        out.append(v)
-    return out
-
-
-def load_fact_source(spec: str, max_facts: int | None, seed: int = 0):
-    """``bundled`` | CSV path | ``pararel[:P36,P103]`` -> FactSet (sampled to ``max_facts``)."""
-    from mechq.facts import bundled_facts, load_facts
-
-    if spec == "bundled":
-        fs = bundled_facts()
-    elif spec.startswith("pararel"):
-        from mechq.pararel import load_pararel
-
-        rels = spec.partition(":")[2]
-        fs = load_pararel(relations=rels.split(",") if rels else None).facts
-    else:
-        fs = load_facts(spec)
-    return fs.sample(max_facts, seed=seed) if max_facts else fs
+    named = [(i, s) for i, s in enumerate(specs) if not Path(s).is_dir()]
+    made = quantize_many(model, [Request(**parse_variant(s), **_calib_kw(args)) for _, s in named],
+                         on_start=_gptq_log_note, verbose=args.verbose)
+    out = {i: v for (i, _), v in zip(named, made)}
+    for i, s in enumerate(specs):
+        if i not in out:
+            out[i] = mechq.load_quantized(s, model=model)
+    return [out[i] for i in range(len(specs))]
 
 
 def _prepare(args):
@@ -79,6 +74,8 @@ def _prepare(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = mechq.load_model(args.model, device=args.device)
+    from mechq.facts import load_fact_source
+
     facts = load_fact_source(args.facts, args.max_facts, args.seed)
     print(f"model {args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; "
           f"facts: {facts!r}", flush=True)
@@ -94,30 +91,39 @@ ACC_COLS = ["variant", "accuracy", "ci_low", "ci_high", "n_correct", "n", "media
 
 
 def cmd_cliff(args) -> int:
-    """Recall of FP vs quantized variants at several bit widths (paper Fig. 1)."""
+    """Recall of FP vs quantized variants at several bit widths (paper Fig. 1), with the
+    calibration spread when --calib-seeds > 1."""
     import mechq
     from mechq import plots
+    from mechq.cliff import cliff_requests, cliff_table, summary_markdown, variant_table
+    from mechq.quant.quantize import quantize_many
     from mechq.recall import accuracy
 
     t0 = time.perf_counter()
     out, model, facts = _prepare(args)
-    specs = [f"{args.method}-w{b}g{args.group_size}" + ("-asym" if args.asym else "")
-             + ("-act" if args.desc_act else "") for b in args.bits]
-    variants = load_variants(model, specs, args)
+    requests = cliff_requests(args.method, args.bits, args.group_size, args.calib_seeds,
+                              seed_bits=args.seed_bits, sym=not args.asym,
+                              desc_act=args.desc_act, **_calib_kw(args))
+    variants = quantize_many(model, requests, on_start=_gptq_log_note, verbose=args.verbose)
     recall = mechq.evaluate_recall(model, facts, variants, batch_size=args.batch_size)
+    info = variant_table(variants)
+    recall = recall.merge(info[["variant", "config", "bits", "seed"]], on="variant", how="left")
     recall.to_csv(out / "recall.csv", index=False)
-    acc = accuracy(recall)
-    acc.to_csv(out / "accuracy.csv", index=False)
+    per_variant = accuracy(recall).merge(info, on="variant", how="left")
+    per_variant.to_csv(out / "accuracy.csv", index=False)
+    table = cliff_table(recall, variants)
+    table.to_csv(out / "cliff.csv", index=False)
+    seed0 = recall[recall["seed"].fillna(0) == 0]
     fig = plots.performance_cliff(
-        acc, accuracy(recall, ["variant", "relation"]),
+        table, accuracy(seed0, ["config", "relation"]).rename(columns={"config": "variant"}),
         title=f"Performance cliff — {args.model}, {args.method.upper()} g{args.group_size}, "
-              f"{len(facts)} facts")
+              f"{len(facts)} facts", seeds=per_variant)
     path = plots.save_html(fig, out / "performance_cliff.html")
-    plots.save_html(plots.rank_ecdf(recall), out / "answer_rank.html")
-    print("\n" + _table(acc, ACC_COLS))
+    plots.save_html(plots.rank_ecdf(seed0), out / "answer_rank.html")
+    print("\n" + summary_markdown(table))
     kinds = recall[recall.variant == "fp"]["target_kind"].value_counts().to_dict()
     print(f"\ntarget tokens: {kinds} (column target_kind of recall.csv)")
-    print(f"wrote {path} and answer_rank.html, recall.csv, accuracy.csv in {out} "
+    print(f"wrote {path} and answer_rank.html, recall.csv, accuracy.csv, cliff.csv in {out} "
           f"({time.perf_counter() - t0:.0f} s)")
     return 0
 
@@ -189,64 +195,13 @@ def cmd_lens(args) -> int:
 def cmd_report(args) -> int:
     """The main job: cliff at several bit widths, answer ranks, logit lens, one HTML report."""
     import mechq
-    from mechq import plots
-    from mechq.lens import lens_summary, logit_lens
-    from mechq.recall import accuracy, subset_sizes, subsets
-    from mechq.report import Report
 
-    t0 = time.perf_counter()
-    out, model, facts = _prepare(args)
-    specs = [f"{args.method}-w{b}g{args.group_size}" for b in args.bits]
-    variants = load_variants(model, specs, args)
-    by_name = {v.name: v for v in variants}
-    recall = mechq.evaluate_recall(model, facts, variants, batch_size=args.batch_size)
-    recall.to_csv(out / "recall.csv", index=False)
-    acc = accuracy(recall)
-    acc.to_csv(out / "accuracy.csv", index=False)
-    cliff = plots.performance_cliff(acc, accuracy(recall, ["variant", "relation"]),
-                                    title=f"Performance cliff — {args.model}")
-    plots.save_html(cliff, out / "performance_cliff.html")
-    rank = plots.rank_ecdf(recall)
-    plots.save_html(rank, out / "answer_rank.html")
-    top = plots.top_predictions(recall, k=6)
-
-    ref = f"{args.method}-w4g{args.group_size}"
-    lens_variants = [by_name[n] for n in (ref, f"{args.method}-w2g{args.group_size}")
-                     if n in by_name]
-    rep = Report(f"mechq report — {args.model}")
-    rep.text(f"{len(facts)} facts ({facts.name}), {args.method.upper()} group size "
-             f"{args.group_size}; GPTQ calibration: {args.calib_samples} × {args.calib_len} "
-             f"tokens sampled from the FP model (seed {args.seed}).", note=True)
-    rep.heading("1. Performance cliff (paper Fig. 1)")
-    rep.table(acc[ACC_COLS])
-    rep.figure(cliff)
-    rep.heading("2. Answer rank (paper Fig. 2)")
-    rep.figure(rank)
-    rep.figure(plots.top_predictions_figure(top))
-    print("\n" + _table(acc, ACC_COLS), flush=True)
-    if ref in by_name and lens_variants:
-        sizes = subset_sizes(recall, reference=ref)
-        sizes.to_csv(out / "subsets.csv", index=False)
-        lens = logit_lens(model, facts, lens_variants, batch_size=args.batch_size)
-        sub = subsets(recall, reference=ref)
-        label = {i: "Robust" for i in sub["robust"]} | {i: "Failure" for i in sub["failure"]}
-        lens["subset"] = lens["fact_id"].map(label)
-        lens.to_csv(out / "lens.csv.gz", index=False)
-        summ = lens_summary(lens.dropna(subset=["subset"]), ["subset", "variant", "layer"])
-        summ.to_csv(out / "lens_summary.csv", index=False)
-        fig = plots.lens_curves(summ, "subset", title=f"Logit lens — {args.model}")
-        plots.save_html(fig, out / "logit_lens.html")
-        rep.heading("3. Logit lens, Robust vs Failure (paper Fig. 3)")
-        rep.text(f"Subsets against {ref}: Robust = FP and {ref} correct, Failure = FP correct, "
-                 f"{ref} wrong.")
-        rep.table(sizes[sizes.relation == "all"])
-        rep.figure(fig)
-        L = model.cfg.n_layers
-        rep.table(summ[summ.layer.isin([L // 2, 2 * L // 3, L - 2, L])][
-            ["subset", "variant", "layer", "mean_prob", "median_rank", "top1_share", "n"]])
-    path = rep.write(out / "report.html")
-    print(f"\nwrote {path} (+ performance_cliff.html, answer_rank.html, logit_lens.html, "
-          f"CSV frames) in {time.perf_counter() - t0:.0f} s")
+    res = mechq.report(args.model, args.facts, out=args.out, method=args.method, bits=args.bits,
+                       group_size=args.group_size, seeds=args.calib_seeds,
+                       seed_bits=args.seed_bits,
+                       max_facts=args.max_facts, batch_size=args.batch_size, device=args.device,
+                       verbose=args.verbose, **_calib_kw(args))
+    print("\n" + res.summary.split("\n", 2)[2].strip())
     return 0
 
 
@@ -282,7 +237,7 @@ def cmd_components(args) -> int:
     """Attention and FFN diagnostics per layer at the last subject token and last token."""
     from mechq import plots
     from mechq.components import METRICS, component_metrics, component_summary
-    from mechq.report import Report
+    from mechq.html_report import Report
 
     out, model, facts = _prepare(args)
     variants = load_variants(model, args.variants, args)
@@ -309,7 +264,7 @@ def cmd_components(args) -> int:
 def cmd_representation(args) -> int:
     """Linear CKA (layer x layer) and subspace similarity / error alignment per layer."""
     from mechq import plots
-    from mechq.report import Report
+    from mechq.html_report import Report
     from mechq.representation import cka_diagonal, representation_metrics
 
     out, model, facts = _prepare(args)
@@ -392,7 +347,7 @@ def cmd_patch(args) -> int:
 
     from mechq import plots
     from mechq.patching import patch_heatmap_frame, patch_sweep
-    from mechq.report import Report
+    from mechq.html_report import Report
 
     out, model, _, variants, chosen, label = _prepare_analysis(args)
     csv = out / "patching.csv"
@@ -444,7 +399,7 @@ def cmd_sensitivity(args) -> int:
     from mechq import plots
     from mechq import sensitivity as sens
     from mechq.recall import accuracy
-    from mechq.report import Report
+    from mechq.html_report import Report
 
     out, model, _, variants, chosen, label = _prepare_analysis(args)
     L = model.cfg.n_layers
@@ -555,10 +510,18 @@ def _common(p: argparse.ArgumentParser, facts: bool = True) -> None:
                    help="smollm2-135m (embedded), tiny-gpt2, a local HF directory or a hub id")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--out", default="figures", help="output folder for frames and figures")
-    p.add_argument("--calib-samples", type=int, default=16,
-                   help="GPTQ calibration: number of sampled sequences")
-    p.add_argument("--calib-len", type=int, default=64, help="tokens per calibration sequence")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true",
+                   help="show GPTQModel's output live (it always goes to a log file too)")
+    p.add_argument("--calibration", default=None,
+                   help="GPTQ calibration: bundled (default: mechq's shipped text), sampled "
+                        "(drawn from the model), a text file, or dataset:NAME[:CONFIG]")
+    p.add_argument("--calib-samples", type=int, default=N_SAMPLES,
+                   help=f"GPTQ calibration: number of sequences (default {N_SAMPLES})")
+    p.add_argument("--calib-len", type=int, default=SEQ_LEN,
+                   help=f"tokens per calibration sequence (default {SEQ_LEN})")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for --max-facts sampling (a variant's calibration seed is in its "
+                        "name: gptq-w4g128-s1)")
     if facts:
         p.add_argument("--facts", default="bundled",
                        help="bundled | a facts CSV | pararel[:P36,P103]")
@@ -585,6 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
     p.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--calib-seeds", type=int, default=1,
+                   help="calibration seeds per bit width (GPTQ): the cliff shows their range")
+    p.add_argument("--seed-bits", type=int, nargs="+", default=None,
+                   help="give the extra calibration seeds only to these bit widths")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("cliff", help="recall of FP vs bit widths (paper Fig. 1)")
     _common(p)
@@ -593,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--asym", action="store_true", help="asymmetric quantization")
     p.add_argument("--desc-act", action="store_true", help="GPTQ activation order")
+    p.add_argument("--calib-seeds", type=int, default=1,
+                   help="calibration seeds per bit width (GPTQ): the cliff shows their range")
+    p.add_argument("--seed-bits", type=int, nargs="+", default=None,
+                   help="give the extra calibration seeds only to these bit widths")
     p.set_defaults(func=cmd_cliff)
     for name, func, helptext in [
         ("recall", cmd_recall, "recall, answer ranks, top-1 tokens, subsets (§3.2)"),

@@ -26,7 +26,16 @@ from pathlib import Path
 
 import pandas as pd
 
-DATA_DIR = Path(os.environ.get("MECHQ_DATA", Path(__file__).resolve().parent.parent / "data"))
+def _data_dir() -> Path:
+    """``$MECHQ_DATA``, else the installed package ``mechq.data`` (``data/`` in the repo)."""
+    if os.environ.get("MECHQ_DATA"):
+        return Path(os.environ["MECHQ_DATA"])
+    import mechq.data
+
+    return Path(mechq.data.__file__).resolve().parent
+
+
+DATA_DIR = _data_dir()
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,20 @@ def load_facts(
 def bundled_facts() -> FactSet:
     """The hand-written fact set shipped in ``data/``."""
     return load_facts()
+
+
+def load_fact_source(spec: str, max_facts: int | None = None, seed: int = 0) -> FactSet:
+    """``bundled`` | a facts CSV | ``pararel[:P36,P103]`` -> FactSet (sampled to ``max_facts``)."""
+    if spec == "bundled":
+        fs = bundled_facts()
+    elif spec.startswith("pararel"):
+        from mechq.pararel import load_pararel
+
+        rels = spec.partition(":")[2]
+        fs = load_pararel(relations=rels.split(",") if rels else None).facts
+    else:
+        fs = load_facts(spec)
+    return fs.sample(max_facts, seed=seed) if max_facts else fs
 
 
 def target_token(tokenizer, obj: str) -> tuple[int, str, str]:

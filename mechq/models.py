@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,20 @@ def default_device() -> str:
 # --------------------------------------------------------------------------------------------
 # Resolving a name to a Hugging Face directory
 # --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet_transformers():
+    """No transformers progress bars ("Loading weights", "Writing model shards") inside."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def embedded_gguf_path() -> Path:
@@ -264,9 +279,10 @@ def load_hf(name: str = EMBEDDED, *, dtype: torch.dtype = torch.float32):
     """The Hugging Face model and tokenizer behind a name (for checks against HookedTransformer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = resolve_hf_dir(name)
-    tok = AutoTokenizer.from_pretrained(src.hf_dir)
-    hf = AutoModelForCausalLM.from_pretrained(src.hf_dir, dtype=dtype)
+    with _quiet_transformers():
+        src = resolve_hf_dir(name)
+        tok = AutoTokenizer.from_pretrained(src.hf_dir)
+        hf = AutoModelForCausalLM.from_pretrained(src.hf_dir, dtype=dtype)
     hf.eval()
     return hf, tok, src
 
@@ -299,7 +315,7 @@ def load_model(
         fold_value_biases=False,
         refactor_factored_attn_matrices=False,
     )
-    model.to(device)
+    model.to(device, print_details=False)
     model.eval()
     model.requires_grad_(False)
     model.mechq_source = src

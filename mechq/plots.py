@@ -28,14 +28,19 @@ def variant_order(names) -> list[str]:
 
 
 def performance_cliff(acc: pd.DataFrame, by_relation: pd.DataFrame | None = None,
-                      title: str | None = None) -> go.Figure:
-    """Accuracy per variant (95 % Wilson interval), optionally one faint line per relation.
+                      title: str | None = None, seeds: pd.DataFrame | None = None) -> go.Figure:
+    """Accuracy per variant with its 95 % Wilson interval (thin bars), optionally one faint line
+    per relation.
 
-    ``acc`` is :func:`mechq.recall.accuracy` by ``"variant"``; ``by_relation`` the same by
-    ``["variant", "relation"]``.
+    ``acc`` is :func:`mechq.recall.accuracy` by ``"variant"``, or :func:`mechq.cliff.cliff_table`
+    (one row per configuration, accuracy = mean over calibration seeds): then the seed range is
+    drawn as a thick bar and, with ``seeds`` (:func:`mechq.cliff.variant_table` joined with
+    accuracy: columns ``config``, ``seed``, ``accuracy``), each seed as a dot. ``by_relation`` is
+    accuracy by ``["variant", "relation"]``.
     """
     order = variant_order(acc["variant"])
     a = acc.set_index("variant").loc[order].reset_index()
+    spread = "seed_min" in a
     fig = go.Figure()
     if by_relation is not None:
         for rel, g in by_relation.groupby("relation", sort=False):
@@ -45,22 +50,46 @@ def performance_cliff(acc: pd.DataFrame, by_relation: pd.DataFrame | None = None
                 line=dict(width=1), opacity=0.45, legendgroup="relations",
                 hovertemplate=f"{rel}<br>%{{x}}: %{{y:.1%}}<extra></extra>",
             ))
+    count = a["mean_correct"] if spread else a["n_correct"]
     fig.add_trace(go.Scatter(
         x=a["variant"], y=a["accuracy"], mode="lines+markers+text", name="all facts",
         line=dict(width=4, color="black"), marker=dict(size=10),
         text=[f"{v:.1%}" for v in a["accuracy"]], textposition="top right",
         error_y=dict(type="data", symmetric=False, array=a["ci_high"] - a["accuracy"],
-                     arrayminus=a["accuracy"] - a["ci_low"]),
-        customdata=a[["n_correct", "n", "median_rank"]],
-        hovertemplate=("%{x}: %{y:.1%} (%{customdata[0]}/%{customdata[1]})"
+                     arrayminus=a["accuracy"] - a["ci_low"], thickness=1, width=3,
+                     color="#888"),
+        customdata=np.stack([count, a["n"], a["median_rank"]], axis=1),
+        hovertemplate=("%{x}: %{y:.1%} (%{customdata[0]:.0f}/%{customdata[1]})"
+                       "<br>95 % CI over facts: thin bar"
                        "<br>median answer rank %{customdata[2]}<extra></extra>"),
     ))
+    if spread:
+        multi = a[a["seeds"] > 1]
+        fig.add_trace(go.Scatter(
+            x=multi["variant"], y=multi["accuracy"], mode="markers", name="calibration seeds",
+            marker=dict(size=1, color="#d62728"),
+            error_y=dict(type="data", symmetric=False, array=multi["seed_max"] - multi["accuracy"],
+                         arrayminus=multi["accuracy"] - multi["seed_min"], thickness=5, width=0,
+                         color="rgba(214,39,40,0.6)"),
+            customdata=np.stack([multi["seed_min"], multi["seed_max"], multi["seeds"]], axis=1),
+            hovertemplate=("%{x}: seeds %{customdata[0]:.1%}–%{customdata[1]:.1%} "
+                           "(%{customdata[2]} seeds)<extra></extra>"),
+        ))
+        if seeds is not None:
+            s = seeds[seeds["config"].isin(multi["variant"])]
+            fig.add_trace(go.Scatter(
+                x=s["config"], y=s["accuracy"], mode="markers", name="one seed",
+                marker=dict(size=7, color="#d62728", symbol="circle-open"),
+                customdata=s[["seed"]],
+                hovertemplate="%{x}, seed %{customdata[0]}: %{y:.1%}<extra></extra>",
+            ))
     fig.update_layout(
         title=title or "Performance cliff: factual-recall accuracy vs precision",
         xaxis_title="variant", yaxis_title="first-token accuracy",
         yaxis=dict(tickformat=".0%", range=[0, 1.05]), template="plotly_white",
         legend=dict(groupclick="toggleitem"),
     )
+    fig.update_xaxes(categoryorder="array", categoryarray=order)
     return fig
 
 

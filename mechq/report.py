@@ -1,0 +1,232 @@
+"""mechq's main job (``make demo``, ``mechq report``): the cliff, answer ranks and logit lens.
+
+:func:`report` loads a model, quantizes it at several bit widths (each with one or more
+calibration seeds), measures recall on a fact set, runs the logit lens on the Robust and
+Failure facts, and writes one offline HTML report, the figures, the CSV frames and
+``summary.md`` (the cliff table with its calibration spread, how long the run took and on what
+machine). It prints one line per stage; long stages show a progress bar.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from mechq.facts import FactSet
+
+
+@dataclass
+class ReportResult:
+    """What :func:`report` computed and where it wrote it."""
+
+    out: Path
+    recall: pd.DataFrame
+    cliff: pd.DataFrame
+    summary: str
+    seconds: float
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+def matmul_gflops(seconds: float = 0.5) -> float:
+    """Measured float32 matmul throughput of this machine (GFLOP/s, 1024² × 1024² products on
+    the CPU), so that timings from different machines can be compared."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e9
+
+
+def machine_description() -> str:
+    """CPU model, core count, torch thread count and float32 matmul throughput (or the GPU)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"{matmul_gflops():.0f} GFLOP/s float32 matmul{gpu}; "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def report(
+    model="smollm2-135m",
+    facts: FactSet | str = "bundled",
+    *,
+    out: str | Path = "figures",
+    method: str = "gptq",
+    bits: Sequence[int] = (8, 4, 3, 2),
+    group_size: int = 128,
+    seeds: int = 1,
+    seed_bits: Sequence[int] | None = None,
+    calibration=None,
+    n_samples: int | None = None,
+    seq_len: int | None = None,
+    max_facts: int | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> ReportResult:
+    """Run the main job and write ``report.html``, ``summary.md``, figures and frames to ``out``.
+
+    ``model`` is a name for :func:`mechq.load_model` or a loaded model; ``facts`` a
+    :class:`FactSet`, ``"bundled"``, a facts CSV or ``"pararel[:P36,...]"``. ``seeds`` is the
+    number of calibration seeds per bit width (GPTQ; ``seed_bits`` limits them to some widths):
+    the cliff then shows each width's mean and seed range. GPTQModel's output goes to log files
+    under the cache (their folder is printed); ``verbose`` also shows it live. ``echo`` receives
+    the one-line stage messages (default: print to stdout).
+    """
+    from mechq import models, plots
+    from mechq.cliff import cliff_requests, cliff_table, summary_markdown, variant_table
+    from mechq.facts import load_fact_source
+    from mechq.html_report import Report
+    from mechq.lens import lens_summary, logit_lens
+    from mechq.quant.quantize import quantize_many
+    from mechq.recall import (FP, accuracy, evaluate_recall, recall_from_lens, subset_sizes,
+                              subsets)
+
+    echo = echo or (lambda s: print(s, flush=True))
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_stages = 5
+
+    def stage(i: int, text: str) -> None:
+        echo(f"[{i}/{n_stages}] {text}")
+
+    name = model if isinstance(model, str) else models.source_of(model).name
+    if isinstance(model, str):
+        model = models.load_model(model, device=device)
+    fs = facts if isinstance(facts, FactSet) else load_fact_source(facts, max_facts)
+    if isinstance(facts, FactSet) and max_facts:
+        fs = fs.sample(max_facts)
+    if len(fs) == 0:
+        raise ValueError("report needs at least one fact.")
+    stage(1, f"model {name}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; "
+             f"{len(fs)} facts ({fs.name}) ({time.perf_counter() - t0:.0f} s)")
+
+    requests = cliff_requests(method, bits, group_size, seeds, seed_bits=seed_bits,
+                              calibration=calibration, n_samples=n_samples, seq_len=seq_len)
+    t = time.perf_counter()
+
+    def started(n_runs: int, logs: str) -> None:
+        echo(f"      {n_runs} GPTQ runs (GPTQModel's output goes to {logs}/)")
+
+    per_width = (f"{seeds} calibration seeds" + (
+        f" at w{'/'.join(map(str, seed_bits))}, 1 at the others" if seed_bits is not None
+        else " per width") if seeds > 1 and method == "gptq" else "1 variant per width")
+    stage(2, f"quantize: {method.upper()} w{'/'.join(map(str, bits))} g{group_size}, {per_width}")
+    variants = quantize_many(model, requests, progress=progress, on_start=started,
+                             verbose=verbose)
+    calib = next((v.meta.get("calibration_source") for v in variants
+                  if v.meta.get("calibration_source")), None)
+    echo(f"      {len(variants)} variants ready ({time.perf_counter() - t:.0f} s)")
+
+    # FP, the 4-bit and the 2-bit variant (seed 0) get the logit lens; its last layer is their
+    # recall, so they run once. The other variants run recall only.
+    ref = next((v for v in variants if v.bits == 4 and not v.meta.get("seed")), None)
+    low = next((v for v in variants if v.bits == 2 and not v.meta.get("seed")), None)
+    lens_variants = [v for v in (ref, low) if v is not None] if ref is not None else []
+    others = [v for v in variants if all(v is not w for w in lens_variants)]
+    n_lens = len(lens_variants) + 1 if lens_variants else 0
+    stage(3, f"recall: {len(fs)} facts × {len(variants) + 1} variants"
+             + (f", the logit lens for {n_lens} of them" if n_lens else ""))
+    lens = None
+    parts = []
+    if lens_variants:
+        lens = logit_lens(model, fs, lens_variants, batch_size=batch_size, progress=progress)
+        parts.append(recall_from_lens(model, fs, lens))
+    if others or not lens_variants:
+        parts.append(evaluate_recall(model, fs, others, include_fp=not lens_variants,
+                                     batch_size=batch_size, progress=progress))
+    order = [FP] + [v.name for v in variants]
+    recall = pd.concat(parts, ignore_index=True)
+    recall = (recall.assign(_o=recall["variant"].map({n: i for i, n in enumerate(order)}))
+              .sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True))
+    info = variant_table(variants)
+    recall = recall.merge(info[["variant", "config", "bits", "seed"]], on="variant", how="left")
+    recall.to_csv(out / "recall.csv", index=False)
+    per_variant = accuracy(recall).merge(info, on="variant", how="left")
+    per_variant.to_csv(out / "accuracy.csv", index=False)
+    table = cliff_table(recall, variants)
+    table.to_csv(out / "cliff.csv", index=False)
+    seed0 = recall[recall["seed"].fillna(0) == 0]
+    cliff_fig = plots.performance_cliff(
+        table, accuracy(seed0, ["config", "relation"]).rename(columns={"config": "variant"}),
+        title=f"Performance cliff — {name}", seeds=per_variant)
+    plots.save_html(cliff_fig, out / "performance_cliff.html")
+    rank_fig = plots.rank_ecdf(seed0)
+    plots.save_html(rank_fig, out / "answer_rank.html")
+
+    frames = {"accuracy": per_variant}
+    machine = machine_description()
+    rep = Report(f"mechq report — {name}")
+    rep.text(f"{len(fs)} facts ({fs.name}); {method.upper()} group size {group_size}; "
+             f"calibration: {calib or 'none (RTN)'}"
+             + (f", seeds 0–{seeds - 1} (the seed range is the red bar)" if seeds > 1 else "")
+             + ". Machine: " + machine + ".", note=True)
+    rep.heading("1. Performance cliff (paper Fig. 1)")
+    rep.table(table)
+    rep.figure(cliff_fig)
+    rep.heading("2. Answer rank (paper Fig. 2)")
+    rep.figure(rank_fig)
+    rep.figure(plots.top_predictions_figure(plots.top_predictions(seed0, k=6)))
+
+    if lens is not None:
+        stage(4, f"figures; logit lens split into Robust / Failure against {ref.name}")
+        sizes = subset_sizes(recall, reference=ref.name)
+        sizes.to_csv(out / "subsets.csv", index=False)
+        sub = subsets(recall, reference=ref.name)
+        label = {i: "Robust" for i in sub["robust"]} | {i: "Failure" for i in sub["failure"]}
+        lens["subset"] = lens["fact_id"].map(label)
+        lens.to_csv(out / "lens.csv.gz", index=False)
+        summ = lens_summary(lens.dropna(subset=["subset"]), ["subset", "variant", "layer"])
+        summ.to_csv(out / "lens_summary.csv", index=False)
+        frames["lens_summary"] = summ
+        fig = plots.lens_curves(summ, "subset", title=f"Logit lens — {name}")
+        plots.save_html(fig, out / "logit_lens.html")
+        rep.heading("3. Logit lens, Robust vs Failure (paper Fig. 3)")
+        rep.text(f"Subsets against {ref.name}: Robust = FP and {ref.name} correct, Failure = FP "
+                 f"correct, {ref.name} wrong.")
+        rep.table(sizes[sizes.relation == "all"])
+        rep.figure(fig)
+        L = model.cfg.n_layers
+        rep.table(summ[summ.layer.isin([L // 2, 2 * L // 3, L - 2, L])][
+            ["subset", "variant", "layer", "mean_prob", "median_rank", "top1_share", "n"]])
+    else:
+        stage(4, "figures (no logit lens: it needs a 4-bit variant to define Robust / Failure)")
+
+    seconds = time.perf_counter() - t0
+    summary = "\n".join([
+        f"# mechq report — {name}",
+        "",
+        f"{len(fs)} facts ({fs.name}), first-token recall. {method.upper()} g{group_size}, "
+        f"calibration {calib or 'none'}"
+        + (f", seeds 0–{seeds - 1}" if seeds > 1 and method == "gptq" else "") + ".",
+        "",
+        summary_markdown(table, fp_label=f"FP ({FP})"),
+        "",
+        f"Run took {seconds / 60:.1f} min on {machine}.",
+        "",
+    ])
+    (out / "summary.md").write_text(summary, encoding="utf-8")
+    path = rep.write(out / "report.html")
+    stage(5, f"wrote {path}, summary.md, figures and CSV frames in {out}/ "
+             f"({seconds:.0f} s in all)")
+    return ReportResult(out, recall, table, summary, seconds, frames)
+
