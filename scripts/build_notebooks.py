@@ -53,14 +53,16 @@ facts
 ## Quantize: GPTQ through GPTQModel, read back by mechq
 
 `mechq.quantize` exports nothing new: it hands the model's Hugging Face directory to GPTQModel with
-a small calibration set (text sampled from the FP model itself, seeded — there is no C4 offline),
-saves the GPTQ checkpoint to the cache, and reads it back with mechq's own dequantizer. The
+mechq's calibration (windows of a text shipped with mechq — there is no C4 offline — the same
+tokens on every machine), saves the GPTQ checkpoint to the cache, and reads it back with mechq's
+own dequantizer. `quantize_many` runs several GPTQ jobs side by side (one per core); these are the
+demo's and the test suite's checkpoints, so after `make demo` or `make test` they come from the
+cache. The
 variant is *not* a second model: it is packed weights that `mechq.swap` puts into the same
 `HookedTransformer`, so every hook name stays the same.
 """),
     code("""
-w4 = mechq.quantize(model, "gptq", bits=4, group_size=128, n_samples=8, seq_len=48)
-w2 = mechq.quantize(model, "gptq", bits=2, group_size=128, n_samples=8, seq_len=48)
+w4, w2 = mechq.quantize_many(model, [mechq.Request("gptq", bits=4), mechq.Request("gptq", bits=2)])
 w4, w2
 """),
     md("## 1. The performance cliff"),
@@ -164,8 +166,7 @@ from mechq.representation import cka_diagonal, representation_metrics
 model = mechq.load_model("smollm2-135m", device="cpu")
 facts = mechq.bundled_facts().sample(48, seed=0)
 # the same variants as notebook 01 (served from the cache when it ran first)
-w4 = mechq.quantize(model, "gptq", bits=4, group_size=128, n_samples=8, seq_len=48)
-w2 = mechq.quantize(model, "gptq", bits=2, group_size=128, n_samples=8, seq_len=48)
+w4, w2 = mechq.quantize_many(model, [mechq.Request("gptq", bits=4), mechq.Request("gptq", bits=2)])
 """),
     md("## Attention and FFN diagnostics (Fig. 6–7)"),
     code("""
@@ -253,8 +254,7 @@ from mechq.recall import accuracy, subsets
 model = mechq.load_model("smollm2-135m", device="cpu")
 facts = mechq.bundled_facts().sample(80, seed=0)
 # the same variants as notebooks 01-02 (served from the cache when they ran first)
-w4 = mechq.quantize(model, "gptq", bits=4, group_size=128, n_samples=8, seq_len=48)
-w2 = mechq.quantize(model, "gptq", bits=2, group_size=128, n_samples=8, seq_len=48)
+w4, w2 = mechq.quantize_many(model, [mechq.Request("gptq", bits=4), mechq.Request("gptq", bits=2)])
 
 recall = mechq.evaluate_recall(model, facts, [w4, w2], progress=False)
 sub = subsets(recall, reference=w4.name)  # Robust / Failure against 4-bit (§3.2)

@@ -10,14 +10,24 @@ PROMPTS = ["The capital of France is", "Water boils at a temperature of", "Tokyo
 
 
 def _logits_gap(model, hf, prompts):
-    gaps = []
+    """max |logit_TL - logit_HF| relative to max |logit|, and whether the argmaxes agree."""
+    gaps, same_top = [], True
     for p in prompts:
         toks = model.to_tokens(p)
         with torch.no_grad():
             a = model(toks)
             b = hf(toks).logits
-        gaps.append((a - b).abs().max().item())
-    return max(gaps)
+        gaps.append(((a - b).abs().max() / b.abs().max()).item())
+        same_top &= bool(torch.equal(a.argmax(-1), b.argmax(-1)))
+    return max(gaps), same_top
+
+
+# TransformerLens and Hugging Face compute the same function with other operation orders (einsum
+# vs fused attention, rotary applied differently), so float32 rounding differs through 30
+# layers. Measured relative gaps: 8e-6 (1.6e-4 on logits of ~20) on one CPU, 2e-6 on another.
+# A relative bound of 1e-4 (~840 float32 epsilons) leaves >10x room; a conversion bug (a wrong
+# rotary base, a missing norm weight, swapped heads) moves logits by O(1), i.e. relative >1e-2.
+REL_GAP = 1e-4
 
 
 def test_smollm2_matches_hugging_face(smol):
@@ -25,19 +35,24 @@ def test_smollm2_matches_hugging_face(smol):
     assert src.architecture == "LlamaForCausalLM"
     assert smol.cfg.n_layers == 30 and smol.cfg.d_model == 576
     assert smol.cfg.n_heads == 9 and smol.cfg.n_key_value_heads == 3 and smol.cfg.d_mlp == 1536
-    assert _logits_gap(smol, hf, PROMPTS) < 1e-4
+    gap, same_top = _logits_gap(smol, hf, PROMPTS)
+    assert gap < REL_GAP and same_top
 
 
 def test_smollm2_knows_paris(smol):
-    logits = smol("The capital of France is")
-    assert smol.to_string(logits[0, -1].argmax()) == " Paris"
+    logits = smol("The capital of France is")[0, -1]
+    # an exact token of the FP model, kept because its margin is wide: Paris leads the
+    # runner-up by more than 1 logit (far beyond any float32 difference between CPUs)
+    top2 = logits.topk(2).values
+    assert smol.to_string(logits.argmax()) == " Paris" and (top2[0] - top2[1]).item() > 1.0
 
 
 def test_tiny_gpt2_matches_hugging_face(tiny):
     hf, _, src = models.load_hf("tiny-gpt2")
     assert src.architecture == "GPT2LMHeadModel"
     assert tiny.cfg.normalization_type == "LN" and tiny.cfg.positional_embedding_type == "standard"
-    assert _logits_gap(tiny, hf, PROMPTS[:1]) < 1e-4
+    gap, same_top = _logits_gap(tiny, hf, PROMPTS[:1])
+    assert gap < REL_GAP and same_top
 
 
 def test_tokenizer_attached(smol):
