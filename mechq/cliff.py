@@ -76,7 +76,7 @@ def cliff_table(recall: pd.DataFrame, variants: Sequence[Variant]) -> pd.DataFra
         lo, hi = _wilson(mean * n, n)
         r = rec[rec["config"] == config]
         rows.append(dict(
-            variant=config, bits=g["bits"].iloc[0], avg_bits=float(g["avg_bits"].mean()),
+            variant=config, method=g["method"].iloc[0], bits=g["bits"].iloc[0], avg_bits=float(g["avg_bits"].mean()),
             seeds=len(g), accuracy=mean, seed_min=float(g["accuracy"].min()),
             seed_max=float(g["accuracy"].max()), ci_low=float(lo), ci_high=float(hi), n=n,
             mean_correct=float(g["n_correct"].mean()),
@@ -93,7 +93,8 @@ def summary_markdown(table: pd.DataFrame, fp_label: str = "FP") -> str:
     for r in table.itertuples():
         name = fp_label if r.variant == FP else r.variant
         spread = (f"{r.seed_min:.1%}–{r.seed_max:.1%} ({r.seeds} seeds)" if r.seeds > 1
-                  else "1 seed" if r.variant != FP else "—")
+                  else "—" if r.variant == FP else "none (no calibration)"
+                  if r.method == "rtn" else "1 seed")
         lines.append(
             f"| {name} | {r.avg_bits:.2f} | **{r.accuracy:.1%}** ({r.mean_correct:.0f}/{r.n}) | "
             f"{spread} | {r.ci_low:.1%}–{r.ci_high:.1%} | {_rank(r.median_rank)} | "

@@ -219,7 +219,7 @@ def report(
         f"calibration {calib or 'none'}"
         + (f", seeds 0–{seeds - 1}" if seeds > 1 and method == "gptq" else "") + ".",
         "",
-        summary_markdown(table, fp_label=f"FP ({FP})"),
+        summary_markdown(table),
         "",
         f"Run took {seconds / 60:.1f} min on {machine}.",
         "",

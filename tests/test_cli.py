@@ -69,6 +69,7 @@ def test_report_is_one_offline_file(tmp_path):
     assert (tmp_path / "lens_summary.csv").exists()
     summary = (tmp_path / "summary.md").read_text()
     assert "| rtn-w4g128 |" in summary and "Run took" in summary
+    assert "none (no calibration)" in summary  # RTN has no calibration to vary
 
 
 @pytest.mark.slow

@@ -147,10 +147,10 @@ def quantize_many(
     if parallel is None:
         parallel = int(os.environ.get("MECHQ_GPTQ_JOBS", 0)) or (
             os.cpu_count() or 1 if device == "cpu" else 1)
-    bar = tqdm(total=len(todo), desc="quantize", unit="variant", disable=not progress or not todo)
     logs = models.cache_dir() / "logs"
     if gptq and on_start is not None:
         on_start(len(gptq), str(logs))
+    bar = tqdm(total=len(todo), desc="quantize", unit="variant", disable=not progress or not todo)
 
     tmps: dict[str, Path] = {}
     try:
