@@ -1,6 +1,7 @@
 """A built wheel works outside the repository: bundled facts, calibration text and the CLI."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -14,9 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """Built from a copy of the sources, so that setuptools' build/ folder neither lands in the
+    checkout nor carries stale files from an earlier build into this wheel."""
     out = tmp_path_factory.mktemp("wheel")
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md", "mechq", "data"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(
+            ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                        if (ROOT / name).is_dir() else {}))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(out), str(ROOT)], check=True,
+                    "--no-build-isolation", "-w", str(out), str(src)], check=True,
                    capture_output=True)
     (whl,) = out.glob("mechq-*.whl")
     return whl
