@@ -12,6 +12,7 @@ once with 2 torch threads, compared code by code (``--threads-check``).
 
 Writes benchmarks/results/calibration.json and prints the tables the README quotes.
 Run: .venv/bin/python benchmarks/bench_calibration.py [--sizes 8 16 32 64 128] [--bits 4 3]
+     .venv/bin/python benchmarks/bench_calibration.py --sizes --threads-check
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def threads_check(model, facts, n_samples: int, seq_len: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128],
-                    help="n_samples (windows of --seq-len tokens)")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[8, 16, 32, 64, 128],
+                    help="n_samples (windows of --seq-len tokens); none: only --threads-check")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -155,32 +155,33 @@ def test_gptq_on_tiny_gpt2_and_cache(tiny, facts, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_gptq_cliff_on_smollm2(smol, smol_gptq, facts):
-    """The real thing: GPTQModel w8 / w4 / w2 g128 on SmolLM2, read back by our dequantizer.
+    """The real thing: GPTQModel w4 / w2 g128 on SmolLM2, read back by our dequantizer.
 
-    No exact token of a quantized model is asserted: another CPU (or thread count) gives GPTQ
-    another checkpoint, as another calibration seed would. The bounds come from the measured
-    spread (benchmarks/results/calibration.json, README "How much calibration").
+    No exact token of a quantized model is asserted: another CPU gives GPTQ another checkpoint,
+    as another calibration seed would. The bounds come from the measured spread
+    (benchmarks/results/calibration.json, README "How many tokens?"). GPTQ w8 is in the demo
+    (62.6 % against FP's 62.4 %); RTN w8 within a few facts of FP is test_recall's.
     """
-    v8, v4, v2 = smol_gptq[8], smol_gptq[4], smol_gptq[2]
+    v4, v2 = smol_gptq[4], smol_gptq[2]
     assert len(v4.modules) == 30 * 7 and v4.meta["quantize_config"]["bits"] == 4
     # 576 inputs in groups of 128: a partial last group that our dequantizer handles
     assert v4.modules["model.layers.0.self_attn.q_proj"].scales.shape == (5, 576)
     w_fp = layout.module_weight(smol, "model.layers.0.mlp.down_proj")
     rel = {b: ((v.weight("model.layers.0.mlp.down_proj") - w_fp).norm() / w_fp.norm()).item()
            for b, v in smol_gptq.items()}
-    # relative weight error of this matrix, measured 0.010 / 0.18 / 0.95 at w8 / w4 / w2 (GPTQ
-    # trades weight error for output error, so it exceeds plain rounding's); each bound sits a
+    # relative weight error of this matrix, measured 0.18 / 0.95 at w4 / w2 (GPTQ trades weight
+    # error for output error, so it exceeds plain rounding's; w8 gave 0.010); each bound sits a
     # factor of 2 or more from the values on both sides of it
-    assert rel[8] < 0.04 < rel[4] < 0.45 < rel[2]
-    rec = evaluate_recall(smol, facts, [v8, v4, v2], progress=False)
+    assert 0.04 < rel[4] < 0.45 < rel[2]
+    rec = evaluate_recall(smol, facts, [v4, v2], progress=False)
     acc = accuracy(rec).set_index("variant")
-    fp = acc.loc["fp", "accuracy"]
-    # 8-bit GPTQ is lossless within noise: measured within 1 % of FP (62.4 %); 3 % = 12 facts
-    assert abs(acc.loc[v8.name, "accuracy"] - fp) <= 0.03
+    # FP: 252 of 404 (62.4 %) measured with 1 and 2 threads; 0.55 leaves 30 facts for another
+    # CPU's near-ties, far above where w4 can reach
+    assert acc.loc["fp", "accuracy"] > 0.55
     # w4: every calibration measured so far (15 runs, 1k-16k tokens, seeds 0-2) gave 31-49 %;
     # a broken quantizer gives ~0 % or FP's 62 %. 28-55 % keeps 3 and 6 points of margin.
     assert 0.28 <= acc.loc[v4.name, "accuracy"] <= 0.55
-    # w2 collapses: the answer's median rank was 21 000+ of 49 152 in every run
+    # w2 collapses: the answer's median rank was 18 000+ of 49 152 in every run
     assert acc.loc[v2.name, "median_rank"] > 1000
     assert acc.loc[v2.name, "accuracy"] <= 0.02
 
