@@ -8,7 +8,7 @@ Each run is a child process (``python gptq_child.py JOB.json``), for three reaso
 
 - **the same checkpoint under any thread count.** GPTQ's error feedback turns one flipped
   rounding into many: the same calibration quantized with 1 and with 2 torch threads gave
-  different 4-bit codes for 16 % of SmolLM2's weights (float sums in another order flip a code at
+  different 4-bit codes for 13.6 % of SmolLM2's weights (float sums in another order flip a code at
   a rounding boundary, and each later column of that row absorbs a different error). The child
   always runs with ``threads`` torch threads (default 1), whatever the parent uses;
 - **parallel variants.** Much of GPTQModel's CPU time is a Python loop over weight columns, so
