@@ -94,10 +94,8 @@ def cmd_cliff(args) -> int:
     """Recall of FP vs quantized variants at several bit widths (paper Fig. 1), with the
     calibration spread when --calib-seeds > 1."""
     import mechq
-    from mechq import plots
-    from mechq.cliff import cliff_requests, cliff_table, summary_markdown, variant_table
+    from mechq.cliff import cliff_requests, summary_markdown, write_cliff
     from mechq.quant.quantize import quantize_many
-    from mechq.recall import accuracy
 
     t0 = time.perf_counter()
     out, model, facts = _prepare(args)
@@ -106,20 +104,11 @@ def cmd_cliff(args) -> int:
                               desc_act=args.desc_act, **_calib_kw(args))
     variants = quantize_many(model, requests, on_start=_gptq_log_note, verbose=args.verbose)
     recall = mechq.evaluate_recall(model, facts, variants, batch_size=args.batch_size)
-    info = variant_table(variants)
-    recall = recall.merge(info[["variant", "config", "bits", "seed"]], on="variant", how="left")
-    recall.to_csv(out / "recall.csv", index=False)
-    per_variant = accuracy(recall).merge(info, on="variant", how="left")
-    per_variant.to_csv(out / "accuracy.csv", index=False)
-    table = cliff_table(recall, variants)
-    table.to_csv(out / "cliff.csv", index=False)
-    seed0 = recall[recall["seed"].fillna(0) == 0]
-    fig = plots.performance_cliff(
-        table, accuracy(seed0, ["config", "relation"]).rename(columns={"config": "variant"}),
-        title=f"Performance cliff — {args.model}, {args.method.upper()} g{args.group_size}, "
-              f"{len(facts)} facts", seeds=per_variant)
-    path = plots.save_html(fig, out / "performance_cliff.html")
-    plots.save_html(plots.rank_ecdf(seed0), out / "answer_rank.html")
+    res = write_cliff(recall, variants, out,
+                      title=f"Performance cliff — {args.model}, {args.method.upper()} "
+                            f"g{args.group_size}, {len(facts)} facts")
+    recall, table = res.recall, res.table
+    path = out / "performance_cliff.html"
     print("\n" + summary_markdown(table))
     kinds = recall[recall.variant == "fp"]["target_kind"].value_counts().to_dict()
     print(f"\ntarget tokens: {kinds} (column target_kind of recall.csv)")

@@ -19,6 +19,9 @@ A spread inside the CI means the calibration moves the number less than the fact
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 from collections.abc import Sequence
 
 import pandas as pd
@@ -83,6 +86,42 @@ def cliff_table(recall: pd.DataFrame, variants: Sequence[Variant]) -> pd.DataFra
             median_rank=float(r["target_rank"].median()),
             mean_target_prob=float(r["target_prob"].mean())))
     return pd.DataFrame(rows)
+
+
+@dataclass
+class CliffOutputs:
+    """What :func:`write_cliff` computed (and wrote into its folder)."""
+
+    recall: pd.DataFrame       # recall rows with config, bits and seed columns
+    per_variant: pd.DataFrame  # accuracy per variant (every seed) with its configuration
+    table: pd.DataFrame        # cliff_table: one row per configuration
+    seed0: pd.DataFrame        # the recall rows of seed 0 (and FP)
+    cliff_fig: object
+    rank_fig: object
+
+
+def write_cliff(recall: pd.DataFrame, variants: Sequence[Variant], out: Path,
+                title: str) -> CliffOutputs:
+    """The cliff's frames and figures from recall rows, written to ``out``: recall.csv,
+    accuracy.csv, cliff.csv, performance_cliff.html and answer_rank.html (shared by
+    ``mechq cliff`` and :func:`mechq.report`)."""
+    from mechq import plots
+
+    info = variant_table(variants)
+    recall = recall.merge(info[["variant", "config", "bits", "seed"]], on="variant", how="left")
+    recall.to_csv(out / "recall.csv", index=False)
+    per_variant = accuracy(recall).merge(info, on="variant", how="left")
+    per_variant.to_csv(out / "accuracy.csv", index=False)
+    table = cliff_table(recall, variants)
+    table.to_csv(out / "cliff.csv", index=False)
+    seed0 = recall[recall["seed"].fillna(0) == 0]
+    cliff_fig = plots.performance_cliff(
+        table, accuracy(seed0, ["config", "relation"]).rename(columns={"config": "variant"}),
+        title=title, seeds=per_variant)
+    plots.save_html(cliff_fig, out / "performance_cliff.html")
+    rank_fig = plots.rank_ecdf(seed0)
+    plots.save_html(rank_fig, out / "answer_rank.html")
+    return CliffOutputs(recall, per_variant, table, seed0, cliff_fig, rank_fig)
 
 
 def summary_markdown(table: pd.DataFrame, fp_label: str = "FP") -> str:

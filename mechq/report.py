@@ -92,12 +92,12 @@ def report(
     the one-line stage messages (default: print to stdout).
     """
     from mechq import models, plots
-    from mechq.cliff import cliff_requests, cliff_table, summary_markdown, variant_table
+    from mechq.cliff import cliff_requests, summary_markdown, write_cliff
     from mechq.facts import load_fact_source
     from mechq.html_report import Report
     from mechq.lens import lens_summary, logit_lens
     from mechq.quant.quantize import quantize_many
-    from mechq.recall import (FP, accuracy, evaluate_recall, recall_from_lens, subset_sizes,
+    from mechq.recall import (FP, evaluate_recall, recall_from_lens, subset_sizes,
                               subsets)
 
     echo = echo or (lambda s: print(s, flush=True))
@@ -158,20 +158,9 @@ def report(
     recall = pd.concat(parts, ignore_index=True)
     recall = (recall.assign(_o=recall["variant"].map({n: i for i, n in enumerate(order)}))
               .sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True))
-    info = variant_table(variants)
-    recall = recall.merge(info[["variant", "config", "bits", "seed"]], on="variant", how="left")
-    recall.to_csv(out / "recall.csv", index=False)
-    per_variant = accuracy(recall).merge(info, on="variant", how="left")
-    per_variant.to_csv(out / "accuracy.csv", index=False)
-    table = cliff_table(recall, variants)
-    table.to_csv(out / "cliff.csv", index=False)
-    seed0 = recall[recall["seed"].fillna(0) == 0]
-    cliff_fig = plots.performance_cliff(
-        table, accuracy(seed0, ["config", "relation"]).rename(columns={"config": "variant"}),
-        title=f"Performance cliff — {name}", seeds=per_variant)
-    plots.save_html(cliff_fig, out / "performance_cliff.html")
-    rank_fig = plots.rank_ecdf(seed0)
-    plots.save_html(rank_fig, out / "answer_rank.html")
+    res = write_cliff(recall, variants, out, title=f"Performance cliff — {name}")
+    recall, per_variant, table, seed0 = res.recall, res.per_variant, res.table, res.seed0
+    cliff_fig, rank_fig = res.cliff_fig, res.rank_fig
 
     frames = {"accuracy": per_variant}
     machine = machine_description()
