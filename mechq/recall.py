@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pandas as pd
@@ -27,10 +26,10 @@ from transformer_lens import HookedTransformer
 
 from mechq.facts import FactSet, target_token
 from mechq.forward import PromptBatch, batches, decode, last_logits, last_states, score
-from mechq.quant.variants import Variant, swap
+from mechq.quant.variants import Variant, swapped
+from mechq.vocab import FP
 
-FP = "fp"
-__all__ = ["PromptBatch", "batches", "last_logits", "score"]  # re-exported for older imports
+__all__ = ["FP", "PromptBatch", "batches", "last_logits", "score", "swapped"]  # re-exported for older imports
 
 
 def tokenize_facts(model: HookedTransformer, facts: FactSet) -> tuple[list[list[int]], pd.DataFrame]:
@@ -60,11 +59,6 @@ def variant_runs(variants, include_fp: bool = True) -> list[tuple[str, Variant |
     if len(set(names)) != len(names):
         raise ValueError(f"Variant names must be unique, got {names}")
     return out
-
-
-def swapped(model: HookedTransformer, variant: Variant | None):
-    """``swap(model, variant)`` for a variant, a no-op context for FP (``None``)."""
-    return swap(model, variant) if variant is not None else nullcontext(model)
 
 
 def evaluate_recall(

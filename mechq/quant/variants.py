@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -153,3 +153,12 @@ def swap(
     finally:
         for name, data in saved.items():
             params[name].data = data
+
+
+def swapped(model: HookedTransformer, variant: VariantSpec | None):
+    """``swap(model, variant)`` for a variant; for FP (``None``) a context that changes nothing.
+
+    The one place that decides "swap or not": every analysis that loops over FP and variants
+    enters ``with swapped(model, v):``.
+    """
+    return swap(model, variant) if variant is not None else nullcontext(model)

@@ -1,0 +1,38 @@
+"""The names every mechq module shares: the FP run's name, the bit widths, the streams, hooks.
+
+One definition each, so that a frame written by one analysis can be read by another:
+
+- :data:`FP` — the ``variant`` value of rows computed on the full-precision model.
+- :data:`SUPPORTED_BITS` — the weight bit widths mechq packs, reads and quantizes (GPTQ's int32
+  packing is defined for 2, 3, 4 and 8 bits).
+- :data:`STREAMS` — the three per-block outputs the representation and injection analyses read:
+  the residual stream leaving a block, and what attention and the MLP write into it.
+- :func:`hook_name` — a TransformerLens hook name, built by TransformerLens's own
+  ``get_act_name`` (``hook_name("resid_post", 3) == "blocks.3.hook_resid_post"``,
+  ``hook_name("pattern", 3) == "blocks.3.attn.hook_pattern"``).
+- :func:`lens_hook_name` — the residual stream *entering* layer ``l`` in the logit-lens
+  convention: ``l = 0`` is the embeddings (``blocks.0.hook_resid_pre``), ``l ≥ 1`` the output of
+  block ``l - 1``.
+"""
+from __future__ import annotations
+
+from transformer_lens.utilities import get_act_name
+
+FP = "fp"
+SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
+STREAMS: tuple[str, ...] = ("resid_post", "attn_out", "mlp_out")
+
+
+def hook_name(activation: str, layer: int) -> str:
+    """TransformerLens's hook name of ``activation`` in block ``layer``."""
+    return get_act_name(activation, layer)
+
+
+def hook_template(activation: str) -> str:
+    """``hook_name`` with ``{l}`` in place of the layer, for ``template.format(l=layer)``."""
+    return get_act_name(activation, 0).replace("blocks.0.", "blocks.{l}.", 1)
+
+
+def lens_hook_name(layer: int) -> str:
+    """The residual stream entering layer ``layer`` (``layer == n_layers``: after the last block)."""
+    return hook_name("resid_pre", 0) if layer == 0 else hook_name("resid_post", layer - 1)
