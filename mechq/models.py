@@ -25,23 +25,21 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
+
+from mechq import families
 
 EMBEDDED = "smollm2-135m"
 TINY = "tiny-gpt2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ASSETS = Path(__file__).parent / "assets"
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "Qwen2ForCausalLM",
-    "MistralForCausalLM",
-    "GPT2LMHeadModel",
-)
+SUPPORTED_ARCHITECTURES = families.architectures()
 
 
 class ModelLoadError(ValueError):
@@ -185,94 +183,11 @@ def _architecture(config_json: Path) -> str:
     cfg = json.loads(config_json.read_text())
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else ""
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelLoadError(
-            f"{config_json}: architecture {arch or '(none)'!r} is not supported; "
-            f"mechq supports {', '.join(SUPPORTED_ARCHITECTURES)}."
-        )
+    try:
+        families.for_architecture(arch)
+    except ValueError as e:
+        raise ModelLoadError(f"{config_json}: {e}") from None
     return arch
-
-
-# --------------------------------------------------------------------------------------------
-# Hugging Face config -> HookedTransformerConfig, and weights
-# --------------------------------------------------------------------------------------------
-
-
-def hooked_config(hf_config, *, device: str, dtype: torch.dtype) -> HookedTransformerConfig:
-    """Build the ``HookedTransformerConfig`` for a Hugging Face config, without the hub.
-
-    (``HookedTransformer.from_pretrained(hf_model=...)`` still fetches a config from the hub.)
-    """
-    arch = hf_config.architectures[0]
-    common = dict(device=device, dtype=dtype, original_architecture=arch)
-    if arch == "GPT2LMHeadModel":
-        return HookedTransformerConfig(
-            d_model=hf_config.n_embd,
-            d_head=hf_config.n_embd // hf_config.n_head,
-            n_heads=hf_config.n_head,
-            d_mlp=hf_config.n_inner or 4 * hf_config.n_embd,
-            n_layers=hf_config.n_layer,
-            n_ctx=hf_config.n_positions,
-            eps=hf_config.layer_norm_epsilon,
-            d_vocab=hf_config.vocab_size,
-            act_fn=_gpt2_act(hf_config.activation_function),
-            use_attn_scale=True,
-            normalization_type="LN",
-            positional_embedding_type="standard",
-            **common,
-        )
-    # Llama, Mistral and Qwen2 share the RMSNorm / rotary / SwiGLU block.
-    d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    n_kv = hf_config.num_key_value_heads
-    rope = getattr(hf_config, "rope_parameters", None) or {}
-    rotary_base = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-    window = getattr(hf_config, "sliding_window", None) if arch == "MistralForCausalLM" else None
-    return HookedTransformerConfig(
-        d_model=hf_config.hidden_size,
-        d_head=d_head,
-        n_heads=hf_config.num_attention_heads,
-        n_key_value_heads=n_kv if n_kv != hf_config.num_attention_heads else None,
-        d_mlp=hf_config.intermediate_size,
-        n_layers=hf_config.num_hidden_layers,
-        n_ctx=min(hf_config.max_position_embeddings, 8192),
-        eps=hf_config.rms_norm_eps,
-        d_vocab=hf_config.vocab_size,
-        act_fn=hf_config.hidden_act,
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        rotary_dim=d_head,
-        rotary_base=float(rotary_base),
-        rotary_adjacent_pairs=False,
-        gated_mlp=True,
-        final_rms=True,
-        use_local_attn=bool(window),
-        window_size=window,
-        attn_types=["local"] * hf_config.num_hidden_layers if window else None,
-        **common,
-    )
-
-
-def _gpt2_act(name: str) -> str:
-    return {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "gelu_fast": "gelu_fast"}.get(
-        name, "gelu_new"
-    )
-
-
-def _state_dict(hf_model, cfg: HookedTransformerConfig) -> dict[str, torch.Tensor]:
-    from transformer_lens.pretrained.weight_conversions import (
-        convert_gpt2_weights,
-        convert_llama_weights,
-        convert_mistral_weights,
-        convert_qwen2_weights,
-    )
-
-    convert = {
-        "LlamaForCausalLM": convert_llama_weights,
-        "MistralForCausalLM": convert_mistral_weights,
-        "Qwen2ForCausalLM": convert_qwen2_weights,
-        "GPT2LMHeadModel": convert_gpt2_weights,
-    }[cfg.original_architecture]
-    return convert(hf_model, cfg)
 
 
 def load_hf(name: str = EMBEDDED, *, dtype: torch.dtype = torch.float32):
@@ -297,16 +212,18 @@ def load_model(
 
     Weights are loaded unprocessed (``fold_ln=False``, no centering), so the HookedTransformer
     computes the same function as the Hugging Face model (logits agree within 1e-4) and each
-    weight matrix maps one-to-one onto a Hugging Face linear layer. ``model.mechq_source``
-    records where the weights came from (:class:`ModelSource`).
+    weight matrix maps one-to-one onto a Hugging Face linear layer. The model's family
+    (:mod:`mechq.families`) builds its config and converts its weights; where the weights came
+    from is registered for :func:`source_of`.
     """
     device = device or default_device()
     hf, tok, src = load_hf(name, dtype=dtype)
-    cfg = hooked_config(hf.config, device=device, dtype=dtype)
+    family = families.for_architecture(src.architecture)
+    cfg = family.hooked_config(hf.config, device=device, dtype=dtype)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
-    state = _state_dict(hf, cfg)
+    state = family.state_dict(hf, cfg)
     model.load_and_process_state_dict(
         state,
         fold_ln=False,
@@ -318,17 +235,34 @@ def load_model(
     model.to(device, print_details=False)
     model.eval()
     model.requires_grad_(False)
-    model.mechq_source = src
+    register_source(model, src)
     del hf
     return model
 
 
+# --------------------------------------------------------------------------------------------
+# Which weights a loaded model came from
+# --------------------------------------------------------------------------------------------
+
+# The one registry of model sources. Quantizers need the Hugging Face directory behind a
+# HookedTransformer (GPTQModel reads it); the model object itself is left untouched. Entries
+# vanish with their model (weak keys).
+_SOURCES: weakref.WeakKeyDictionary[HookedTransformer, ModelSource] = weakref.WeakKeyDictionary()
+
+
+def register_source(model: HookedTransformer, source: ModelSource) -> None:
+    """Record that ``model``'s weights are those of ``source`` (done by :func:`load_model`; call
+    it yourself for a HookedTransformer you built from a Hugging Face directory)."""
+    _SOURCES[model] = source
+
+
 def source_of(model: HookedTransformer) -> ModelSource:
-    """The :class:`ModelSource` of a model loaded by :func:`load_model`."""
-    src = getattr(model, "mechq_source", None)
-    if src is None:
+    """The :class:`ModelSource` of a model loaded by :func:`load_model` (or registered)."""
+    try:
+        return _SOURCES[model]
+    except KeyError:
         raise ModelLoadError(
             "This HookedTransformer was not loaded by mechq.load_model, so mechq does not know "
-            "the Hugging Face weights behind it. Load it with mechq.load_model(name_or_dir)."
-        )
-    return src
+            "the Hugging Face weights behind it. Load it with mechq.load_model(name_or_dir), or "
+            "register its directory with mechq.models.register_source(model, ModelSource(...))."
+        ) from None

@@ -76,6 +76,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
+from mechq.families import family_of
 from mechq.facts import Fact, FactSet, target_token
 from mechq.forward import kernel_layout
 from mechq.positions import NAMES, locate_fact
@@ -190,11 +191,7 @@ class _Prepared:
 
 def _can_reuse_kv(model: HookedTransformer) -> bool:
     """Whether ``hook_k`` / ``hook_v`` are exactly what TransformerLens's KV cache stores."""
-    cfg = model.cfg
-    olmo = cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM",
-                                         "Olmo3ForCausalLM")
-    return not olmo and cfg.clip_qkv is None and not getattr(cfg, "use_attn_in", False) \
-        and not getattr(cfg, "use_split_qkv_input", False)
+    return family_of(model.cfg).kv_cache_matches_hooks(model.cfg)
 
 
 @torch.no_grad()

@@ -64,7 +64,7 @@ def test_tokenizer_attached(smol):
 def test_embedded_conversion_is_cached(smol):
     d = models.cache_dir() / "models" / "smollm2-135m"
     assert (d / "config.json").exists() and (d / "model.safetensors").exists()
-    assert smol.mechq_source.hf_dir == d
+    assert models.source_of(smol).hf_dir == d
 
 
 def test_local_directory_loads_like_the_name(tiny):

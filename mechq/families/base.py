@@ -1,0 +1,67 @@
+"""What a model family must tell mechq, and the :class:`Site` record it answers with.
+
+Orientation convention: a module's weight is handled as ``torch.nn.Linear.weight``, shape
+``(out_features, in_features)``, whatever the family stores; a family that stores the transpose
+(GPT-2's ``Conv1D``) accounts for it in :meth:`Family.to_hooked` / :meth:`Family.from_hooked`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformerConfig
+
+
+@dataclass(frozen=True)
+class Site:
+    """One component of one layer: ``module`` (HF name) feeds HookedTransformer ``param``.
+
+    ``part`` selects a slice of a fused module (GPT-2 ``c_attn`` holds q, k, v as parts 0, 1, 2).
+    """
+
+    layer: int
+    component: str
+    module: str
+    param: str
+    part: int | None = None
+
+
+class Family:
+    """One architecture family. Subclasses fill in every method; one instance is registered."""
+
+    name: str = ""
+    architectures: tuple[str, ...] = ()
+
+    def hooked_config(self, hf_config, *, device: str, dtype: torch.dtype
+                      ) -> HookedTransformerConfig:
+        """The ``HookedTransformerConfig`` for a Hugging Face config (built offline)."""
+        raise NotImplementedError
+
+    def state_dict(self, hf_model, cfg: HookedTransformerConfig) -> dict[str, Tensor]:
+        """The HF model's weights as an (unprocessed) TransformerLens state dict."""
+        raise NotImplementedError
+
+    def layer_sites(self, cfg: HookedTransformerConfig, layer: int) -> list[Site]:
+        """The quantizable sites of one layer, in component order."""
+        raise NotImplementedError
+
+    def to_hooked(self, w: Float[Tensor, "out in"], site: Site, cfg: HookedTransformerConfig
+                  ) -> Tensor:
+        """The HookedTransformer tensor for ``site`` from its module's Linear-oriented weight."""
+        raise NotImplementedError
+
+    def from_hooked(self, params: Mapping[str, Tensor], parts: Sequence[Site],
+                    cfg: HookedTransformerConfig) -> Float[Tensor, "out in"]:
+        """The inverse of :meth:`to_hooked`: a module's weight from the sites it feeds."""
+        raise NotImplementedError
+
+    def kv_cache_matches_hooks(self, cfg: HookedTransformerConfig) -> bool:
+        """Whether ``hook_k`` / ``hook_v`` hold exactly what TransformerLens's KV cache stores
+        (then a patched run may reuse the cached keys and values of unpatched positions).
+        Not so when keys/values are clipped or computed from split inputs."""
+        return (cfg.clip_qkv is None and not getattr(cfg, "use_attn_in", False)
+                and not getattr(cfg, "use_split_qkv_input", False))
