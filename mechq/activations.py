@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import torch
 from beartype import beartype
@@ -39,7 +38,8 @@ from transformer_lens import HookedTransformer
 
 from mechq.facts import FactSet
 from mechq.positions import locate_fact
-from mechq.quant.variants import VariantSpec, swap
+from mechq.forward import pad_id
+from mechq.quant.variants import VariantSpec, swapped
 from mechq.recall import batches, tokenize_facts
 
 #: Named positions that are a single token (the ones :func:`collect` can gather).
@@ -111,7 +111,6 @@ def _collect(
     dev = model.cfg.device
     n = len(prompts)
     max_len = max(len(p) for p in prompts)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     hook_set = set(hooks)
     stop = _stop_layer(model, hooks)
     out: Activations = {}
@@ -133,8 +132,8 @@ def _collect(
                     out[key] = torch.empty((n, *val.shape[1:]), dtype=act.dtype)
                 out[key][state["idx"]] = val.detach().cpu()
 
-    with swap(model, variant) if variant is not None else nullcontext():
-        for idx, b in batches(prompts, [0] * n, batch_size, pad):
+    with swapped(model, variant):
+        for idx, b in batches(prompts, [0] * n, batch_size, pad_id(model)):
             it = torch.tensor(idx, dtype=torch.long)
             state.update(
                 idx=it,

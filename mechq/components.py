@@ -38,7 +38,7 @@ with itself (JSD 0, sign flip 0, Jaccard 1, cosine 1): the reference line in plo
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
@@ -52,15 +52,11 @@ from transformer_lens import HookedTransformer
 from mechq.activations import Activations, _collect, prompt_positions
 from mechq.facts import FactSet
 from mechq.quant.variants import Variant, VariantSpec
-from mechq.recall import FP, tokenize_facts
+from mechq.recall import FP, tokenize_facts, variant_runs
+from mechq.vocab import hook_template
 
 METRICS = ("attn_entropy", "attn_jsd", "sign_flip", "topk_jaccard", "value_cosine")
-HOOKS = {
-    "pattern": "blocks.{l}.attn.hook_pattern",
-    "pre": "blocks.{l}.mlp.hook_pre",
-    "post": "blocks.{l}.mlp.hook_post",
-    "mlp_out": "blocks.{l}.hook_mlp_out",
-}
+HOOKS = {k: hook_template(k) for k in ("pattern", "pre", "post", "mlp_out")}  # "blocks.{l}...."
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,22 +185,8 @@ def _frame(name: str, vals: dict, info: pd.DataFrame) -> pd.DataFrame:
 
 
 def named_variants(variants) -> list[tuple[str, VariantSpec]]:
-    """``[(name, spec)]`` from Variants and ``(name, spec)`` pairs (spec: a Variant or a
-    ``{layer: Variant | None}`` mapping, ``{}`` = FP through the variant code path)."""
-    out = []
-    for v in variants or []:
-        if isinstance(v, Variant):
-            out.append((v.name, v))
-        elif (isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)
-              and (isinstance(v[1], (Variant, Mapping)))):
-            out.append(v)
-        else:
-            raise TypeError(f"variants must be Variants or (name, Variant | mapping) pairs, "
-                            f"got {type(v).__name__}")
-    names = [FP] + [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Variant names must be unique and not {FP!r}, got {names[1:]}")
-    return out
+    """``[(name, spec)]`` of the variants (FP not included): :func:`mechq.recall.variant_runs`."""
+    return variant_runs(variants, include_fp=False)
 
 
 @beartype

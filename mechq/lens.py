@@ -25,7 +25,7 @@ from transformer_lens import HookedTransformer
 from mechq.facts import FactSet
 from mechq.forward import decode, lens_hook_name, last_states
 from mechq.quant.variants import Variant
-from mechq.recall import swapped, tokenize_facts, variant_runs
+from mechq.recall import bits_of, swapped, tokenize_facts, variant_runs
 
 
 def lens_hook_names(n_layers: int) -> list[str]:
@@ -60,7 +60,7 @@ def logit_lens(
 ) -> pd.DataFrame:
     """One row per variant × fact × lens layer: target prob and rank at the last position.
 
-    Columns: variant, fact_id, relation, layer (0 … n_layers), target_prob, target_rank,
+    Columns: variant, bits, fact_id, relation, layer (0 … n_layers), target_prob, target_rank,
     top1_id, top1. Subsets (Robust / Failure) are joined later by ``fact_id``. The rows of layer
     ``n_layers`` are the model's own output, i.e. :func:`mechq.evaluate_recall`'s numbers.
     """
@@ -80,6 +80,7 @@ def logit_lens(
         n = len(prompts)
         frames.append(pd.DataFrame({
             "variant": name,
+            "bits": bits_of(v),
             "fact_id": info["fact_id"].repeat(L + 1).to_numpy(),
             "relation": info["relation"].repeat(L + 1).to_numpy(),
             "layer": list(range(L + 1)) * n,

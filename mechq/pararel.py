@@ -37,7 +37,6 @@ import os
 import random
 import re
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +45,8 @@ from transformer_lens import HookedTransformer
 from tqdm.auto import tqdm
 
 from mechq.facts import Fact, FactSet, target_token
-from mechq.quant.variants import Variant, swap
-from mechq.recall import FP, batches, last_logits, score, variant_runs
+from mechq.quant.variants import Variant
+from mechq.recall import bits_of, recall_rows, score_prompts, swapped, variant_runs
 
 PATTERN_DIR = Path("data") / "pattern_data" / "graphs_json"
 TUPLE_DIR = Path("data") / "trex_lms_vocab"
@@ -252,8 +251,9 @@ def evaluate_paraphrases(
 ) -> pd.DataFrame:
     """One row per fact × paraphrase × variant: correct, target_prob, target_rank, top1.
 
-    Same scoring as :func:`mechq.evaluate_recall` (first token of ``" " + object`` at the last
-    position; BOS prepended as the model does), on every paraphrase prompt.
+    Same scorer as :func:`mechq.evaluate_recall` (first token of ``" " + object`` at the last
+    position; BOS prepended as the model does), on every paraphrase prompt; the prompts of one
+    paraphrase pattern share their prefix's forward.
     """
     if not pararel.paraphrases:
         raise ValueError("evaluate_paraphrases needs at least one paraphrase.")
@@ -270,28 +270,16 @@ def evaluate_paraphrases(
     frame["target_kind"] = [targets[i][2] for i in frame["fact_id"]]
     frame["n_tokens"] = [len(p) for p in prompts]
     assert all(i in by_id for i in frame["fact_id"])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     todo = variant_runs(variants, include_fp)
     out = []
     bar = tqdm(total=len(todo) * len(prompts), desc="paraphrases", unit="prompt",
                disable=not progress)
     for name, v in todo:
-        cols: dict[str, list] = {k: [None] * len(prompts) for k in
-                                 ("correct", "target_prob", "target_rank", "top1_id")}
-        with swap(model, v) if v is not None else nullcontext():
-            for idx, b in batches(prompts, frame["target_id"].tolist(), batch_size, pad):
-                s = score(last_logits(model, b), b.targets)
-                for k in cols:
-                    for row, i in enumerate(idx):
-                        cols[k][i] = s[k][row].item()
-                bar.update(len(idx))
-        df = frame.drop(columns=["pattern"]).copy()
-        df.insert(0, "variant", name)
-        for k, vals in cols.items():
-            df[k] = vals
-        df["correct"] = df["correct"].astype(bool)
-        df["top1"] = [tok.decode([t]) for t in df["top1_id"]]
-        out.append(df)
+        with swapped(model, v):
+            cols = score_prompts(model, prompts, frame, groups=frame["pattern"],
+                                 batch_size=batch_size, on_batch=bar.update)
+        out.append(recall_rows(model, frame.drop(columns=["pattern"]), name, cols,
+                               bits=bits_of(v)))
     bar.close()
     return pd.concat(out, ignore_index=True)
 

@@ -13,10 +13,9 @@ prefix computed once per relation); only the last position of each prompt is dec
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
@@ -26,7 +25,7 @@ from transformer_lens import HookedTransformer
 
 from mechq.facts import FactSet, target_token
 from mechq.forward import PromptBatch, batches, decode, last_logits, last_states, score
-from mechq.quant.variants import Variant, swapped
+from mechq.quant.variants import Variant, VariantSpec, swapped
 from mechq.vocab import FP
 
 __all__ = ["FP", "PromptBatch", "batches", "last_logits", "score", "swapped"]  # re-exported for older imports
@@ -46,19 +45,36 @@ def tokenize_facts(model: HookedTransformer, facts: FactSet) -> tuple[list[list[
     return prompts, pd.DataFrame(rows)
 
 
-def variant_runs(variants, include_fp: bool = True) -> list[tuple[str, Variant | None]]:
-    """``[(name, variant)]`` with FP first as ``("fp", None)``; names must be unique."""
-    out: list[tuple[str, Variant | None]] = [(FP, None)] if include_fp else []
+def variant_runs(variants, include_fp: bool = True) -> list[tuple[str, VariantSpec]]:
+    """The one normaliser of a ``variants`` argument: ``[(name, spec)]`` with FP first as
+    ``("fp", None)`` when ``include_fp``.
+
+    Items are :class:`Variant` objects or ``(name, spec)`` pairs, where ``spec`` is a Variant or a
+    ``{layer: Variant | None}`` mapping for mixed precision (``{}`` = FP through the variant code
+    path). ``None`` items are skipped. Names must be unique and not ``"fp"``.
+    """
+    out: list[tuple[str, VariantSpec]] = [(FP, None)] if include_fp else []
     for v in variants or []:
         if v is None:
             continue
-        if not isinstance(v, Variant):
-            raise TypeError(f"variants must be mechq Variants, got {type(v).__name__}")
-        out.append((v.name, v))
+        if isinstance(v, Variant):
+            out.append((v.name, v))
+        elif (isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)
+              and isinstance(v[1], (Variant, Mapping))):
+            out.append(v)
+        else:
+            raise TypeError(f"variants must be mechq Variants or (name, Variant | mapping) "
+                            f"pairs, got {type(v).__name__}")
     names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Variant names must be unique, got {names}")
+    if len(set(names)) != len(names) or (not include_fp and FP in names):
+        raise ValueError(f"Variant names must be unique and not {FP!r}, got {names}")
     return out
+
+
+def bits_of(spec: VariantSpec) -> float:
+    """The ``bits`` column of a frame's rows: a Variant's bit width, NaN for FP and for
+    per-layer mixes (whose widths differ by layer)."""
+    return float(spec.bits) if isinstance(spec, Variant) else float("nan")
 
 
 def evaluate_recall(
@@ -85,27 +101,31 @@ def evaluate_recall(
         with swapped(model, v):
             cols = score_prompts(model, prompts, info, batch_size=batch_size,
                                  on_batch=bar.update)
-        frames.append(recall_rows(model, info, name, cols))
+        frames.append(recall_rows(model, info, name, cols, bits=bits_of(v)))
     bar.close()
     return pd.concat(frames, ignore_index=True)
 
 
 def score_prompts(model: HookedTransformer, prompts: list[list[int]], info: pd.DataFrame, *,
-                  batch_size: int = 64, on_batch=None) -> dict[str, np.ndarray]:
-    """Score tokenized facts with the model's current weights: correct, target prob, target rank
-    and top-1 id per prompt. The one scorer every fact analysis uses (recall, sensitivity), so
-    their numbers agree to the bit: prompts of one relation share their prefix's forward."""
+                  groups: Sequence | None = None, batch_size: int = 64, on_batch=None
+                  ) -> dict[str, np.ndarray]:
+    """Score tokenized prompts with the model's current weights: correct, target prob, target
+    rank and top-1 id per prompt (target: ``info["target_id"]``). The one scorer every fact
+    analysis uses (recall, Pararel, sensitivity), so their numbers agree to the bit. Prompts of
+    one group (default: ``info["relation"]``, i.e. one template) share their prefix's forward."""
     targets = torch.tensor(info["target_id"].to_numpy())
-    resid = last_states(model, prompts, [model.cfg.n_layers], groups=info["relation"].tolist(),
+    groups = info["relation"].tolist() if groups is None else list(groups)
+    resid = last_states(model, prompts, [model.cfg.n_layers], groups=groups,
                         batch_size=batch_size, on_batch=on_batch)[:, 0]
     return {k: t.numpy() for k, t in score_states(model, resid, targets, chunk=batch_size).items()}
 
 
-def recall_rows(model: HookedTransformer, info: pd.DataFrame, variant: str, cols: dict
-                ) -> pd.DataFrame:
+def recall_rows(model: HookedTransformer, info: pd.DataFrame, variant: str, cols: dict,
+                bits: float = float("nan")) -> pd.DataFrame:
     """The frame of one variant: ``info`` (from :func:`tokenize_facts`) plus score columns."""
     df = info.copy()
     df.insert(0, "variant", variant)
+    df.insert(1, "bits", bits)
     for k in ("correct", "target_prob", "target_rank", "top1_id"):
         df[k] = cols[k]
     df["correct"] = df["correct"].astype(bool)
@@ -127,7 +147,7 @@ def recall_from_lens(model: HookedTransformer, facts: FactSet, lens: pd.DataFram
         top1 = g["top1_id"].to_numpy()
         frames.append(recall_rows(model, info, name, dict(
             correct=top1 == info["target_id"].to_numpy(), target_prob=g["target_prob"].to_numpy(),
-            target_rank=g["target_rank"].to_numpy(), top1_id=top1)))
+            target_rank=g["target_rank"].to_numpy(), top1_id=top1), bits=g["bits"].iloc[0]))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -177,12 +197,15 @@ def _reference_name(recall_df: pd.DataFrame, fp: str, reference: str | None) -> 
         if reference not in names:
             raise ValueError(f"Reference variant {reference!r} is not in the frame (have {names}).")
         return reference
-    w4 = [n for n in names if re.search(r"(?<!\d)(w4(?!\d)|4-?bits?\b)", n)]
     if len(names) == 1:
         return names[0]
-    if len(w4) == 1:
-        return w4[0]
-    raise ValueError(f"Pass reference=: cannot pick the 4-bit variant among {names}.")
+    if "bits" in recall_df:
+        bits = recall_df.drop_duplicates("variant").set_index("variant")["bits"]
+        w4 = [n for n in names if bits.get(n) == 4]
+        if len(w4) == 1:
+            return w4[0]
+    raise ValueError(f"Pass reference=: cannot pick the one 4-bit variant (column 'bits') "
+                     f"among {names}.")
 
 
 def subsets(
@@ -194,8 +217,7 @@ def subsets(
     - ``failure``: correct under FP, wrong under ``reference``;
     - ``fp_correct``: correct under FP (= robust ∪ failure).
 
-    ``reference=None`` picks the only non-FP variant, or the only one whose name says 4 bits
-    (``gptq-w4g128``).
+    ``reference=None`` picks the only non-FP variant, or the only one with ``bits == 4``.
     """
     ref = _reference_name(recall_df, fp, reference)
     if fp not in set(recall_df["variant"]):
@@ -213,6 +235,16 @@ def subsets(
         failure=set(common[a & ~b]),
         fp_correct=set(common[a]),
     )
+
+
+def subset_labels(recall_df: pd.DataFrame, fp: str = FP, reference: str | None = None,
+                  fp_wrong: str | None = "FP wrong") -> dict[str, str | None]:
+    """``fact_id -> "Robust" | "Failure"`` (:func:`subsets`), and ``fp_wrong`` for the facts FP
+    gets wrong: the one mapping every Robust / Failure column is made from."""
+    sub = subsets(recall_df, fp, reference)
+    ids = dict.fromkeys(recall_df.loc[recall_df["variant"] == fp, "fact_id"])
+    return {i: "Robust" if i in sub["robust"] else "Failure" if i in sub["failure"] else fp_wrong
+            for i in ids}
 
 
 def subset_sizes(

@@ -97,8 +97,8 @@ def report(
     from mechq.html_report import Report
     from mechq.lens import lens_summary, logit_lens
     from mechq.quant.quantize import quantize_many
-    from mechq.recall import (FP, evaluate_recall, recall_from_lens, subset_sizes,
-                              subsets)
+    from mechq.recall import (FP, evaluate_recall, recall_from_lens, subset_labels,
+                              subset_sizes)
 
     echo = echo or (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
@@ -180,9 +180,8 @@ def report(
         stage(4, f"figures; logit lens split into Robust / Failure against {ref.name}")
         sizes = subset_sizes(recall, reference=ref.name)
         sizes.to_csv(out / "subsets.csv", index=False)
-        sub = subsets(recall, reference=ref.name)
-        label = {i: "Robust" for i in sub["robust"]} | {i: "Failure" for i in sub["failure"]}
-        lens["subset"] = lens["fact_id"].map(label)
+        lens["subset"] = lens["fact_id"].map(subset_labels(recall, reference=ref.name,
+                                                           fp_wrong=None))
         lens.to_csv(out / "lens.csv.gz", index=False)
         summ = lens_summary(lens.dropna(subset=["subset"]), ["subset", "variant", "layer"])
         summ.to_csv(out / "lens_summary.csv", index=False)

@@ -45,12 +45,9 @@ from mechq.components import named_variants
 from mechq.facts import FactSet
 from mechq.quant.variants import Variant, VariantSpec
 from mechq.recall import FP, tokenize_facts
+from mechq.vocab import STREAMS as VOCAB_STREAMS, hook_template
 
-STREAMS = {
-    "resid_post": "blocks.{l}.hook_resid_post",
-    "attn_out": "blocks.{l}.hook_attn_out",
-    "mlp_out": "blocks.{l}.hook_mlp_out",
-}
+STREAMS = {s: hook_template(s) for s in VOCAB_STREAMS}  # "blocks.{l}.hook_resid_post", ...
 SUBSPACE_METRICS = ("subspace_similarity", "error_alignment", "error_energy_in_fp_subspace")
 
 

@@ -167,11 +167,13 @@ def test_subsets_on_hand_made_recall_frame():
     rel = {"a": "R1", "b": "R1", "c": "R1", "d": "R2", "e": "R2", "f": "R2"}
     recs = []
     for fid, fp, w4 in rows:
-        recs += [dict(variant="fp", fact_id=fid, relation=rel[fid], correct=bool(fp)),
-                 dict(variant="gptq-w4g128", fact_id=fid, relation=rel[fid], correct=bool(w4)),
-                 dict(variant="gptq-w2g128", fact_id=fid, relation=rel[fid], correct=False)]
+        recs += [dict(variant="fp", bits=None, fact_id=fid, relation=rel[fid], correct=bool(fp)),
+                 dict(variant="gptq-w4g128", bits=4, fact_id=fid, relation=rel[fid],
+                      correct=bool(w4)),
+                 dict(variant="gptq-w2g128", bits=2, fact_id=fid, relation=rel[fid],
+                      correct=False)]
     df = pd.DataFrame(recs)
-    s = R.subsets(df)  # picks the 4-bit variant by name
+    s = R.subsets(df)  # picks the variant whose bits column says 4
     assert s["robust"] == {"a", "e"} and s["failure"] == {"b", "f"}
     assert s["fp_correct"] == {"a", "b", "e", "f"}
     s2 = R.subsets(df, reference="gptq-w2g128")
@@ -180,8 +182,11 @@ def test_subsets_on_hand_made_recall_frame():
     assert sizes.loc["all", ["n_facts", "fp_correct", "robust", "failure"]].tolist() == [6, 4, 2, 2]
     assert sizes.loc["R1", ["n_facts", "fp_correct", "robust", "failure"]].tolist() == [3, 2, 1, 1]
     assert sizes.loc["R2", "failure_rate"] == pytest.approx(0.5)  # float64 ratio of counts
-    with pytest.raises(ValueError, match="reference"):
-        R.subsets(df.replace({"variant": {"gptq-w4g128": "x", "gptq-w2g128": "y"}}))
+    with pytest.raises(ValueError, match="reference"):  # two 4-bit variants: no default
+        R.subsets(df.replace({"bits": {2: 4}}))
+    labels = R.subset_labels(df)
+    assert labels == {"a": "Robust", "b": "Failure", "c": "FP wrong", "d": "FP wrong",
+                      "e": "Robust", "f": "Failure"}
     with pytest.raises(ValueError, match="not in the frame"):
         R.subsets(df, reference="awq-w4")
 
