@@ -151,7 +151,7 @@ def cmd_lens(args) -> int:
     import mechq
     from mechq import plots
     from mechq.lens import lens_summary, logit_lens
-    from mechq.recall import subsets
+    from mechq.recall import subset_labels
 
     out, model, facts = _prepare(args)
     variants = load_variants(model, args.variants, args)
@@ -160,12 +160,10 @@ def cmd_lens(args) -> int:
     subset_col = None
     if variants:
         ref = args.reference or variants[0].name
-        sub = subsets(recall, reference=ref)
-        label = {i: "Robust" for i in sub["robust"]} | {i: "Failure" for i in sub["failure"]}
-        lens["subset"] = lens["fact_id"].map(label).fillna("FP wrong")
+        label = subset_labels(recall, reference=ref)
+        lens["subset"] = lens["fact_id"].map(label)
         subset_col = "subset"
-        n = {k: len(v) for k, v in sub.items()}
-        print(f"subsets (reference {ref}): Robust {n['robust']}, Failure {n['failure']}")
+        _print_subsets(ref, label)
     lens.to_csv(out / "lens.csv.gz", index=False)
     by = ([subset_col] if subset_col else []) + ["variant", "layer"]
     summ = lens_summary(lens, by)
@@ -197,7 +195,7 @@ def cmd_report(args) -> int:
 def _subset_labels(model, facts, variants, args) -> dict[str, str] | None:
     """fact_id -> "Robust" / "Failure" against the reference variant (None without variants)."""
     import mechq
-    from mechq.recall import subsets
+    from mechq.recall import subset_labels
 
     if not variants:
         return None
@@ -206,10 +204,14 @@ def _subset_labels(model, facts, variants, args) -> dict[str, str] | None:
     if not ref_v:
         raise SystemExit(f"--reference {ref} is not among the variants")
     recall = mechq.evaluate_recall(model, facts, ref_v, progress=False)
-    sub = subsets(recall, reference=ref)
-    print(f"subsets (reference {ref}): Robust {len(sub['robust'])}, "
-          f"Failure {len(sub['failure'])}")
-    return {i: "Robust" for i in sub["robust"]} | {i: "Failure" for i in sub["failure"]}
+    label = subset_labels(recall, reference=ref)
+    _print_subsets(ref, label)
+    return label
+
+
+def _print_subsets(ref: str, label: dict) -> None:
+    n = {k: list(label.values()).count(k) for k in ("Robust", "Failure")}
+    print(f"subsets (reference {ref}): Robust {n['Robust']}, Failure {n['Failure']}")
 
 
 def _finish(rep, heading: str, show, path: Path, frames: str) -> int:
@@ -232,7 +234,7 @@ def cmd_components(args) -> int:
     variants = load_variants(model, args.variants, args)
     df = component_metrics(model, facts, variants, batch_size=args.batch_size)
     labels = _subset_labels(model, facts, variants, args)
-    df["subset"] = df["fact_id"].map(labels).fillna("FP wrong") if labels else "all"
+    df["subset"] = df["fact_id"].map(labels) if labels else "all"
     df.to_csv(out / "components.csv.gz", index=False)
     summ = component_summary(df)
     summ.to_csv(out / "components_summary.csv", index=False)
@@ -290,14 +292,13 @@ def _choose_facts(model, facts, variants, args):
     e.g. the 4-bit one): Robust = FP and reference correct, Failure = FP correct, reference wrong.
     Facts FP gets wrong are labelled "FP wrong" (analysed only with ``--subset all``).
     """
-    labels = _subset_labels(model, facts, variants, args) or {}
+    label = _subset_labels(model, facts, variants, args) or {}
     keep = {"fp-correct": ("Robust", "Failure"), "failure": ("Failure",),
             "robust": ("Robust",), "all": None}[args.subset]
-    chosen = [f for f in facts if keep is None or labels.get(f.id) in keep]
+    chosen = [f for f in facts if keep is None or label.get(f.id) in keep]
     if not chosen:
         raise SystemExit(f"no facts in subset {args.subset!r} (of {len(facts)}); "
                          "try --subset all or more facts")
-    label = {f.id: labels.get(f.id, "FP wrong") for f in facts}
     print(f"analysing {len(chosen)} facts (--subset {args.subset})", flush=True)
     return chosen, label
 
