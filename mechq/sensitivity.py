@@ -22,17 +22,22 @@ position as :mod:`mechq.recall` does (``correct``, ``target_prob``, ``target_ran
   and ``hook_mlp_out`` at the last prompt position, averaged over facts (FP activations are
   computed once and cached at the last position only), plus accuracy and mean target prob per k.
 
-Long sweeps: every analysis takes ``out_path`` (CSV). After every step (a k, a layer, a
-setting) its per-fact rows are appended to the file and flushed; a re-run with the same path
-reads the file and skips the steps already complete there for the same facts and variant(s), so
-an interrupted sweep loses nothing it had finished. One file may hold several variants.
+Long sweeps: every analysis takes ``out_path`` (CSV, :class:`mechq.store.Store`). After every
+step (a k, a layer, a setting) its per-fact rows are appended to the file and flushed; a re-run
+with the same path reads the file and skips the steps already complete there for the same facts
+and variant(s), so an interrupted sweep loses nothing it had finished. One file may hold several
+variants.
+
+:func:`run_sensitivity` runs the analyses of ``mechq sensitivity`` for several variants, with
+accuracy per Robust / Failure subset (:func:`accuracy_by_subset`) and a headline table each.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
-from contextlib import ExitStack, nullcontext
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -41,8 +46,11 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mechq.facts import FactSet
-from mechq.quant.variants import Variant, swap
-from mechq.recall import batches, score, score_prompts, tokenize_facts
+from mechq.forward import batches, decode, pad_id, score
+from mechq.quant.variants import Variant, swap, swapped
+from mechq.recall import accuracy, score_prompts, tokenize_facts
+from mechq.store import Store
+from mechq.vocab import FP, STREAMS, hook_name
 
 SCORE_COLS = ("correct", "target_prob", "target_rank", "top1_id")
 COMPONENT_SETTINGS: dict[str, tuple[str, ...]] = {
@@ -55,7 +63,11 @@ COMPONENT_SETTINGS: dict[str, tuple[str, ...]] = {
     "V": ("v",),
     "O": ("o",),
 }
-STREAMS = {"resid_post": "hook_resid_post", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
+#: The per-fact columns every analysis writes after its step columns, and their types.
+ROW_TYPES: dict[str, type] = {
+    "fact_id": str, "relation": str, "target_id": int, "target_kind": str,
+    "correct": bool, "target_prob": float, "target_rank": int, "top1_id": int,
+}
 
 
 class _Prepared:
@@ -66,7 +78,7 @@ class _Prepared:
             raise ValueError("Sensitivity analyses need at least one fact.")
         self.prompts, info = tokenize_facts(model, facts)
         self.info = info[["fact_id", "relation", "target_id", "target_kind"]].copy()
-        self.pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+        self.pad = pad_id(model)
         self.batch_size = batch_size
 
     def batches(self):
@@ -83,56 +95,34 @@ def _evaluate(model: HookedTransformer, prep: _Prepared) -> pd.DataFrame:
     return df
 
 
-class _Store:
-    """Append-only CSV of finished steps, or an in-memory list without a path.
+class _Steps:
+    """The steps of one analysis run (a ``k``, a layer, a setting: the ``step`` column), stored
+    in a :class:`Store` under ``tags`` (e.g. the variant).
 
-    A step (a value of the ``key`` column: ``k`` or ``layer``) counts as done when the file holds
-    a row for every requested fact under the same ``tags`` (e.g. the variant); rows of other
-    facts or variants in the same file are kept on disk but left out of the result.
+    A step is done when the file holds a row for every requested fact under the same tags; rows
+    of other facts or tags in the same file stay on disk but are left out of the result.
     """
 
-    def __init__(self, out_path: str | os.PathLike | None, key: str, fact_ids: Sequence[str],
-                 required: Sequence[str] = (), **tags):
-        self.path = Path(out_path) if out_path is not None else None
-        if self.path is not None and self.path.suffix.lower() != ".csv":
-            raise ValueError(f"out_path must be a .csv file, got {self.path}.")
-        self.key, self.tags = key, tags
-        self.fact_ids = [str(f) for f in fact_ids]
-        self.frames: list[pd.DataFrame] = []
-        self.done: set = set()
-        if self.path is not None and self.path.exists() and self.path.stat().st_size > 0:
-            old = pd.read_csv(self.path, dtype={"fact_id": str, "relation": str,
-                                                "target_kind": str, "components": str})
-            missing = sorted(set([key, "fact_id", "correct", *tags, *required]) - set(old))
-            if missing:
-                raise ValueError(f"{self.path} was not written by this analysis (no columns "
-                                 f"{missing[:4]}); give another out_path.")
-            old["correct"] = old["correct"].astype(bool)
-            for col, val in tags.items():
-                old = old[old[col].astype(str) == str(val)]
-            old = old[old["fact_id"].isin(self.fact_ids)]
-            self.frames.append(old)
-            have = old.groupby(key)["fact_id"].nunique()
-            self.done = set(have[have == len(set(self.fact_ids))].index.tolist())
+    def __init__(self, out_path, prep: _Prepared, step: str, step_type: type,
+                 tags: Mapping[str, str], extra: Mapping[str, type] | None = None):
+        self.step = step
+        self.fact_ids = prep.info["fact_id"].astype(str).tolist()
+        types = {**dict.fromkeys(tags, str), step: step_type, **ROW_TYPES, **(extra or {})}
+        self.store = Store(out_path, types, where={**tags, "fact_id": self.fact_ids})
+        self.done = self.store.done(step, "fact_id", len(set(self.fact_ids)))
 
     def add(self, df: pd.DataFrame) -> None:
-        self.frames.append(df)
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            header = not (self.path.exists() and self.path.stat().st_size > 0)
-            with open(self.path, "a", newline="") as fh:
-                df.to_csv(fh, header=header, index=False)
-                fh.flush()
-                os.fsync(fh.fileno())
+        self.store.add(df)
 
     def result(self, order: Sequence) -> pd.DataFrame:
-        out = pd.concat(self.frames, ignore_index=True)
-        out = out[out[self.key].isin(list(order)) & out["fact_id"].isin(self.fact_ids)]
+        """The steps of ``order`` in that order, each with the facts in their order."""
+        out = self.store.frame()
+        out = out[out[self.step].isin(list(order)) & out["fact_id"].isin(self.fact_ids)]
         rank_k = {k: i for i, k in enumerate(order)}
         rank_f = {f: i for i, f in enumerate(self.fact_ids)}
-        out = out.assign(_k=out[self.key].map(rank_k), _f=out["fact_id"].astype(str).map(rank_f))
+        out = out.assign(_k=out[self.step].map(rank_k), _f=out["fact_id"].astype(str).map(rank_f))
         out = out.sort_values(["_k", "_f"], kind="stable").drop(columns=["_k", "_f"])
-        out = out.drop_duplicates(subset=[self.key, "fact_id"], keep="last")
+        out = out.drop_duplicates(subset=[self.step, "fact_id"], keep="last")
         return out.reset_index(drop=True)
 
 
@@ -163,7 +153,7 @@ def first_domino(
     if not ks or ks[0] < -1 or ks[-1] >= L:
         raise ValueError(f"ks must lie in −1 … {L - 1}, got {ks}.")
     prep = _Prepared(model, facts, batch_size)
-    store = _Store(out_path, "k", prep.info["fact_id"].tolist(), variant=variant.name)
+    store = _Steps(out_path, prep, "k", int, dict(variant=variant.name))
     todo = set(k for k in ks if k not in store.done)
     bar = tqdm(total=len(todo), desc=f"first domino {variant.name}", unit="k",
                disable=not progress)
@@ -197,8 +187,7 @@ def single_layer_sweep(
     layers = sorted(set(range(L) if layers is None else layers))
     prep = _Prepared(model, facts, batch_size)
     comp = components if isinstance(components, str) else "+".join(components)
-    store = _Store(out_path, "layer", prep.info["fact_id"].tolist(), variant=variant.name,
-                   components=comp)
+    store = _Steps(out_path, prep, "layer", int, dict(variant=variant.name, components=comp))
     todo = [l for l in layers if l not in store.done]
     for l in tqdm(todo, desc=f"single layer {variant.name}", unit="layer", disable=not progress):
         with swap(model, variant, layers=l, components=components):
@@ -228,7 +217,7 @@ def component_sensitivity(
     if unknown or not settings:
         raise ValueError(f"Unknown settings {unknown}; choose from {list(COMPONENT_SETTINGS)}.")
     prep = _Prepared(model, facts, batch_size)
-    store = _Store(out_path, "setting", prep.info["fact_id"].tolist(), variant=variant.name)
+    store = _Steps(out_path, prep, "setting", str, dict(variant=variant.name))
     todo = [x for x in settings if x not in store.done]
     for name in tqdm(todo, desc=f"components {variant.name}", unit="setting",
                      disable=not progress):
@@ -241,7 +230,7 @@ def component_sensitivity(
 def _last_acts(model: HookedTransformer, prep: _Prepared):
     """Per fact: stream activations at the last position (n, L, 3, d) and the score columns."""
     L, d = model.cfg.n_layers, model.cfg.d_model
-    names = {f"blocks.{l}.{h}": (l, j) for l in range(L) for j, h in enumerate(STREAMS.values())}
+    names = {hook_name(h, l): (l, j) for l in range(L) for j, h in enumerate(STREAMS)}
     acts = torch.empty(len(prep.prompts), L, len(STREAMS), d)
     scores = {k: torch.empty(len(prep.prompts), dtype=torch.float64) for k in SCORE_COLS}
     dev = model.cfg.device
@@ -257,7 +246,7 @@ def _last_acts(model: HookedTransformer, prep: _Prepared):
         resid = model.run_with_hooks(b.tokens.to(dev), fwd_hooks=[(lambda n: n in names, grab)],
                                      stop_at_layer=L)
         lr = resid[rows, last]
-        logits = model.unembed(model.ln_final(lr[:, None, :]))[:, 0].float()
+        logits = decode(model, lr)
         s = score(logits, b.targets)
         acts[idx] = buf.cpu()
         for k in SCORE_COLS:
@@ -290,15 +279,15 @@ def signal_injection(
     if not ks or ks[0] < 0 or ks[-1] > L:
         raise ValueError(f"ks must lie in 0 … {L}, got {ks}.")
     prep = _Prepared(model, facts, batch_size)
-    hname = high.name if high is not None else "fp"
+    hname = high.name if high is not None else FP
     cos_cols = [f"cos_{stream}_{l}" for l in range(L) for stream in STREAMS]  # (L, S) order
-    store = _Store(out_path, "k", prep.info["fact_id"].tolist(), required=cos_cols, high=hname,
-                   low=low.name)
+    store = _Steps(out_path, prep, "k", int, dict(high=hname, low=low.name),
+                   extra=dict.fromkeys(cos_cols, float))
     todo = [k for k in ks if k not in store.done]
     fp_acts = _last_acts(model, prep)[0] if todo else None
     for k in tqdm(todo, desc=f"injection {hname}→{low.name}", unit="k", disable=not progress):
         spec = {l: (high if l < k else low) for l in range(L)}
-        with swap(model, spec) if any(v is not None for v in spec.values()) else nullcontext():
+        with swapped(model, spec):  # all None (k = L, high FP): nothing is swapped
             acts, sc = _last_acts(model, prep)
         cos = torch.nn.functional.cosine_similarity(acts, fp_acts, dim=-1)  # (n, L, S)
         r = _tag(prep.info.copy(), high=hname, low=low.name, k=k)
@@ -325,3 +314,126 @@ def signal_injection(
     out = pd.concat(frames, ignore_index=True)
     out.attrs["recall"] = recall
     return out
+
+
+ANALYSES = ("domino", "single", "components", "injection")
+
+
+def accuracy_by_subset(df: pd.DataFrame, labels: Mapping[str, str] | None,
+                       keys: Sequence[str]) -> pd.DataFrame:
+    """:func:`mechq.recall.accuracy` per variant × subset × ``keys``: the subsets named by
+    ``labels`` (fact id → e.g. Robust / Failure) and ``"all"`` (every fact)."""
+    both = df.assign(subset="all")
+    if labels is not None:
+        both = pd.concat([df.assign(subset=df["fact_id"].map(labels)), both], ignore_index=True)
+    return accuracy(both, ["variant", "subset", *keys])
+
+
+@dataclass
+class Analysis:
+    """One analysis of :func:`run_sensitivity`: its frame (also written to ``out``) and its
+    headline table, with a title saying what the table shows."""
+
+    frame: pd.DataFrame
+    table: pd.DataFrame
+    title: str
+
+
+def run_sensitivity(
+    model: HookedTransformer,
+    facts: FactSet,
+    variants: Sequence[Variant],
+    *,
+    analyses: Iterable[str] = ("domino", "components", "injection"),
+    labels: Mapping[str, str] | None = None,
+    out: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    injection_high: Sequence[Variant | None] = (None,),
+    injection_low: Variant | None = None,
+    injection_ks: Iterable[int] | None = None,
+    progress: bool = True,
+) -> dict[str, Analysis]:
+    """The analyses of ``mechq sensitivity`` (of :data:`ANALYSES`) for every variant.
+
+    - ``"domino"``: :func:`first_domino` for ``k = −1 … L−1``; frame: accuracy per variant ×
+      subset × k (:func:`accuracy_by_subset`); table: accuracy at a few ks.
+    - ``"single"``: :func:`single_layer_sweep`; frame: accuracy per variant × subset × layer;
+      table: each variant's three most damaging layers.
+    - ``"components"``: :func:`component_sensitivity`; frame: accuracy per variant × subset ×
+      setting; table: setting × (variant, subset).
+    - ``"injection"``: :func:`signal_injection` from each of ``injection_high`` (``None``: FP)
+      to ``injection_low`` (default: the last variant) at ``injection_ks`` (default
+      ``0, L/10, L/5, L/3, L/2, 2L/3, L``); frame: its per-layer cosines; table: cosine to FP
+      at the last layer, and accuracy, per high × k.
+
+    ``labels``: fact id → subset name (Robust / Failure). ``out`` (a folder): each sweep
+    resumes from and appends to its CSV there (``first_domino_<variant>.csv``,
+    ``single_layer_<variant>.csv``, ``component_sensitivity.csv``,
+    ``signal_injection_recall.csv``) and each frame is written as ``first_domino_accuracy.csv``,
+    ``single_layer_accuracy.csv``, ``component_accuracy.csv``, ``signal_injection.csv``.
+    Returns the analyses run, in the order of :data:`ANALYSES`.
+    """
+    analyses = set(analyses)
+    unknown = analyses - set(ANALYSES)
+    if unknown:
+        raise ValueError(f"Unknown analyses {sorted(unknown)}; choose from {ANALYSES}.")
+    out = Path(out) if out is not None else None
+    L = model.cfg.n_layers
+    kw = dict(batch_size=batch_size, progress=progress)
+
+    def path(name: str) -> Path | None:
+        return out / name if out is not None else None
+
+    def write(frame: pd.DataFrame, name: str) -> None:
+        if out is not None:
+            frame.to_csv(out / name, index=False)
+
+    res: dict[str, Analysis] = {}
+    if "domino" in analyses:
+        df = pd.concat([first_domino(model, facts, v, ks=range(-1, L),
+                                     out_path=path(f"first_domino_{v.name}.csv"), **kw)
+                        for v in variants], ignore_index=True)
+        acc = accuracy_by_subset(df, labels, ["k"])
+        write(acc, "first_domino_accuracy.csv")
+        ks = sorted({-1, 0, 1, 2, 4, L // 4, L // 2, 3 * L // 4, L - 1})
+        table = acc[acc.k.isin(ks)].pivot_table(index=["variant", "subset"], columns="k",
+                                                values="accuracy", sort=False)
+        res["domino"] = Analysis(acc, table, "first domino: accuracy with layers 0…k quantized "
+                                             "(k = -1: FP)")
+    if "single" in analyses:
+        df = pd.concat([single_layer_sweep(model, facts, v,
+                                           out_path=path(f"single_layer_{v.name}.csv"), **kw)
+                        for v in variants], ignore_index=True)
+        acc = accuracy_by_subset(df, labels, ["layer"])
+        write(acc, "single_layer_accuracy.csv")
+        worst = (acc[acc.subset == "all"].sort_values(["variant", "accuracy"])
+                 .groupby("variant", sort=False).head(3))
+        res["single"] = Analysis(acc, worst.set_index(["variant", "layer"])[["accuracy", "n"]],
+                                 "single layer: the three most damaging layers")
+    if "components" in analyses:
+        df = pd.concat([component_sensitivity(model, facts, v,
+                                              out_path=path("component_sensitivity.csv"), **kw)
+                        for v in variants], ignore_index=True)
+        acc = accuracy_by_subset(df, labels, ["setting"])
+        write(acc, "component_accuracy.csv")
+        table = acc.pivot_table(index="setting", columns=["variant", "subset"],
+                                values="accuracy", sort=False)
+        res["components"] = Analysis(acc, table, "component table: accuracy with only this "
+                                                 "component quantized")
+    if "injection" in analyses:
+        low = injection_low if injection_low is not None else variants[-1]
+        ks = injection_ks or sorted({0, L // 10, L // 5, L // 3, L // 2, 2 * L // 3, L})
+        parts = []
+        for high in injection_high:  # per-fact rows: signal_injection_recall.csv
+            part = signal_injection(model, facts, high, low, ks=ks,
+                                    out_path=path("signal_injection_recall.csv"), **kw)
+            part.attrs.clear()
+            parts.append(part)
+        inj = pd.concat(parts, ignore_index=True)
+        write(inj, "signal_injection.csv")
+        table = inj[inj.layer == L - 1].pivot_table(index=["high", "k"], columns="stream",
+                                                    values="cos_mean", sort=False)
+        table["accuracy"] = inj.groupby(["high", "k"], sort=False)["accuracy"].first()
+        res["injection"] = Analysis(inj, table, f"signal injection → {low.name}: cosine to FP "
+                                                "at the last layer, and accuracy")
+    return res
