@@ -101,6 +101,7 @@ def _measure(model, variant, toks, tid, fp_cache, args, threads: int | None,
 
     import mechq
     from mechq import patching
+    from mechq.patch_sweep import patch_sweep
 
     cuda = args.device == "cuda"
     if threads is not None:
@@ -144,9 +145,8 @@ def _measure(model, variant, toks, tid, fp_cache, args, threads: int | None,
         fact = mechq.Fact("bench", "bench", args.subject, args.target.strip(),
                           args.prompt.replace(args.subject, "{subject}", 1))
     if cuda:  # untimed warm-up (the variant's first swap-in from its packed weights)
-        patching.patch_sweep(model, [fact], variant, progress=False)
-    sweep, sw_w, sw_c = _timed(lambda: patching.patch_sweep(model, [fact], variant,
-                                                            progress=False))
+        patch_sweep(model, [fact], variant, progress=False)
+    sweep, sw_w, sw_c = _timed(lambda: patch_sweep(model, [fact], variant, progress=False))
     load1 = os.getloadavg()
     ours_w = statistics.median(r[0] for r in runs)
     ours_c = statistics.median(r[1] for r in runs)

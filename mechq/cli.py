@@ -316,47 +316,16 @@ def _prepare_analysis(args):
     return out, model, facts, variants, FactSet(chosen, name=f"{facts.name}:{args.subset}"), label
 
 
-def _by_third(df, value: str, L: int, lowest: bool = False):
-    """Mean of ``value`` over early / middle / late thirds of the layers, and its strongest
-    cell (the highest, or the lowest with ``lowest``: zero ablation lowers the probability)."""
-    third = df["layer"].map(lambda l: ("early", "middle", "late")[min(2, 3 * l // L)])
-    keys = ["variant", "activation", "mode", "position_label"]
-    g = df.assign(third=third).pivot_table(index=keys, columns="third", values=value,
-                                           aggfunc="mean")
-    g = g.reindex(columns=["early", "middle", "late"])
-    grouped = df.dropna(subset=[value]).groupby(keys)[value]
-    peak = df.loc[grouped.idxmin() if lowest else grouped.idxmax(),
-                  keys + ["layer", value]].set_index(keys)
-    g["strongest"], g["at_layer"] = peak[value], peak["layer"]
-    return g
-
-
 def cmd_patch(args) -> int:
     """Activation patching FP -> variant (sufficiency) and zero ablation (necessity), §3.4."""
-    import pandas as pd
-
     from mechq import plots
-    from mechq.patching import patch_heatmap_frame, patch_sweep
     from mechq.html_report import Report
+    from mechq.patch_sweep import by_third, run_patching
 
     out, model, _, variants, chosen, label = _prepare_analysis(args)
-    csv = out / "patching.csv"
-    frames = []
-    for activation in args.activations:
-        for mode in args.modes:
-            targets = list(variants)
-            if mode == "zero" and not args.no_fp_ablation:
-                targets = [None] + targets
-            for v in targets:
-                frames.append(patch_sweep(
-                    model, chosen, v, activation=activation, mode=mode, layers=args.layers,
-                    positions=args.positions, memory_mb=args.memory_mb, out_path=csv))
-    df = pd.concat(frames, ignore_index=True)
-    df["subset"] = df["fact_id"].map(label)
-    heat = patch_heatmap_frame(df)
-    heat.to_csv(out / "patching_heatmap.csv", index=False)
-    patch_heatmap_frame(df, by=["subset"]).to_csv(out / "patching_heatmap_by_subset.csv",
-                                                  index=False)
+    res = run_patching(model, chosen, variants, activations=args.activations, modes=args.modes,
+                       fp_ablation=not args.no_fp_ablation, labels=label, out=out,
+                       layers=args.layers, positions=args.positions, memory_mb=args.memory_mb)
     L = model.cfg.n_layers
     rep = Report(f"Activation patching — {args.model}")
     rep.text(f"{len(chosen)} facts (--subset {args.subset}); positions {args.positions}. "
@@ -364,14 +333,14 @@ def cmd_patch(args) -> int:
              "FP activation closes; mean_delta = patched minus unpatched target probability "
              "(definitions in mechq.patching).", note=True)
     shows = []
-    for (activation, mode), g in heat.groupby(["activation", "mode"], sort=False):
+    for (activation, mode), g in res.heatmap.groupby(["activation", "mode"], sort=False):
         value = "restored" if mode == "fp_to_variant" else "mean_delta"
         rep.heading(f"{activation} · {mode} ({value})")
         fig = plots.patching_heatmap(g, value=value, title=f"{activation}, {mode}: {value}")
         name = f"patching_{activation}_{mode}.html"
         plots.save_html(fig, out / name)
         rep.figure(fig)
-        show = _by_third(g, value, L, lowest=(mode == "zero"))
+        show = by_third(g, value, L, lowest=(mode == "zero"))
         rep.table(show.reset_index())
         shows.append((f"{activation} · {mode}: {value}", show))
     rep.write(out / "patching.html")
@@ -384,102 +353,54 @@ def cmd_patch(args) -> int:
 
 def cmd_sensitivity(args) -> int:
     """First domino, single-layer sweep, component table and signal injection (§4.3)."""
-    import pandas as pd
-
     from mechq import plots
     from mechq import sensitivity as sens
-    from mechq.recall import accuracy
     from mechq.html_report import Report
 
     out, model, _, variants, chosen, label = _prepare_analysis(args)
-    L = model.cfg.n_layers
-    rep = Report(f"Layer and component sensitivity — {args.model}")
-    rep.text(f"{len(chosen)} facts (--subset {args.subset}); Robust / Failure against "
-             f"{args.reference or variants[0].name}. Definitions in mechq.sensitivity.",
-             note=True)
-
-    def acc_by(df, keys):
-        df = df.assign(subset=df["fact_id"].map(label))
-        both = pd.concat([df, df.assign(subset="all")], ignore_index=True)
-        return accuracy(both, ["variant", "subset", *keys])
-
-    def layer_sweep(fn, stem, key, heading, title, xaxis_title, **kw):
-        """Run a resumable per-layer sweep for every variant; accuracy curves per subset."""
-        df = pd.concat([fn(model, chosen, v, batch_size=args.batch_size,
-                           out_path=out / f"{stem}_{v.name}.csv", **kw) for v in variants],
-                       ignore_index=True)
-        acc = acc_by(df, [key])
-        acc.to_csv(out / f"{stem}_accuracy.csv", index=False)
-        rep.heading(heading)
-        for v, g in acc.groupby("variant", sort=False):
-            fig = plots.first_domino_curve(g.rename(columns={key: "k"}), color="subset",
-                                           title=f"{title} — {v}", xaxis_title=xaxis_title)
-            plots.save_html(fig, out / f"{stem}_{v}.html")
-            rep.figure(fig)
-        return acc
-
-    printed = []
-    if "domino" in args.analyses:
-        acc = layer_sweep(sens.first_domino, "first_domino", "k",
-                          "First domino: layers 0…k quantized, the rest FP (paper Fig. 10, "
-                          "Table 2)", "First domino", "k (last quantized layer)",
-                          ks=range(-1, L))
-        ks = sorted({-1, 0, 1, 2, 4, L // 4, L // 2, 3 * L // 4, L - 1})
-        show = acc[acc.k.isin(ks)].pivot_table(index=["variant", "subset"], columns="k",
-                                               values="accuracy", sort=False)
-        rep.table(show.reset_index())
-        printed.append(("first domino: accuracy with layers 0…k quantized (k = -1: FP)", show))
-    if "single" in args.analyses:
-        acc = layer_sweep(sens.single_layer_sweep, "single_layer", "layer",
-                          "Single-layer quantization: only layer l quantized (paper Fig. 22–23)",
-                          "Single layer quantized", "quantized layer")
-        worst = (acc[acc.subset == "all"].sort_values(["variant", "accuracy"])
-                 .groupby("variant", sort=False).head(3))
-        rep.table(worst[["variant", "layer", "accuracy", "n"]])
-        printed.append(("single layer: the three most damaging layers",
-                        worst.set_index(["variant", "layer"])[["accuracy", "n"]]))
-    if "components" in args.analyses:
-        comp = pd.concat([sens.component_sensitivity(model, chosen, v,
-                                                     batch_size=args.batch_size,
-                                                     out_path=out / "component_sensitivity.csv")
-                          for v in variants], ignore_index=True)
-        acc = acc_by(comp, ["setting"])
-        acc.to_csv(out / "component_accuracy.csv", index=False)
-        table = acc.pivot_table(index="setting", columns=["variant", "subset"],
-                                values="accuracy", sort=False)
-        rep.heading("Component sensitivity: one component quantized in every layer (Table 5)")
-        rep.table(table.reset_index())
-        printed.append(("component table: accuracy with only this component quantized", table))
+    injection = {}
     if "injection" in args.analyses:
         low = variants[-1] if args.injection_low is None else load_variants(
             model, [args.injection_low], args)[0]
         highs = [None if h == "fp" else (next((v for v in variants if v.name == h), None)
                                          or load_variants(model, [h], args)[0])
                  for h in args.injection_high]
-        ks = args.injection_ks or sorted({0, L // 10, L // 5, L // 3, L // 2, 2 * L // 3, L})
-        parts = []
-        for h in highs:  # per-fact rows (scores, cosines) go to signal_injection_recall.csv
-            part = sens.signal_injection(model, chosen, h, low, ks=ks, batch_size=args.batch_size,
-                                         out_path=out / "signal_injection_recall.csv")
-            part.attrs.clear()
-            parts.append(part)
-        inj = pd.concat(parts, ignore_index=True)
-        inj.to_csv(out / "signal_injection.csv", index=False)
-        rep.heading(f"Signal injection: first k layers at high precision, the rest {low.name} "
-                    "(paper Fig. 12, 24)")
-        for h, g in inj.groupby("high", sort=False):
-            fig = plots.injection_curves(g)
-            plots.save_html(fig, out / f"signal_injection_{h}.html")
-            rep.figure(fig)
-        last = inj[(inj.layer == L - 1)].pivot_table(
-            index=["high", "k"], columns="stream", values="cos_mean", sort=False)
-        last["accuracy"] = inj.groupby(["high", "k"], sort=False)["accuracy"].first()
-        rep.table(last.reset_index())
-        printed.append((f"signal injection → {low.name}: cosine to FP at the last layer, "
-                        "and accuracy", last))
+        injection = dict(injection_high=highs, injection_low=low, injection_ks=args.injection_ks)
+    res = sens.run_sensitivity(model, chosen, variants, analyses=args.analyses, labels=label,
+                               out=out, batch_size=args.batch_size, **injection)
+    rep = Report(f"Layer and component sensitivity — {args.model}")
+    rep.text(f"{len(chosen)} facts (--subset {args.subset}); Robust / Failure against "
+             f"{args.reference or variants[0].name}. Definitions in mechq.sensitivity.",
+             note=True)
+    curves = {  # per-layer accuracy curves: file stem, layer column, heading, title, x axis
+        "domino": ("first_domino", "k", "First domino: layers 0…k quantized, the rest FP "
+                   "(paper Fig. 10, Table 2)", "First domino", "k (last quantized layer)"),
+        "single": ("single_layer", "layer", "Single-layer quantization: only layer l "
+                   "quantized (paper Fig. 22–23)", "Single layer quantized", "quantized layer"),
+    }
+    for name, a in res.items():
+        if name in curves:
+            stem, key, heading, title, xaxis_title = curves[name]
+            rep.heading(heading)
+            for v, g in a.frame.groupby("variant", sort=False):
+                fig = plots.first_domino_curve(g.rename(columns={key: "k"}), color="subset",
+                                               title=f"{title} — {v}", xaxis_title=xaxis_title)
+                plots.save_html(fig, out / f"{stem}_{v}.html")
+                rep.figure(fig)
+        elif name == "components":
+            rep.heading("Component sensitivity: one component quantized in every layer "
+                        "(Table 5)")
+        else:
+            rep.heading(f"Signal injection: first k layers at high precision, the rest "
+                        f"{injection['injection_low'].name} (paper Fig. 12, 24)")
+            for h, g in a.frame.groupby("high", sort=False):
+                fig = plots.injection_curves(g)
+                plots.save_html(fig, out / f"signal_injection_{h}.html")
+                rep.figure(fig)
+        rep.table(a.table.reset_index())
     rep.write(out / "sensitivity.html")
-    for title, show in printed:
-        print(f"\n{title}\n" + show.to_string(float_format=lambda x: f"{x:.3f}"))
+    for a in res.values():
+        print(f"\n{a.title}\n" + a.table.to_string(float_format=lambda x: f"{x:.3f}"))
     print(f"wrote {out / 'sensitivity.html'} and its CSV frames")
     return 0
 

@@ -22,9 +22,14 @@ Modes:
 
 The metric is read at the prompt's last position (next-token prediction of the fact's target
 token ``t``, see :mod:`mechq.recall`): ``target_prob = softmax(z)[t]``,
-``target_rank = 1 + #{v : z_v > z_t}``, ``correct = argmax(z) == t``. Every row also carries the
-unpatched run's numbers (``baseline_*``: the model being patched, without the patch) and the FP
-model's (``fp_*``), and ``delta_prob = target_prob - baseline_prob``.
+``target_rank = 1 + #{v : z_v > z_t}``, ``correct = argmax(z) == t``. Each prompt's result also
+carries the unpatched run's numbers (``baseline_*``: the model being patched, without the patch)
+and the FP model's (``fp_*``).
+
+Entry points: :func:`patch_sites` (one token sequence, grids ``[layer, pos]``),
+:func:`patch_prompts` (several, each set of weights swapped in once) and
+:func:`batched_act_patch` (TransformerLens's ``get_act_patch_*`` signature). The resumable sweep
+over facts and its aggregation are in :mod:`mechq.patch_sweep`.
 
 How the engine batches. TransformerLens's ``patching`` runs one full forward per site. Here,
 for one prompt, the sites are put on the batch axis: replica ``i`` patches site ``i``, through
@@ -49,7 +54,7 @@ block calls do not copy weights. Sites are split into chunks of at most ``max_ba
 and ``memory_mb`` of estimated transient memory (:func:`rows_per_chunk`); logits are decoded and
 reduced in slices of the same budget. The activations patched in come from one batch-1 run per
 prompt that keeps only the hooked activation at the chosen layers, and a variant is swapped in
-once per block of ``prompt_block`` prompts. All shortcuts can be switched off (``kv_reuse``,
+once per call of :func:`patch_prompts`. All shortcuts can be switched off (``kv_reuse``,
 ``skip_identical``); results do not change beyond float rounding (tested).
 
 Results agree with ``transformer_lens.patching`` (one forward per site) within float rounding
@@ -59,46 +64,24 @@ variant swapped in).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
+from typing import NamedTuple
 
-import pandas as pd
 import torch
 from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from mechq.families import family_of
-from mechq.facts import Fact, FactSet, target_token
 from mechq.forward import kernel_layout
-from mechq.positions import NAMES, locate_fact
-from mechq.quant.variants import Variant, swap
+from mechq.quant.variants import Variant, swapped
+from mechq.vocab import hook_name
 
-FP = "fp"
 ACTIVATIONS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 MODES = ("fp_to_variant", "variant_to_fp", "zero")
-#: Positions patched with ``positions="semantic"``: the subject, relation and last tokens.
-SEMANTIC = ("subject_first", "subject_mid", "subject_last", "relation", "last")
-
-COLUMNS = [
-    "fact_id", "relation", "variant", "activation", "mode", "layer", "position",
-    "position_label", "token", "n_tokens", "target", "target_id", "target_prob", "target_rank",
-    "correct", "baseline_prob", "baseline_rank", "baseline_correct", "fp_prob", "fp_rank",
-    "fp_correct", "delta_prob", "n_sites", "sweep",
-]
-
-
-def act_name(activation: str, layer: int) -> str:
-    """Hook name of ``activation`` at ``layer`` (``blocks.{layer}.hook_{activation}``)."""
-    return f"blocks.{layer}.hook_{activation}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,16 +109,13 @@ def rows_per_chunk(model: HookedTransformer, n_tokens: int, max_batch: int = 512
     return max(1, rows)
 
 
-def _weights(model: HookedTransformer, variant: Variant | None):
-    return swap(model, variant) if variant is not None else nullcontext()
-
-
 def _decode(model: HookedTransformer, resid: Float[Tensor, "batch d_model"]
             ) -> Float[Tensor, "batch vocab"]:
     """Final norm + unembedding of last-position residual vectors.
 
-    ``x @ W_U + b_U`` on the stored ``[d_model, vocab]`` matrix (TransformerLens's ``Unembed``
-    first copies its transpose, 113 MB for SmolLM2, on every call).
+    ``x @ W_U + b_U`` on the stored ``[d_model, vocab]`` matrix (TransformerLens's ``Unembed``,
+    and so :func:`mechq.forward.decode`, first copies its transpose, 113 MB for SmolLM2, on every
+    call; the two differ by float rounding for a single row, so the engine keeps its own).
     """
     x = model.ln_final(resid[:, None, :])[:, 0]
     logits = torch.addmm(model.unembed.b_U, x, model.unembed.W_U)
@@ -198,17 +178,17 @@ def _can_reuse_kv(model: HookedTransformer) -> bool:
 def _prepare(model: HookedTransformer, tokens: Tensor, layers: Sequence[int], activation: str,
              reuse_kv: bool):
     L = model.cfg.n_layers
-    names = {act_name("resid_pre", l) for l in layers} | {act_name(activation, l) for l in layers}
+    names = {hook_name("resid_pre", l) for l in layers} | {hook_name(activation, l) for l in layers}
     kv_layers = range(min(layers), L) if reuse_kv else range(0)
-    names |= {f"blocks.{l}.attn.hook_{x}" for l in kv_layers for x in "kv"}
+    names |= {hook_name(x, l) for l in kv_layers for x in "kv"}
     cache, final = _capture(model, tokens, names)
     _, _, spe, mask = model.input_to_embed(tokens)
     return _Prepared(
         tokens,
-        resid_pre={l: cache[act_name("resid_pre", l)] for l in layers},
-        own={l: cache[act_name(activation, l)] for l in layers},
-        keys={l: cache[f"blocks.{l}.attn.hook_k"][None] for l in kv_layers},
-        values={l: cache[f"blocks.{l}.attn.hook_v"][None] for l in kv_layers},
+        resid_pre={l: cache[hook_name("resid_pre", l)] for l in layers},
+        own={l: cache[hook_name(activation, l)] for l in layers},
+        keys={l: cache[hook_name("k", l)][None] for l in kv_layers},
+        values={l: cache[hook_name("v", l)][None] for l in kv_layers},
         shortformer=spe, attention_mask=mask, reuse_kv=reuse_kv,
     ), final
 
@@ -321,7 +301,7 @@ def _patched_final(
                     part[rows, pos] = 0 if val is None else val.to(act.dtype)
                     return act
 
-                hooks.append((act_name(activation, l), hook))
+                hooks.append((hook_name(activation, l), hook))
             resid = None
             with model.hooks(fwd_hooks=hooks):
                 for l in range(ls[0], L):
@@ -351,7 +331,8 @@ def _patched_final(
     return final
 
 
-def _check(activation: str, mode: str, variant: Variant | None) -> None:
+def validate(activation: str, mode: str, variant: Variant | None) -> None:
+    """Raise on an unknown activation or mode, or a mode the variant cannot have."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
     if mode not in MODES:
@@ -371,7 +352,8 @@ def _roles(mode: str, variant: Variant | None):
     return None, variant, False
 
 
-def _layers(model: HookedTransformer, layers) -> list[int]:
+def layer_list(model: HookedTransformer, layers: int | Iterable[int] | None) -> list[int]:
+    """The sorted distinct layers to patch (``None``: all); raises on one out of range."""
     L = model.cfg.n_layers
     if layers is None:
         return list(range(L))
@@ -444,14 +426,14 @@ def batched_act_patch(
             raise ValueError("Give a metric or a target_id.")
         metric = lambda logits: logits.softmax(-1)[:, target_id]  # noqa: E731
     n = tokens.shape[1]
-    lay = _layers(model, layers)
+    lay = layer_list(model, layers)
     pos = _positions(n, positions)
     tokens = tokens.to(model.cfg.device)
     li = torch.tensor(lay).repeat_interleave(len(pos))
     pi = torch.tensor(pos).repeat(len(lay))
     source = None
     if clean_cache is not None:
-        source = {l: clean_cache[act_name(activation, l)][0].to(model.cfg.device) for l in lay}
+        source = {l: clean_cache[hook_name(activation, l)][0].to(model.cfg.device) for l in lay}
     with kernel_layout(model, range(lay[0], model.cfg.n_layers)):
         prep, base_final = _prepare(model, tokens, lay, activation,
                                     kv_reuse and _can_reuse_kv(model))
@@ -466,6 +448,76 @@ def _positions(n: int, positions) -> list[int]:
     if not pos or any(not 0 <= p < n for p in pos):
         raise ValueError(f"positions must be in 0…{n - 1}, got {pos}.")
     return pos
+
+
+class Prompt(NamedTuple):
+    """One token sequence to patch: its tokens, the target token id scored at its last
+    position, and the positions to patch (``None``: all)."""
+
+    tokens: Int[Tensor, "1 pos"]
+    target_id: int
+    positions: Sequence[int] | None = None
+
+
+@torch.no_grad()
+def patch_prompts(
+    model: HookedTransformer,
+    prompts: Sequence[Prompt],
+    variant: Variant | None = None,
+    *,
+    activation: str = "resid_pre",
+    mode: str = "fp_to_variant",
+    layers: int | Iterable[int] | None = None,
+    max_batch: int = 512,
+    memory_mb: float | int | None = 1024.0,
+    kv_reuse: bool = True,
+    skip_identical: bool = True,
+    on_result: Callable[[int, dict], None] | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> list[dict[str, Tensor | float | int | bool]]:
+    """:func:`patch_sites` of several prompts, each set of weights swapped in once for all.
+
+    The source runs (the activations patched in, and the FP or variant scores) run first under
+    the source weights, then the patched runs under the target weights. ``on_result(i, result)``
+    is called as soon as prompt ``i`` is done (e.g. to save it); ``on_chunk(n)`` after every
+    ``n`` sites.
+    """
+    validate(activation, mode, variant)
+    lay = layer_list(model, layers)
+    dev = model.cfg.device
+    todo = [(p.tokens.to(dev), p.target_id, _positions(p.tokens.shape[1], p.positions))
+            for p in prompts]
+    src_w, tgt_w, patch = _roles(mode, variant)
+    names = {hook_name(activation, l) for l in lay} if patch else set()
+    sources = []
+    with swapped(model, src_w), kernel_layout(model, range(model.cfg.n_layers)):
+        for tokens, target_id, _ in todo:
+            cache, final = _capture(model, tokens, names)
+            source = {l: cache[hook_name(activation, l)] for l in lay} if patch else None
+            sources.append((source, _score(_decode(model, final), target_id)))
+    reuse = kv_reuse and _can_reuse_kv(model)
+    results = []
+    with swapped(model, tgt_w), kernel_layout(model, range(lay[0], model.cfg.n_layers)):
+        for i, ((tokens, target_id, pos), (source, src_score)) in enumerate(zip(todo, sources)):
+            li = torch.tensor(lay).repeat_interleave(len(pos))
+            pi = torch.tensor(pos).repeat(len(lay))
+            prep, base_final = _prepare(model, tokens, lay, activation, reuse)
+            final = _run_prompt(model, prep, base_final, li, pi, activation, source, max_batch,
+                                memory_mb, skip_identical, on_chunk=on_chunk)
+            s = _decode_apply(model, final, lambda lg: _score(lg, target_id),
+                              _decode_rows(model, max_batch, memory_mb))
+            base = _score(_decode(model, base_final), target_id)
+            fp = src_score if tgt_w is not None else base
+            shape = (len(lay), len(pos))
+            out = {f"target_{k}" if k != "correct" else "correct": v.reshape(shape)
+                   for k, v in s.items()}
+            out.update({f"baseline_{k}": v[0].item() for k, v in base.items()})
+            out.update({f"fp_{k}": v[0].item() for k, v in fp.items()})
+            out.update(layers=torch.tensor(lay), positions=torch.tensor(pos))
+            results.append(out)
+            if on_result is not None:
+                on_result(i, out)
+    return results
 
 
 @jaxtyped(typechecker=beartype)
@@ -486,290 +538,15 @@ def patch_sites(
 ) -> dict[str, Tensor | float | int | bool]:
     """Patch every (layer, position) of one token sequence; grids of shape ``[layer, pos]``.
 
-    The tensor-level engine behind :func:`patch_sweep`, for any token sequence (no fact needed).
-    Returns ``target_prob``, ``target_rank``, ``correct`` (each ``[len(layers), len(positions)]``),
-    ``baseline_prob/rank/correct`` and ``fp_prob/rank/correct`` (Python scalars), ``layers`` and
-    ``positions``. Swaps ``variant`` in and out itself. ``kv_reuse`` / ``skip_identical``
-    switch off the engine's two shortcuts (see :func:`patch_sweep`); results do not change.
+    The tensor-level engine behind :func:`mechq.patch_sweep.patch_sweep`, for any token sequence
+    (no fact needed). Returns ``target_prob``, ``target_rank``, ``correct`` (each
+    ``[len(layers), len(positions)]``), ``baseline_prob/rank/correct`` and
+    ``fp_prob/rank/correct`` (Python scalars), ``layers`` and ``positions``. Swaps ``variant``
+    in and out itself. ``kv_reuse`` / ``skip_identical`` switch off the engine's two shortcuts
+    (see the module docstring); results do not change.
     """
-    _check(activation, mode, variant)
-    n = tokens.shape[1]
-    lay = _layers(model, layers)
-    pos = _positions(n, positions)
-    tokens = tokens.to(model.cfg.device)
-    src_w, tgt_w, patch = _roles(mode, variant)
-    li = torch.tensor(lay).repeat_interleave(len(pos))
-    pi = torch.tensor(pos).repeat(len(lay))
-    names = {act_name(activation, l) for l in lay} if patch else set()
-    with _weights(model, src_w):
-        src_cache, src_final = _capture(model, tokens, names)
-        src_score = _score(_decode(model, src_final), target_id)
-    with _weights(model, tgt_w), kernel_layout(model, range(lay[0], model.cfg.n_layers)):
-        prep, base_final = _prepare(model, tokens, lay, activation,
-                                    kv_reuse and _can_reuse_kv(model))
-        source = {l: src_cache[act_name(activation, l)] for l in lay} if patch else None
-        final = _run_prompt(model, prep, base_final, li, pi, activation, source, max_batch,
-                            memory_mb, skip_identical)
-        s = _decode_apply(model, final, lambda lg: _score(lg, target_id),
-                          _decode_rows(model, max_batch, memory_mb))
-        base = _score(_decode(model, base_final), target_id)
-    fp = src_score if tgt_w is not None else base
-    shape = (len(lay), len(pos))
-    out = {f"target_{k}" if k != "correct" else "correct": v.reshape(shape) for k, v in s.items()}
-    out.update({f"baseline_{k}": v[0].item() for k, v in base.items()})
-    out.update({f"fp_{k}": v[0].item() for k, v in fp.items()})
-    out.update(layers=torch.tensor(lay), positions=torch.tensor(pos))
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Sweeps over facts
-# --------------------------------------------------------------------------------------------
-
-
-def _position_filter(positions) -> set[str] | None:
-    if positions == "all":
-        return None
-    if positions == "semantic":
-        return set(SEMANTIC)
-    names = {positions} if isinstance(positions, str) else set(positions)
-    bad = names - set(NAMES)
-    if bad:
-        raise ValueError(f"Unknown position names {sorted(bad)}; use 'all', 'semantic' or "
-                         f"names from {NAMES}.")
-    return names
-
-
-def _sweep_key(model, variant_name, activation, mode, layers, positions) -> str:
-    spec = dict(model=model.cfg.model_name, variant=variant_name, activation=activation,
-                mode=mode, layers=layers,
-                positions=positions if isinstance(positions, str) else sorted(positions))
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-
-
-_NUMERIC = ["layer", "position", "n_tokens", "target_id", "target_prob", "target_rank",
-            "baseline_prob", "baseline_rank", "fp_prob", "fp_rank", "delta_prob", "n_sites"]
-_BOOL = ["correct", "baseline_correct", "fp_correct"]
-
-
-def _typed(df: pd.DataFrame) -> pd.DataFrame:
-    """Column dtypes of a sweep frame (also for one read back from CSV)."""
-    df = df.copy()
-    for c in _NUMERIC:
-        df[c] = pd.to_numeric(df[c], errors="coerce")
-    for c in _BOOL:
-        df[c] = df[c].map({True: True, False: False, "True": True, "False": False})
-    ok = df[_NUMERIC].notna().all(axis=1) & df[_BOOL].notna().all(axis=1)
-    df = df[ok]
-    for c in ("layer", "position", "n_tokens", "target_id", "target_rank", "baseline_rank",
-              "fp_rank", "n_sites"):
-        df[c] = df[c].astype("int64")
-    for c in ("target_prob", "baseline_prob", "fp_prob", "delta_prob"):
-        df[c] = df[c].astype("float64")
-    for c in _BOOL:
-        df[c] = df[c].astype(bool)
-    return df
-
-
-def _read_done(path: Path) -> pd.DataFrame:
-    """Complete per-prompt blocks of an append file; rewrites it when anything was cut off."""
-    if not path.exists() or path.stat().st_size == 0:
-        return pd.DataFrame(columns=COLUMNS)
-    raw = pd.read_csv(path, dtype=str, na_filter=False, on_bad_lines="skip", engine="python")
-    missing = set(COLUMNS) - set(raw.columns)
-    if missing:
-        raise ValueError(f"{path} is not a mechq patching file "
-                         f"(missing columns {sorted(missing)}).")
-    df = _typed(raw[COLUMNS])
-    # A prompt counts as done when all of its rows are there (an interrupted write drops it).
-    counts = df.groupby(["sweep", "fact_id"])["n_sites"].transform("size")
-    df = df[counts == df["n_sites"]]
-    dup = df.duplicated(["sweep", "fact_id", "layer", "position"])
-    df = df[~dup]
-    clean_end = path.read_bytes()[-1:] == b"\n"
-    if len(df) != len(raw) or not clean_end:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    return df
-
-
-def _append(path: Path, frame: pd.DataFrame) -> None:
-    header = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="", encoding="utf-8") as fh:
-        frame[COLUMNS].to_csv(fh, index=False, header=header)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def patch_sweep(
-    model: HookedTransformer,
-    facts: FactSet | Sequence[Fact] | Fact,
-    variant: Variant | None = None,
-    *,
-    activation: str = "resid_pre",
-    mode: str = "fp_to_variant",
-    layers: int | Iterable[int] | None = None,
-    positions: str | Iterable[str] = "all",
-    max_batch: int = 512,
-    memory_mb: float | None = 1024.0,
-    prompt_block: int = 32,
-    out_path: str | Path | None = None,
-    progress: bool = True,
-    kv_reuse: bool = True,
-    skip_identical: bool = True,
-) -> pd.DataFrame:
-    """Patch every (layer, position) site of every fact's prompt; one tidy row per site.
-
-    ``variant=None`` means the FP model itself (``mode="zero"`` then ablates FP;
-    ``"fp_to_variant"`` patches FP into FP, which changes nothing). ``positions``: ``"all"``
-    (every token), ``"semantic"`` (subject, relation and last tokens: :data:`SEMANTIC`), or
-    names from :data:`mechq.positions.NAMES`. Each row's ``position_label`` is the position's
-    single name by :meth:`mechq.positions.Positions.labels` (a one-token subject is
-    ``subject_last``). ``max_batch`` / ``memory_mb`` bound the replicas per forward
-    (:func:`rows_per_chunk`); ``prompt_block`` prompts share one swap of the variant.
-
-    ``out_path`` (CSV): each prompt's rows are appended (and fsynced) as soon as they are
-    computed, and prompts already complete in the file for the same sweep (model, variant,
-    activation, mode, layers, positions: column ``sweep``) are skipped, so an interrupted sweep
-    loses nothing. The returned frame holds the requested facts' rows, from disk and new.
-
-    Columns: see :data:`COLUMNS` and the module docstring for the metric definitions.
-    """
-    _check(activation, mode, variant)
-    if isinstance(facts, Fact):
-        facts = [facts]
-    facts = list(facts)
-    if not facts:
-        raise ValueError("patch_sweep needs at least one fact.")
-    lay = _layers(model, layers)
-    keep = _position_filter(positions)
-    vname = variant.name if variant is not None else FP
-    spec = positions if isinstance(positions, str) else sorted(keep)
-    sweep = _sweep_key(model, vname, activation, mode, lay, spec)
-    src_w, tgt_w, patch = _roles(mode, variant)
-    reuse = kv_reuse and _can_reuse_kv(model)
-
-    path = Path(out_path) if out_path is not None else None
-    if path is not None and path.suffix.lower() != ".csv":
-        raise ValueError(f"out_path must be a .csv file, got {path}.")
-    done = pd.DataFrame(columns=COLUMNS)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        done = _read_done(path)
-        done = done[(done["sweep"] == sweep) & done["fact_id"].isin([f.id for f in facts])]
-    done_ids = set(done["fact_id"])
-
-    # Tokens, targets and positions of every prompt to do.
-    todo = []
-    for f in facts:
-        if f.id in done_ids:
-            continue
-        toks = model.to_tokens(f.prompt, prepend_bos=model.cfg.default_prepend_bos)
-        p = locate_fact(model, f)
-        labels = p.labels()
-        pos = [i for i, lab in enumerate(labels) if keep is None or lab in keep]
-        if not pos:
-            continue
-        tid, text, _ = target_token(model.tokenizer, f.object)
-        todo.append((f, toks, labels, pos, tid, text))
-
-    frames = [done] if len(done) else []
-    bar = tqdm(total=sum(len(lay) * len(t[3]) for t in todo), unit="site",
-               desc=f"patch {activation} {mode} {vname}", disable=not progress)
-    for b0 in range(0, len(todo), prompt_block):
-        block = todo[b0 : b0 + prompt_block]
-        names = {act_name(activation, l) for l in lay} if patch else set()
-        sources, src_scores = [], []
-        with _weights(model, src_w), kernel_layout(model, range(model.cfg.n_layers)):
-            for f, toks, labels, pos, tid, text in block:
-                cache, fin = _capture(model, toks.to(model.cfg.device), names)
-                sources.append({l: cache[act_name(activation, l)] for l in lay} if patch else None)
-                src_scores.append(_score(_decode(model, fin), tid))
-        with _weights(model, tgt_w), kernel_layout(model, range(lay[0], model.cfg.n_layers)):
-            for (f, toks, labels, pos, tid, text), source, src_score in zip(block, sources,
-                                                                            src_scores):
-                prep, base_final = _prepare(model, toks.to(model.cfg.device), lay, activation,
-                                            reuse)
-                n = toks.shape[1]
-                li = torch.tensor(lay).repeat_interleave(len(pos))
-                pi = torch.tensor(pos).repeat(len(lay))
-                final = _run_prompt(model, prep, base_final, li, pi, activation, source,
-                                    max_batch, memory_mb, skip_identical, on_chunk=bar.update)
-                s = _decode_apply(model, final, lambda lg, tid=tid: _score(lg, tid),
-                                  _decode_rows(model, max_batch, memory_mb))
-                base = _score(_decode(model, base_final), tid)
-                fp = src_score if tgt_w is not None else base
-                str_toks = model.to_str_tokens(toks[0])
-                pl = pi.tolist()
-                frame = pd.DataFrame({
-                    "fact_id": f.id, "relation": f.relation, "variant": vname,
-                    "activation": activation, "mode": mode,
-                    "layer": li.numpy(), "position": pi.numpy(),
-                    "position_label": [labels[p] for p in pl],
-                    "token": [str_toks[p] for p in pl], "n_tokens": n,
-                    "target": text, "target_id": tid,
-                    "target_prob": s["prob"].numpy(), "target_rank": s["rank"].numpy(),
-                    "correct": s["correct"].numpy(),
-                    "baseline_prob": base["prob"].item(), "baseline_rank": base["rank"].item(),
-                    "baseline_correct": bool(base["correct"].item()),
-                    "fp_prob": fp["prob"].item(), "fp_rank": fp["rank"].item(),
-                    "fp_correct": bool(fp["correct"].item()),
-                    "n_sites": len(li), "sweep": sweep,
-                })
-                frame["delta_prob"] = frame["target_prob"] - frame["baseline_prob"]
-                frame = frame[COLUMNS]
-                if path is not None:
-                    _append(path, frame)
-                frames.append(frame)
-    bar.close()
-    if not frames:
-        return pd.DataFrame(columns=COLUMNS)
-    out = pd.concat(frames, ignore_index=True)
-    order = {f.id: i for i, f in enumerate(facts)}
-    out = out.sort_values(["fact_id", "layer", "position"],
-                          key=lambda c: c.map(order) if c.name == "fact_id" else c,
-                          kind="stable")
-    return _typed(out).reset_index(drop=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Aggregation
-# --------------------------------------------------------------------------------------------
-
-
-def patch_heatmap_frame(df: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
-    """Layers × semantic positions, aggregated over prompts of different lengths.
-
-    Positions are grouped by ``position_label``. Within one prompt, positions sharing a label
-    (``relation``, ``subject_mid``, ``prefix``) are averaged first, so that every prompt weighs
-    the same; then per (variant, activation, mode, *by*, layer, position_label):
-
-    - ``mean_prob``: mean patched target probability; ``mean_delta``: mean of
-      ``target_prob - baseline_prob``;
-    - ``restored``: ``(Σ patched − Σ baseline) / (Σ fp − Σ baseline)`` over prompts, the share of
-      the FP-vs-baseline probability gap that the patch closes (1 = FP's answer fully restored,
-      0 = no effect; for zero ablation on FP both sums match and it is NaN);
-    - ``correct_share``: share of prompts whose patched prediction is the target (within-prompt
-      groups count a prompt as its mean over the group's positions);
-    - ``median_rank``: median patched target rank; ``baseline_prob``, ``fp_prob``: means of the
-      unpatched runs; ``n_facts``: prompts that have that position.
-    """
-    keys = ["variant", "activation", "mode", *by, "layer", "position_label"]
-    per_prompt = (df.assign(correct=df["correct"].astype(float))
-                  .groupby([*keys, "fact_id"], sort=False)
-                  .agg(target_prob=("target_prob", "mean"), delta_prob=("delta_prob", "mean"),
-                       correct=("correct", "mean"), target_rank=("target_rank", "median"),
-                       baseline_prob=("baseline_prob", "first"), fp_prob=("fp_prob", "first"))
-                  .reset_index())
-    g = per_prompt.groupby(keys, sort=False)
-    out = g.agg(mean_prob=("target_prob", "mean"), mean_delta=("delta_prob", "mean"),
-                correct_share=("correct", "mean"), median_rank=("target_rank", "median"),
-                baseline_prob=("baseline_prob", "mean"), fp_prob=("fp_prob", "mean"),
-                n_facts=("fact_id", "nunique")).reset_index()
-    gap = out["fp_prob"] - out["baseline_prob"]
-    out["restored"] = (out["mean_prob"] - out["baseline_prob"]) / gap.where(gap.abs() > 1e-12)
-    order = {n: i for i, n in enumerate(NAMES)}
-    out = out.sort_values(["layer", "position_label"], kind="stable",
-                          key=lambda c: c.map(order) if c.name == "position_label" else c)
-    return out.reset_index(drop=True)
+    positions = None if positions is None else list(positions)
+    return patch_prompts(model, [Prompt(tokens, target_id, positions)], variant,
+                         activation=activation, mode=mode, layers=layers, max_batch=max_batch,
+                         memory_mb=memory_mb, kv_reuse=kv_reuse,
+                         skip_identical=skip_identical)[0]

@@ -9,6 +9,8 @@ import mechq
 import mechq.positions
 from mechq import patching
 from mechq.facts import target_token
+from mechq.patch_sweep import COLUMNS, SEMANTIC, by_third, patch_heatmap_frame, patch_sweep
+from mechq.store import Store
 
 # Patched target probabilities (<= 1, float32) from the batched engine vs one forward per site:
 # KV reuse, replica batches and kernel layouts reorder the sums. Measured |diff| <= 5e-7 on both
@@ -184,15 +186,15 @@ def test_rows_per_chunk_respects_budget(smol):
 
 
 def test_patch_sweep_frame_and_heatmap(tiny, tiny_w2, tiny_facts):
-    df = patching.patch_sweep(tiny, tiny_facts, tiny_w2, positions="semantic", progress=False)
-    assert list(df.columns) == patching.COLUMNS
+    df = patch_sweep(tiny, tiny_facts, tiny_w2, positions="semantic", progress=False)
+    assert list(df.columns) == COLUMNS
     L = tiny.cfg.n_layers
     for fact in tiny_facts:
         g = df[df["fact_id"] == fact.id]
         labels = mechq.positions.locate_fact(tiny, fact).labels()
-        n_sem = sum(lab in patching.SEMANTIC for lab in labels)
+        n_sem = sum(lab in SEMANTIC for lab in labels)
         assert len(g) == L * n_sem == g["n_sites"].iloc[0]
-        assert set(g["position_label"]) <= set(patching.SEMANTIC)
+        assert set(g["position_label"]) <= set(SEMANTIC)
         toks, tid = _tokens_target(tiny, fact)
         grid = patching.patch_sites(tiny, toks, tid, tiny_w2)["target_prob"]
         for r in g.itertuples():  # float32 reordering (other chunks): measured 2.4e-7
@@ -202,7 +204,7 @@ def test_patch_sweep_frame_and_heatmap(tiny, tiny_w2, tiny_facts):
     assert (df["delta_prob"] - (df["target_prob"] - df["baseline_prob"])).abs().max() < 1e-7
     assert df["variant"].eq(tiny_w2.name).all()
 
-    hm = patching.patch_heatmap_frame(df)
+    hm = patch_heatmap_frame(df)
     assert set(hm["position_label"]) == set(df["position_label"])
     assert len(hm) == L * hm["position_label"].nunique()
     last = hm[(hm["position_label"] == "last") & (hm["layer"] == L - 1)].iloc[0]
@@ -229,39 +231,119 @@ def test_patch_sweep_frame_and_heatmap(tiny, tiny_w2, tiny_facts):
     assert d.zmin == -d.zmax == -hm["mean_delta"].abs().max()
 
 
+@pytest.mark.parametrize("mode,variant", [("fp_to_variant", True), ("variant_to_fp", True),
+                                          ("zero", False)])
+def test_sweep_rows_are_the_engines_grids(tiny, tiny_w2, tiny_facts, mode, variant):
+    """patch_sweep's rows are patch_sites' grids, row for row: the sweep calls the engine."""
+    v = tiny_w2 if variant else None
+    df = patch_sweep(tiny, tiny_facts, v, mode=mode, activation="mlp_out", positions="all",
+                     prompt_block=2, progress=False)
+    for fact in tiny_facts:
+        toks, tid = _tokens_target(tiny, fact)
+        grid = patching.patch_sites(tiny, toks, tid, v, mode=mode, activation="mlp_out")
+        g = df[df["fact_id"] == fact.id]
+        L, n = grid["target_prob"].shape
+        assert list(g["layer"]) == [l for l in range(L) for _ in range(n)]
+        assert list(g["position"]) == list(range(n)) * L
+        # The same prompt through the same engine calls with the same chunks: bit-equal (the
+        # sweep's other prompts in one prompt_block share the swap, not the arithmetic).
+        for col, key in [("target_prob", "target_prob"), ("target_rank", "target_rank"),
+                         ("correct", "correct")]:
+            assert (g[col].to_numpy() == grid[key].reshape(-1).numpy()).all(), col
+        for col in ("baseline_prob", "baseline_rank", "baseline_correct", "fp_prob", "fp_rank",
+                    "fp_correct"):
+            assert (g[col] == grid[col]).all(), col
+
+
 def test_patch_sweep_resumes_from_disk(tiny, tiny_w2, tiny_facts, tmp_path, monkeypatch):
     out = tmp_path / "sweep.csv"
-    full = patching.patch_sweep(tiny, tiny_facts, tiny_w2, mode="zero", out_path=out,
-                                progress=False)
+    full = patch_sweep(tiny, tiny_facts, tiny_w2, mode="zero", out_path=out, progress=False)
     # Simulate a crash in the middle of writing the last prompt: cut the file mid-line.
     text = out.read_text()
     out.write_text(text[: len(text) - 200])
     calls = []
     real = patching._prepare
     monkeypatch.setattr(patching, "_prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = patching.patch_sweep(tiny, tiny_facts, tiny_w2, mode="zero", out_path=out,
-                                 progress=False)
+    again = patch_sweep(tiny, tiny_facts, tiny_w2, mode="zero", out_path=out, progress=False)
     assert len(calls) == 1  # only the cut-off prompt was recomputed
     # The recomputed prompt repeats the same ops (exact); rows read back from the CSV hold the
     # float32 probs' shortest repr, off by <= 2**-25 = 3e-8 once parsed as float64 (measured
     # 2.7e-8): atol 1e-6 (+ default rtol 1e-5) covers that.
     pd.testing.assert_frame_equal(again, full, check_exact=False, atol=1e-6)
     calls.clear()
-    patching.patch_sweep(tiny, tiny_facts, tiny_w2, mode="zero", out_path=out, progress=False)
+    before = out.read_bytes()
+    patch_sweep(tiny, tiny_facts, tiny_w2, mode="zero", out_path=out, progress=False)
     assert calls == []  # everything done: nothing recomputed
+    assert out.read_bytes() == before  # and nothing appended
     # A different sweep in the same file is computed, not confused with the first.
-    other = patching.patch_sweep(tiny, tiny_facts[:1], tiny_w2, mode="fp_to_variant",
-                                 out_path=out, progress=False)
+    other = patch_sweep(tiny, tiny_facts[:1], tiny_w2, mode="fp_to_variant", out_path=out,
+                        progress=False)
     assert len(calls) == 1 and other["mode"].eq("fp_to_variant").all()
     assert len(pd.read_csv(out)) == len(full) + len(other)
 
 
+def test_store_resumes_and_skips_done_units(tmp_path):
+    """The one resumable CSV store (used by patch_sweep and mechq.sensitivity): typed columns,
+    done units, nothing appended by a run that finds everything done, cut-off lines dropped."""
+    path = tmp_path / "store.csv"
+    types = {"run": str, "unit": int, "item": str, "x": float, "ok": bool}
+
+    def run(units, items=("a", "b")):
+        store = Store(path, types, where={"run": "r1"})
+        done = store.done("unit", "item", len(items))
+        for u in units:
+            if u not in done:
+                store.add(pd.DataFrame({"run": "r1", "unit": u, "item": list(items),
+                                        "x": [u + 0.1, u + 0.2], "ok": [True, False]}))
+        return store, done
+
+    store, done = run([0, 1])
+    assert done == set() and len(store.frame()) == 4
+    before = path.read_bytes()
+    store, done = run([0, 1])
+    assert done == {0, 1} and path.read_bytes() == before  # skipped: nothing appended
+    back = store.frame()
+    assert {c: str(t) for c, t in back.dtypes.items() if c not in ("run", "item")} == {
+        "unit": "int64", "x": "float64", "ok": "bool"}
+    assert all(pd.api.types.is_string_dtype(back[c]) for c in ("run", "item"))
+    assert back["x"].tolist() == [0.1, 0.2, 1.1, 1.2]  # repr round trip of float64: exact
+    # A crash mid-append leaves a line without its newline (here unit 1's last row): it is
+    # dropped, the file repaired, and unit 1 done again.
+    path.write_bytes(path.read_bytes()[:-5])
+    store, done = run([0, 1])
+    assert done == {0} and path.read_bytes().endswith(b"\n")
+    assert len(pd.read_csv(path)) == 3 + 2 and run([0, 1])[1] == {0, 1}
+    # Rows of another run are kept on disk but are not this run's.
+    Store(path, types).add(pd.DataFrame({"run": "r2", "unit": [0], "item": ["a"], "x": [9.0],
+                                         "ok": [True]}))
+    assert len(pd.read_csv(path)) == 6 and len(run([])[0].rows) == 5
+    with pytest.raises(ValueError, match="not written by this analysis"):
+        Store(path, {**types, "y": float})
+    with pytest.raises(ValueError, match="csv"):
+        Store(tmp_path / "x.parquet", types)
+
+
+def test_by_third(tiny, tiny_w2, tiny_facts):
+    df = patch_sweep(tiny, tiny_facts, tiny_w2, positions="semantic", progress=False)
+    hm = patch_heatmap_frame(df)
+    L = tiny.cfg.n_layers  # 4 layers, third min(2, 3 l // 4): early 0, 1; middle 2; late 3
+    t = by_third(hm, "restored", L)
+    last = hm[hm["position_label"] == "last"].set_index("layer")["restored"]
+    row = t.xs("last", level="position_label").iloc[0]
+    # pandas means of the same float64 numbers, in the same order: exact
+    assert row["early"] == last[[0, 1]].mean()
+    assert row["middle"] == last[2] and row["late"] == last[3]
+    assert row["strongest"] == last.max() and row["at_layer"] == last.idxmax()
+    low = by_third(hm, "restored", L, lowest=True).xs("last", level="position_label").iloc[0]
+    assert low["strongest"] == last.min() and low["at_layer"] == last.idxmin()
+
+
 def test_bad_arguments(tiny, tiny_w2, tiny_facts):
     with pytest.raises(ValueError, match="activation"):
-        patching.patch_sweep(tiny, tiny_facts, tiny_w2, activation="logits")
+        patch_sweep(tiny, tiny_facts, tiny_w2, activation="logits")
     with pytest.raises(ValueError, match="variant_to_fp"):
-        patching.patch_sweep(tiny, tiny_facts, None, mode="variant_to_fp")
+        patch_sweep(tiny, tiny_facts, None, mode="variant_to_fp")
     with pytest.raises(ValueError, match="layers"):
-        patching.patch_sweep(tiny, tiny_facts, tiny_w2, layers=[99])
+        patch_sweep(tiny, tiny_facts, tiny_w2, layers=[99])
     with pytest.raises(ValueError, match="position names"):
-        patching.patch_sweep(tiny, tiny_facts, tiny_w2, positions=["subject"])
+        patch_sweep(tiny, tiny_facts, tiny_w2, positions=["subject"])
