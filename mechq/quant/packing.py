@@ -37,7 +37,8 @@ from beartype import beartype
 from jaxtyping import Float, Float16, Int, Int32, jaxtyped
 from torch import Tensor
 
-SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
+from mechq.vocab import SUPPORTED_BITS
+
 WORD_BITS = 32
 _MASK32 = (1 << WORD_BITS) - 1
 _SIGN32 = 1 << (WORD_BITS - 1)

@@ -21,8 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechq.quant.packing import PackedLinear
-
-SUPPORTED_BITS = (2, 3, 4, 8)
+from mechq.vocab import SUPPORTED_BITS
 
 
 def rtn_quantize_weight(
