@@ -551,6 +551,26 @@ def test_save_rejects_mismatched_format(small_ckpt, tmp_path):
         save_gptq_checkpoint(tmp_path / "y", ckpt.modules, dict(ckpt.quant_config, bits=8))
 
 
+def test_mixed_bits_round_trip_and_mismatch(small_ckpt, tmp_path):
+    """Per-module bits through ``dynamic``: written and read back module by module; a module
+    whose packing contradicts its rule is refused by the writer, naming it."""
+    ckpt = load_gptq_checkpoint(small_ckpt)
+    q_proj = "model.layers.0.self_attn.q_proj"
+    p = ckpt.modules[q_proj]
+    w8 = PackedLinear.from_codes(p.codes() * 16, p.zeros() * 16, p.scales, p.g_idx, 8,
+                                 p.group_size)
+    mods = dict(ckpt.modules, **{q_proj: w8})
+    rules = {r"+:.*self_attn\..*": {"bits": 8}, r"-:.*lm_head": {}}
+    save_gptq_checkpoint(tmp_path / "mixed", mods, dict(ckpt.quant_config, dynamic=rules))
+    back = load_gptq_checkpoint(tmp_path / "mixed")
+    assert back.module_bits == {q_proj: 8, "model.layers.0.mlp.down_proj": 4}
+    assert back.quant_config["bits"] == 4 and back.quant_config["dynamic"] == rules
+    assert torch.equal(back.modules[q_proj].dequantize(), w8.dequantize())
+    with pytest.raises(CheckpointError, match=r"module 'model\.layers\.0\.self_attn\.q_proj' has "
+                                              r"bits=4 .* the config says bits=8"):
+        save_gptq_checkpoint(tmp_path / "bad", ckpt.modules, dict(ckpt.quant_config, dynamic=rules))
+
+
 @pytest.mark.slow
 def test_error_wrong_architecture(quantized, linear_shapes):
     """A GPT-2 checkpoint offered for the Llama model, and a Llama one of the wrong size."""

@@ -8,12 +8,20 @@ norms, an unquantized ``lm_head``) are kept as they are in :attr:`GPTQCheckpoint
 
 Supported: ``quant_method`` ``"gptq"`` with ``checkpoint_format`` ``"gptq"`` (v1: qzeros store
 ``zero - 1``) or ``"gptq_v2"`` (qzeros store ``zero``), bits 2/3/4/8, int32 packing.
+
+Mixed precision: the config's ``dynamic`` (GPTQModel's per-module rules, resolved by
+:mod:`mechq.quant.dynamic`) gives each module its own ``bits``, ``group_size``, ``sym`` and
+``desc_act``; a module a ``-:`` rule skips has no packed tensors (GPTQModel stores its plain
+``.weight``, which lands in :attr:`GPTQCheckpoint.other`). Every module is validated with its own
+settings. Per-module ``format`` / ``checkpoint_format`` / ``pack_dtype`` / ``quant_method``
+changes are not supported.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from mechq.quant.packing import SUPPORTED_BITS, PackedLinear, packed_length
+from mechq.quant import dynamic as dyn
+from mechq.quant.packing import PackedLinear, packed_length
+from mechq.vocab import SUPPORTED_BITS
 
 QUANT_CONFIG_FILE = "quantize_config.json"
 HF_CONFIG_FILE = "config.json"
@@ -47,10 +57,12 @@ class GPTQCheckpoint:
     """A GPTQ checkpoint read into memory.
 
     ``quant_config`` is the file's quantization config with ``bits``, ``group_size``, ``sym``,
-    ``desc_act`` and ``checkpoint_format`` (``"gptq"`` or ``"gptq_v2"``) normalized, plus every
-    other entry (e.g. GPTQModel's ``meta``). ``modules`` maps Hugging Face module names
-    (``"model.layers.3.self_attn.q_proj"``) to their packed weights; ``other`` holds the
-    non-quantized tensors; ``hf_config`` is ``config.json`` when present.
+    ``desc_act`` (the base settings) and ``checkpoint_format`` (``"gptq"`` or ``"gptq_v2"``)
+    normalized, plus every other entry (GPTQModel's ``meta``, the per-module ``dynamic`` rules).
+    ``modules`` maps Hugging Face module names (``"model.layers.3.self_attn.q_proj"``) to their
+    packed weights, each with its own bits; ``other`` holds the non-quantized tensors (the plain
+    ``.weight`` of a module a ``-:`` rule skipped among them); ``hf_config`` is ``config.json``
+    when present.
     """
 
     path: Path
@@ -63,6 +75,11 @@ class GPTQCheckpoint:
     @property
     def bits(self) -> int:
         return int(self.quant_config["bits"])
+
+    @property
+    def module_bits(self) -> dict[str, int]:
+        """The bit width of every packed module."""
+        return {n: m.bits for n, m in self.modules.items()}
 
     @property
     def nbytes(self) -> int:
@@ -117,25 +134,64 @@ def normalize_quant_config(raw: Mapping[str, Any], source: str) -> dict[str, Any
     pack_dtype = str(qc.get("pack_dtype", "int32")).replace("torch.", "")
     if pack_dtype != "int32":
         raise CheckpointError(f"{source}: unsupported pack_dtype {pack_dtype!r}; {_SUPPORTED}")
-    for pattern, override in (qc.get("dynamic") or {}).items():
-        # "-:regex" only excludes modules (they stay unquantized); other entries may change the
-        # packing of the modules they match, which this reader does not resolve.
-        if str(pattern).startswith("-:") or not isinstance(override, Mapping):
-            continue
-        changed = {k: v for k, v in override.items()
-                   if k in ("bits", "group_size", "pack_dtype", "format", "checkpoint_format")
-                   and v != qc.get(k)}
-        if changed:
-            raise CheckpointError(
-                f"{source}: per-module 'dynamic' override {pattern!r} -> {changed} is not "
-                f"supported; {_SUPPORTED} with one bit width and group size for all modules"
-            )
+    rules = qc.get("dynamic") or None
+    if rules is not None:
+        layout = dict(pack_dtype="int32", format=fmt, checkpoint_format=fmt, quant_method=method,
+                      method=method)
+        if not isinstance(rules, Mapping) or not all(
+                isinstance(o, Mapping) for o in rules.values()):
+            raise CheckpointError(f"{source}: 'dynamic' must map rules to override objects")
+        for rule, override in rules.items():
+            try:
+                re.compile(dyn.pattern(str(rule)))
+            except re.error as e:
+                raise CheckpointError(f"{source}: dynamic rule {rule!r} is not a regex ({e})") \
+                    from None
+            changed = {k: v for k, v in override.items() if k in layout
+                       and str(v).replace("torch.", "").lower() != layout[k]}
+            if changed and not str(rule).startswith(dyn.SKIP):
+                raise CheckpointError(
+                    f"{source}: per-module 'dynamic' override {rule!r} -> {changed} is not "
+                    f"supported; {_SUPPORTED} for every module (bits and group_size may differ)"
+                )
     qc.update(
         quant_method="gptq", checkpoint_format=fmt, bits=bits, group_size=group_size,
         sym=bool(qc.get("sym", True)), desc_act=bool(qc.get("desc_act", False)),
         pack_dtype="int32",
     )
+    if rules:
+        qc["dynamic"] = dict(rules)
+    else:
+        qc.pop("dynamic", None)
     return qc
+
+
+def module_config(name: str, qc: Mapping[str, Any], source: str) -> dict[str, Any] | None:
+    """``name``'s settings (``bits``, ``group_size``, ``sym``, ``desc_act``) under a normalized
+    config's ``dynamic`` rules, or ``None`` when a ``-:`` rule leaves it unquantized.
+
+    Raises :class:`CheckpointError` naming the module, the deciding rule and ``source`` when the
+    module's bits or group size are ones mechq cannot read.
+    """
+    base = {k: qc[k] for k in ("bits", "group_size", "sym", "desc_act")}
+    rule = dyn.rule_for(name, qc.get("dynamic"))
+    cfg = dyn.resolve(name, base, qc.get("dynamic"))
+    if cfg is None:
+        return None
+    why = f" (dynamic rule {rule!r})" if rule is not None else ""
+    try:
+        bits, group_size = int(cfg["bits"]), int(cfg["group_size"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: module '{name}'{why}: bad bits / group_size ({e})") \
+            from None
+    if bits not in SUPPORTED_BITS:
+        raise CheckpointError(f"{source}: module '{name}'{why} has unsupported bits={bits}; "
+                              f"{_SUPPORTED}")
+    if not (group_size == -1 or group_size > 0):
+        raise CheckpointError(f"{source}: module '{name}'{why}: group_size must be -1 or "
+                              f"positive, got {group_size}")
+    return dict(cfg, bits=bits, group_size=group_size, sym=bool(cfg["sym"]),
+                desc_act=bool(cfg["desc_act"]))
 
 
 def _read_tensors(root: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -230,9 +286,11 @@ def _build_module(
 def load_gptq_checkpoint(path: str | os.PathLike) -> GPTQCheckpoint:
     """Read a GPTQ checkpoint directory (one or many ``*.safetensors``) with our own reader.
 
-    Raises :class:`CheckpointError` naming the file (and tensor) for a missing quantization
-    config, an unsupported method / format / bit width, a quantized module with a missing,
-    extra or wrongly shaped tensor, or a checkpoint without quantized modules.
+    Each module is read with its own bits and group size under the config's ``dynamic`` rules.
+    Raises :class:`CheckpointError` naming the file (and tensor or module) for a missing
+    quantization config, an unsupported method / format / bit width (per module too), a quantized
+    module with a missing, extra or wrongly shaped tensor, packed tensors for a module the rules
+    skip, or a checkpoint without quantized modules.
     """
     root = Path(path)
     if not root.is_dir():
@@ -250,7 +308,6 @@ def load_gptq_checkpoint(path: str | os.PathLike) -> GPTQCheckpoint:
             f"'quantization_config' entry in {HF_CONFIG_FILE}"
         )
     qc = normalize_quant_config(raw, source)
-    bits, group_size = qc["bits"], qc["group_size"]
     zero_offset = SUPPORTED_FORMATS[qc["checkpoint_format"]]
 
     tensors, origin = _read_tensors(root)
@@ -275,7 +332,14 @@ def load_gptq_checkpoint(path: str | os.PathLike) -> GPTQCheckpoint:
                 f"{origin[extra[0]]}: unexpected tensor '{extra[0]}' in quantized module "
                 f"'{name}' (a GPTQ module holds only {', '.join(PACKED_TENSORS)} and bias)"
             )
-        modules[name] = _build_module(name, parts, origin, bits, group_size, zero_offset)
+        cfg = module_config(name, qc, source)
+        if cfg is None:
+            raise CheckpointError(
+                f"{origin[f'{name}.qweight']}: module '{name}' is packed, but {source} says "
+                f"dynamic rule {dyn.rule_for(name, qc.get('dynamic'))!r} leaves it unquantized"
+            )
+        modules[name] = _build_module(name, parts, origin, cfg["bits"], cfg["group_size"],
+                                      zero_offset)
         claimed.update(f"{name}.{p}" for p in parts)
     if not modules:
         files = sorted({Path(f).name for f in origin.values()})
@@ -342,8 +406,10 @@ def save_gptq_checkpoint(
     Files: ``model.safetensors`` (``<name>.qweight``, ``.qzeros``, ``.scales``, ``.g_idx``,
     ``.bias``), ``quantize_config.json`` and, with ``hf_config``, ``config.json`` carrying the
     same ``quantization_config``. ``checkpoint_format`` defaults to the modules' zero-point format
-    (``"gptq"`` for ``zero_offset=1``, ``"gptq_v2"`` for 0) and must agree with it.
-    :func:`load_gptq_checkpoint` reads the directory back identically. Returns ``out_dir``.
+    (``"gptq"`` for ``zero_offset=1``, ``"gptq_v2"`` for 0) and must agree with it. Each module
+    must have the bits and groups the config (with its ``dynamic`` rules) gives it, and no
+    module a ``-:`` rule skips may be given. :func:`load_gptq_checkpoint` reads the directory
+    back identically. Returns ``out_dir``.
     """
     root = Path(out_dir)
     if not modules:
@@ -373,9 +439,14 @@ def save_gptq_checkpoint(
             f"{root}: checkpoint_format {norm['checkpoint_format']!r} needs zero_offset="
             f"{SUPPORTED_FORMATS[norm['checkpoint_format']]} but the modules have {offset}"
         )
-    bits, gs = norm["bits"], norm["group_size"]
     tensors: dict[str, Tensor] = {}
     for name, m in modules.items():
+        cfg = module_config(name, norm, f"{root / QUANT_CONFIG_FILE} (to be written)")
+        if cfg is None:
+            rule = dyn.rule_for(name, norm.get("dynamic"))
+            raise CheckpointError(f"{root}: module '{name}' is given packed, but dynamic rule "
+                                  f"{rule!r} leaves it unquantized")
+        bits, gs = cfg["bits"], cfg["group_size"]
         groups = 1 if gs == -1 else -(-m.in_features // gs)
         if m.bits != bits or m.n_groups != groups:
             raise CheckpointError(
@@ -402,8 +473,19 @@ def save_gptq_checkpoint(
     tmp = root / f"{WEIGHTS_FILE}.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, root / WEIGHTS_FILE)
-    (root / QUANT_CONFIG_FILE).write_text(json.dumps(qc, indent=2, sort_keys=True) + "\n")
+    (root / QUANT_CONFIG_FILE).write_text(_dumps(qc))
     if hf_config is not None:
-        cfg = dict(hf_config, quantization_config=qc)
-        (root / HF_CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (root / HF_CONFIG_FILE).write_text(_dumps(dict(hf_config, quantization_config=qc)))
     return root
+
+
+def _sorted_keys(obj: Any) -> Any:
+    """``obj`` with dict keys sorted at every level except inside ``dynamic``, whose rule order
+    is part of its meaning."""
+    if not isinstance(obj, Mapping):
+        return obj
+    return {k: obj[k] if k == "dynamic" else _sorted_keys(obj[k]) for k in sorted(obj)}
+
+
+def _dumps(obj: Mapping[str, Any]) -> str:
+    return json.dumps(_sorted_keys(obj), indent=2) + "\n"
