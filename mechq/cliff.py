@@ -56,12 +56,19 @@ def cliff_requests(method: str = "gptq", bits: Sequence[int] = (8, 4, 3, 2), gro
 
 
 def variant_table(variants: Sequence[Variant]) -> pd.DataFrame:
-    """One row per variant: its configuration, calibration seed and storage."""
+    """One row per variant: its configuration, calibration seed and storage.
+
+    ``bits`` is the variant's base bit width; ``avg_bits`` is :attr:`Variant.avg_bits` (storage
+    per linear weight, which for per-module ``dynamic`` rules mixes the modules' widths and
+    counts modules kept in full precision at 16 bits). ``config`` is the variant's name without
+    its seed suffix, so rules with different ``dynamic`` are different configurations.
+    """
     rows = [dict(variant=FP, config=FP, method=None, bits=None, seed=None, avg_bits=32.0,
                  calibration=None)]
     for v in variants:
         rows.append(dict(variant=v.name,
-                         config=variant_name(v.method, v.bits, v.group_size, v.sym, v.desc_act),
+                         config=variant_name(v.method, v.bits, v.group_size, v.sym, v.desc_act,
+                                             dynamic=v.dynamic),
                          method=v.method, bits=v.bits, seed=v.meta.get("seed"),
                          avg_bits=v.avg_bits, calibration=v.meta.get("calibration_source")))
     return pd.DataFrame(rows)

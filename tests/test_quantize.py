@@ -241,3 +241,5 @@ def test_bad_requests():
         Q.Request("gptq", 5).check()
     with pytest.raises(ValueError, match="group_size"):
         Q.Request("rtn", 4, group_size=0).check()
+    with pytest.raises(ValueError, match=r"dynamic rule '\.\*q_proj': bits must be one of"):
+        Q.Request("gptq", 4, dynamic={".*q_proj": {"bits": 5}}).check()

@@ -46,7 +46,10 @@ class GPTQError(RuntimeError):
 
 @dataclass
 class GPTQJob:
-    """One GPTQModel run: source weights, output directory, settings and calibration tokens."""
+    """One GPTQModel run: source weights, output directory, settings and calibration tokens.
+    ``dynamic`` (per-module rules, :mod:`mechq.quant.dynamic`) goes to GPTQModel's
+    ``QuantizeConfig(dynamic=...)`` as it is; GPTQModel applies it and saves it in the
+    checkpoint's ``quantize_config.json``, where mechq's reader finds it."""
 
     hf_dir: str
     out_dir: str

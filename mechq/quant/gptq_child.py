@@ -18,7 +18,7 @@ def main(spec_path: str) -> None:
 
     cfg = dict(bits=job["bits"], group_size=job["group_size"], sym=job["sym"],
                desc_act=job["desc_act"], offload_to_disk=False)
-    if job.get("dynamic"):
+    if job.get("dynamic"):  # per-module rules; GPTQModel resolves them and saves them
         cfg["dynamic"] = job["dynamic"]
     kw = {} if job["dtype"] == "auto" else {"dtype": getattr(torch, job["dtype"])}
     model = GPTQModel.load(job["hf_dir"], QuantizeConfig(**cfg), device=job["device"], **kw)

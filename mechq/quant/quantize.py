@@ -4,7 +4,9 @@
 makes several, running the GPTQ ones in parallel child processes. Every variant is stored as a
 GPTQ-layout checkpoint directory under ``<cache>/variants/<key>``, where ``key`` hashes (model,
 its config, method, bits, group size, sym, desc_act, the calibration's token digest, mechq's
-format version); asking again for the same variant reads that directory instead of quantizing.
+format version, and the per-module ``dynamic`` rules when there are any: a uniform variant's key
+has no ``dynamic`` entry at all, so it is the key it had before per-module bits existed); asking
+again for the same variant reads that directory instead of quantizing.
 GPTQ checkpoints are GPTQModel's own output (its log goes to ``<cache>/logs/``); RTN
 variants are written by mechq in the same layout. Both are read back by :func:`load_quantized`,
 i.e. by mechq's dequantizer.
@@ -25,12 +27,14 @@ from pathlib import Path
 from transformer_lens import HookedTransformer
 
 from mechq import models
-from mechq.calibration import N_SAMPLES, SEQ_LEN, Calibration, get_calibration
+from mechq.calibration import N_SAMPLES, SEQ_LEN, get_calibration
+from mechq.quant import dynamic as dyn
 from mechq.quant import layout
 from mechq.quant.checkpoint import check_architecture, load_gptq_checkpoint, save_gptq_checkpoint
 from mechq.quant.gptq import make_job, run_gptq_jobs
-from mechq.quant.rtn import SUPPORTED_BITS, rtn_quantize_weight
+from mechq.quant.rtn import rtn_quantize_weight
 from mechq.quant.variants import Variant
+from mechq.vocab import SUPPORTED_BITS
 
 METHODS = ("gptq", "rtn")
 CACHE_FORMAT = 2  # 2: keyed by the calibration digest; GPTQ in float32 in a one-thread child
@@ -38,17 +42,21 @@ META_FILE = "mechq_variant.json"
 
 
 def variant_name(method: str, bits: int, group_size: int, sym: bool = True,
-                 desc_act: bool = False, seed: int = 0) -> str:
-    """``gptq-w4g128``, with ``-asym`` / ``-act`` suffixes for non-default choices and ``-s1``
-    for calibration seed 1 (seed 0 is the default and has no suffix)."""
+                 desc_act: bool = False, seed: int = 0, dynamic: dyn.Dynamic | None = None) -> str:
+    """``gptq-w4g128``, with ``-asym`` / ``-act`` suffixes for non-default choices, ``-dyn`` and
+    the first 6 hex digits of :func:`mechq.quant.dynamic.digest` for per-module rules
+    (``gptq-w4g128-dyn3f9a1c``), and ``-s1`` for calibration seed 1 (seed 0 is the default and
+    has no suffix)."""
     g = "" if group_size in (-1, 0) else f"g{group_size}"
     return (f"{method}-w{bits}{g}" + ("" if sym else "-asym") + ("-act" if desc_act else "")
+            + (f"-dyn{dyn.digest(dynamic)[:6]}" if dynamic else "")
             + (f"-s{seed}" if seed else ""))
 
 
 @dataclass
 class Request:
-    """One variant to make: what :func:`quantize` takes, as data."""
+    """One variant to make: what :func:`quantize` takes, as data. ``dynamic``: per-module rules
+    in GPTQModel's syntax (:mod:`mechq.quant.dynamic`), ``None`` for one setting everywhere."""
 
     method: str = "gptq"
     bits: int = 4
@@ -60,6 +68,7 @@ class Request:
     n_samples: int = N_SAMPLES
     seq_len: int = SEQ_LEN
     name: str | None = None
+    dynamic: dict | None = None
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -72,6 +81,7 @@ class Request:
         if self.method == "rtn" and self.desc_act:
             raise ValueError(
                 "desc_act (activation order) needs calibration: it applies to GPTQ only.")
+        self.dynamic = dyn.check(self.dynamic, dyn.RTN_KEYS if self.method == "rtn" else None)
 
 
 def quantize(
@@ -88,6 +98,7 @@ def quantize(
     seq_len: int = SEQ_LEN,
     cache: bool = True,
     name: str | None = None,
+    dynamic: dyn.Dynamic | None = None,
 ) -> Variant:
     """Quantize ``model``'s linear layers and return the variant (not swapped in).
 
@@ -96,9 +107,14 @@ def quantize(
     chosen by ``seed``; see :mod:`mechq.calibration`); ``method="rtn"`` is mechq's group-wise
     round-to-nearest, which needs no calibration. ``group_size=-1`` means one group per row
     (per-channel).
+
+    ``dynamic`` sets modules apart in GPTQModel's own syntax (:mod:`mechq.quant.dynamic`), e.g.
+    ``{r"+:.*\\.layers\\.(0|1)\\..*": {"bits": 8}, r"-:.*lm_head": {}}``: the first two layers at
+    8 bits, the rest at ``bits``, and modules a ``-:`` rule matches left in full precision. RTN
+    honours ``bits``, ``group_size`` and ``sym`` per module; GPTQ hands the rules to GPTQModel.
     """
     req = Request(method, bits, group_size, sym, desc_act, calibration, seed, n_samples, seq_len,
-                  name)
+                  name, dict(dynamic) if dynamic else None)
     return quantize_many(model, [req], cache=cache, progress=False)[0]
 
 
@@ -136,9 +152,11 @@ def quantize_many(
         fields = dict(model=src.name, config=config_hash, method=r.method, bits=r.bits,
                       group_size=r.group_size, sym=r.sym, desc_act=r.desc_act,
                       calibration=calib.digest if calib else None, format=CACHE_FORMAT)
+        if r.dynamic:  # only then: a uniform variant keeps the key it always had
+            fields["dynamic"] = dyn.canonical(r.dynamic)
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
         name = r.name or variant_name(r.method, r.bits, r.group_size, r.sym, r.desc_act,
-                                      r.seed if r.method == "gptq" else 0)
+                                      r.seed if r.method == "gptq" else 0, r.dynamic)
         plans.append((r, calib, fields, root / key, name))
 
     todo = [p for p in plans if not (cache and (p[3] / META_FILE).exists())]
@@ -160,7 +178,7 @@ def quantize_many(
             tmps[str(out)] = tmp
             jobs.append(make_job(src.hf_dir, tmp, calib, bits=r.bits, group_size=r.group_size,
                                  sym=r.sym, desc_act=r.desc_act, device=device,
-                                 log=logs / f"{name}-{out.name}.log"))
+                                 dynamic=r.dynamic, log=logs / f"{name}-{out.name}.log"))
         finished = {}
 
         def done(job, seconds):
@@ -187,6 +205,8 @@ def quantize_many(
                         calibration_source=calib.source if calib else None,
                         calibration_tokens=calib.n_tokens if calib else 0,
                         calibration_digest=calib.digest if calib else None)
+            if r.dynamic:
+                meta.update(dynamic=r.dynamic, fp_modules=_fp_modules(model, r.dynamic))
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
             if out.exists():
                 shutil.rmtree(out)
@@ -200,17 +220,28 @@ def quantize_many(
 
 
 def _write_rtn(model: HookedTransformer, out: Path, r: Request) -> None:
-    packed = {
-        m: rtn_quantize_weight(layout.module_weight(model, m), r.bits, r.group_size, r.sym)
-        for m in layout.modules(model.cfg)
-    }
-    save_gptq_checkpoint(
-        out,
-        packed,
-        dict(bits=r.bits, group_size=r.group_size, sym=r.sym, desc_act=False,
-             quant_method="gptq", checkpoint_format="gptq_v2",
-             meta={"quantizer": ["mechq-rtn"]}),
-    )
+    """RTN of every linear module with its own settings (base ones updated by ``r.dynamic``);
+    modules a ``-:`` rule skips are not written."""
+    base = dict(bits=r.bits, group_size=r.group_size, sym=r.sym)
+    packed = {}
+    for m in layout.modules(model.cfg):
+        c = dyn.resolve(m, base, r.dynamic)
+        if c is not None:
+            packed[m] = rtn_quantize_weight(layout.module_weight(model, m), c["bits"],
+                                            c["group_size"], c["sym"])
+    if not packed:
+        raise ValueError(f"dynamic {r.dynamic} skips every linear module: nothing to quantize.")
+    qc = dict(base, desc_act=False, quant_method="gptq", checkpoint_format="gptq_v2",
+              meta={"quantizer": ["mechq-rtn"]})
+    if r.dynamic:
+        qc["dynamic"] = r.dynamic
+    save_gptq_checkpoint(out, packed, qc)
+
+
+def _fp_modules(model: HookedTransformer, dynamic: dyn.Dynamic | None) -> dict[str, list[int]]:
+    """The model's linear modules that ``dynamic`` keeps in full precision, with (out, in)."""
+    return {m: list(layout.module_weight(model, m).shape) for m in layout.modules(model.cfg)
+            if dyn.skipped(m, dynamic)}
 
 
 def load_quantized(
@@ -219,7 +250,9 @@ def load_quantized(
     """Read a GPTQ checkpoint directory into a :class:`Variant` with mechq's own dequantizer.
 
     With ``model``, the checkpoint's quantized modules are checked against the model's
-    architecture (a clear error names modules that do not belong to it).
+    architecture (a clear error names modules that do not belong to it), and the linear modules
+    its ``dynamic`` rules skip are listed in :attr:`Variant.fp_modules` (without ``model``, they
+    come from mechq's metadata file when there is one).
     """
     ckpt = load_gptq_checkpoint(path)
     if model is not None:
@@ -231,13 +264,20 @@ def load_quantized(
     method = meta.get("method") or ("rtn" if any("rtn" in str(q) for q in quantizer) else "gptq")
     bits, gs = int(qc["bits"]), int(qc.get("group_size", -1))
     sym, act = bool(qc.get("sym", True)), bool(qc.get("desc_act", False))
+    rules = meta.get("dynamic") or qc.get("dynamic") or None
+    if model is None:
+        fp = meta.get("fp_modules") or {}
+    else:
+        fp = {m: s for m, s in _fp_modules(model, rules).items() if m not in ckpt.modules}
     return Variant(
-        name=name or meta.get("name") or variant_name(method, bits, gs, sym, act),
+        name=name or meta.get("name") or variant_name(method, bits, gs, sym, act, dynamic=rules),
         method=method,
         bits=bits,
         group_size=gs,
         sym=sym,
         desc_act=act,
         modules=ckpt.modules,
-        meta=dict(meta, path=str(path), quantize_config=qc),
+        meta=dict(meta, path=str(path), quantize_config=qc, dynamic=rules),
+        dynamic=rules,
+        fp_modules={m: tuple(s) for m, s in fp.items()},
     )

@@ -1,8 +1,9 @@
 """Quantized variants of a model, and the weight swap that puts them into it.
 
-A :class:`Variant` holds the quantized weights of every linear module compactly (packed integer
-codes, fp16 scales and packed zero points, in the GPTQ layout) and dequantizes a module only
-when it is swapped in. :func:`swap` is a context manager that writes the dequantized weights of
+A :class:`Variant` holds the quantized weights of every quantized linear module compactly
+(packed integer codes, fp16 scales and packed zero points, in the GPTQ layout; each module with its
+own bit width when the variant was made with per-module ``dynamic`` rules) and dequantizes a module
+only when it is swapped in. :func:`swap` is a context manager that writes the dequantized weights of
 chosen layers and components into a ``HookedTransformer`` and restores the original tensors,
 bit-identically, on exit (also when the body raises). The model object is never copied, so FP
 and quantized runs share one set of hook names.
@@ -18,17 +19,24 @@ from dataclasses import dataclass, field
 import torch
 from transformer_lens import HookedTransformer
 
+from mechq.quant import dynamic as dyn
 from mechq.quant import layout
 from mechq.quant.packing import PackedLinear
+
+
+FP_BITS = 16  # storage per weight counted for a linear module a variant keeps unquantized
 
 
 @dataclass
 class Variant:
     """A quantized version of a model's linear layers.
 
-    ``modules`` maps Hugging Face module names to packed weights. ``avg_bits`` is the mean
-    storage per weight, counting codes, zero points and fp16 scales (``g_idx`` is not counted:
-    it is implied by the group size unless ``desc_act``).
+    ``modules`` maps Hugging Face module names to packed weights. ``bits``, ``group_size``,
+    ``sym`` and ``desc_act`` are the base settings; ``dynamic`` holds the GPTQModel-style
+    per-module rules the variant was made with (:mod:`mechq.quant.dynamic`; ``None`` for a
+    uniform variant), so a module's own bit width is in :attr:`module_bits`. ``fp_modules`` maps
+    each linear module that a ``-:`` rule keeps in full precision to its ``(out, in)`` shape:
+    the variant holds no weights for it and :func:`swap` leaves the model's own weight there.
     """
 
     name: str
@@ -39,21 +47,44 @@ class Variant:
     desc_act: bool
     modules: dict[str, PackedLinear]
     meta: dict = field(default_factory=dict)
+    dynamic: dict | None = None
+    fp_modules: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def __repr__(self) -> str:
+        mixed = f", dynamic={len(self.dynamic)} rules" if self.dynamic else ""
         return (
             f"Variant({self.name!r}, method={self.method}, bits={self.bits}, "
-            f"group_size={self.group_size}, sym={self.sym}, desc_act={self.desc_act}, "
+            f"group_size={self.group_size}, sym={self.sym}, desc_act={self.desc_act}{mixed}, "
             f"modules={len(self.modules)}, avg_bits={self.avg_bits:.3f})"
         )
 
     @property
+    def module_bits(self) -> dict[str, int]:
+        """Bits of every linear module: a packed module's own width, :data:`FP_BITS` (16) for
+        one the dynamic rules keep in full precision."""
+        return {**{m: p.bits for m, p in self.modules.items()},
+                **{m: FP_BITS for m in self.fp_modules}}
+
+    def skips(self, module: str) -> bool:
+        """True when the variant's dynamic rules leave ``module`` unquantized (full precision)."""
+        return module not in self.modules and dyn.skipped(module, self.dynamic)
+
+    @property
     def n_weights(self) -> int:
-        return sum(p.in_features * p.out_features for p in self.modules.values())
+        """Weights of the linear modules the variant covers, packed or kept in full precision."""
+        return (sum(p.in_features * p.out_features for p in self.modules.values())
+                + sum(o * i for o, i in self.fp_modules.values()))
 
     @property
     def avg_bits(self) -> float:
-        bits = 0
+        """Mean storage bits per weight over the linear modules (:attr:`n_weights`).
+
+        A packed module counts its codes, zero points and fp16 scales (``g_idx`` is not counted:
+        it is implied by the group size unless ``desc_act``); a module kept in full precision
+        counts :data:`FP_BITS` = 16 per weight, its storage in an fp16 checkpoint (the model in
+        memory may be float32). Embeddings, norms and the LM head are not counted.
+        """
+        bits = FP_BITS * sum(o * i for o, i in self.fp_modules.values())
         for p in self.modules.values():
             bits += 8 * (
                 p.qweight.numel() * p.qweight.element_size()
@@ -108,6 +139,8 @@ def _plan(
         if not isinstance(v, Variant):
             raise TypeError(f"Expected a mechq Variant for layer {s.layer}, got {type(v).__name__}")
         if s.module not in v.modules:
+            if v.skips(s.module):  # kept in full precision by the variant's dynamic rules
+                continue
             raise ValueError(
                 f"Variant {v.name!r} has no weights for {s.module!r} (layer {s.layer}, "
                 f"component {s.component!r}); was it made for another model?"
@@ -128,6 +161,8 @@ def swap(
 
     ``variant`` is a :class:`Variant` (applied to ``layers``, default all) or a mapping
     ``{layer: Variant | None}`` for mixed precision (``None`` or a missing layer stays FP).
+    Modules the variant's dynamic rules skip keep the model's own weights; a module the variant
+    lacks for any other reason (a variant of another model) is an error.
     ``components`` takes ``q k v o gate up down`` and the groups ``attn``, ``mlp``, ``all``.
     On exit every parameter gets back the very tensor it had before (bit-identical restore).
     Swaps nest: an inner swap restores the outer swap's weights.
