@@ -101,7 +101,7 @@ def _measure(model, variant, toks, tid, fp_cache, args, threads: int | None,
 
     import mechq
     from mechq import patching
-    from mechq.patch_sweep import patch_sweep
+    from mechq.patching_sweep import patch_sweep
 
     cuda = args.device == "cuda"
     if threads is not None:

@@ -39,7 +39,7 @@ from mechq.recall import accuracy, evaluate_recall, subsets  # noqa: E402
 from mechq.lens import logit_lens  # noqa: E402
 from mechq.components import component_metrics  # noqa: E402
 from mechq.representation import representation_metrics  # noqa: E402
-from mechq.patch_sweep import patch_sweep  # noqa: E402
+from mechq.patching_sweep import patch_sweep  # noqa: E402
 from mechq.pararel import load_pararel  # noqa: E402
 from mechq.cliff import cliff_table  # noqa: E402
 from mechq.report import report  # noqa: E402

@@ -320,7 +320,7 @@ def cmd_patch(args) -> int:
     """Activation patching FP -> variant (sufficiency) and zero ablation (necessity), §3.4."""
     from mechq import plots
     from mechq.html_report import Report
-    from mechq.patch_sweep import by_third, run_patching
+    from mechq.patching_sweep import by_third, run_patching
 
     out, model, _, variants, chosen, label = _prepare_analysis(args)
     res = run_patching(model, chosen, variants, activations=args.activations, modes=args.modes,

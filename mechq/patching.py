@@ -29,7 +29,7 @@ and the FP model's (``fp_*``).
 Entry points: :func:`patch_sites` (one token sequence, grids ``[layer, pos]``),
 :func:`patch_prompts` (several, each set of weights swapped in once) and
 :func:`batched_act_patch` (TransformerLens's ``get_act_patch_*`` signature). The resumable sweep
-over facts and its aggregation are in :mod:`mechq.patch_sweep`.
+over facts and its aggregation are in :mod:`mechq.patching_sweep`.
 
 How the engine batches. TransformerLens's ``patching`` runs one full forward per site. Here,
 for one prompt, the sites are put on the batch axis: replica ``i`` patches site ``i``, through
@@ -538,7 +538,7 @@ def patch_sites(
 ) -> dict[str, Tensor | float | int | bool]:
     """Patch every (layer, position) of one token sequence; grids of shape ``[layer, pos]``.
 
-    The tensor-level engine behind :func:`mechq.patch_sweep.patch_sweep`, for any token sequence
+    The tensor-level engine behind :func:`mechq.patching_sweep.patch_sweep`, for any token sequence
     (no fact needed). Returns ``target_prob``, ``target_rank``, ``correct`` (each
     ``[len(layers), len(positions)]``), ``baseline_prob/rank/correct`` and
     ``fp_prob/rank/correct`` (Python scalars), ``layers`` and ``positions``. Swaps ``variant``

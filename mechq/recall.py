@@ -28,10 +28,12 @@ from mechq.forward import PromptBatch, batches, decode, last_logits, last_states
 from mechq.quant.variants import Variant, VariantSpec, swapped
 from mechq.vocab import FP
 
-__all__ = ["FP", "PromptBatch", "batches", "last_logits", "score", "swapped"]  # re-exported for older imports
+# re-exported for older imports
+__all__ = ["FP", "PromptBatch", "batches", "last_logits", "score", "swapped"]
 
 
-def tokenize_facts(model: HookedTransformer, facts: FactSet) -> tuple[list[list[int]], pd.DataFrame]:
+def tokenize_facts(model: HookedTransformer, facts: FactSet
+                   ) -> tuple[list[list[int]], pd.DataFrame]:
     """Token ids of every prompt (with the model's BOS when it prepends one) and target info."""
     tok = model.tokenizer
     prompts: list[list[int]] = []

@@ -34,5 +34,5 @@ def hook_template(activation: str) -> str:
 
 
 def lens_hook_name(layer: int) -> str:
-    """The residual stream entering layer ``layer`` (``layer == n_layers``: after the last block)."""
+    """The residual stream entering layer ``layer`` (``n_layers``: after the last block)."""
     return hook_name("resid_pre", 0) if layer == 0 else hook_name("resid_post", layer - 1)

@@ -43,7 +43,7 @@ Settings are small so the notebook runs in a few minutes on a laptop CPU; the CL
 import mechq
 from mechq import plots
 from mechq.lens import lens_summary, logit_lens
-from mechq.recall import accuracy, subset_sizes, subsets
+from mechq.recall import accuracy, subset_labels, subset_sizes
 
 model = mechq.load_model("smollm2-135m", device="cpu")
 facts = mechq.bundled_facts().sample(80, seed=0)
@@ -115,9 +115,8 @@ final = lens[lens.layer == model.cfg.n_layers].reset_index(drop=True)
 assert (final["fact_id"] == recall["fact_id"]).all()
 assert abs(final["target_prob"] - recall["target_prob"]).max() < 1e-5
 
-sub = subsets(recall, reference=w4.name)
-label = {i: "Robust" for i in sub["robust"]} | {i: "Failure" for i in sub["failure"]}
-lens["subset"] = lens["fact_id"].map(label)
+# Robust / Failure against w4; facts FP gets wrong get no label and leave the summary
+lens["subset"] = lens["fact_id"].map(subset_labels(recall, reference=w4.name, fp_wrong=None))
 summary = lens_summary(lens.dropna(subset=["subset"]), ["subset", "variant", "layer"])
 plots.lens_curves(summary, "subset")
 """),
@@ -247,9 +246,10 @@ from transformer_lens import patching as tl_patching
 import mechq
 from mechq import plots
 from mechq import sensitivity as sens
-from mechq.patching import batched_act_patch, patch_heatmap_frame, patch_sweep
+from mechq.patching import batched_act_patch
+from mechq.patching_sweep import patch_heatmap_frame, patch_sweep
 from mechq.positions import locate_fact
-from mechq.recall import accuracy, subsets
+from mechq.recall import accuracy, subset_labels
 
 model = mechq.load_model("smollm2-135m", device="cpu")
 facts = mechq.bundled_facts().sample(80, seed=0)
@@ -257,9 +257,8 @@ facts = mechq.bundled_facts().sample(80, seed=0)
 w4, w2 = mechq.quantize_many(model, [mechq.Request("gptq", bits=4), mechq.Request("gptq", bits=2)])
 
 recall = mechq.evaluate_recall(model, facts, [w4, w2], progress=False)
-sub = subsets(recall, reference=w4.name)  # Robust / Failure against 4-bit (§3.2)
-label = {i: "Robust" for i in sub["robust"]} | {i: "Failure" for i in sub["failure"]}
-known = mechq.FactSet([f for f in facts if f.id in sub["fp_correct"]], name="FP-correct")
+label = subset_labels(recall, reference=w4.name)  # Robust / Failure / FP wrong vs 4-bit (§3.2)
+known = mechq.FactSet([f for f in facts if label[f.id] != "FP wrong"], name="FP-correct")
 accuracy(recall)[["variant", "accuracy", "n_correct", "n", "median_rank"]]
 """),
     md("""

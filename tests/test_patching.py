@@ -9,7 +9,7 @@ import mechq
 import mechq.positions
 from mechq import patching
 from mechq.facts import target_token
-from mechq.patch_sweep import COLUMNS, SEMANTIC, by_third, patch_heatmap_frame, patch_sweep
+from mechq.patching_sweep import COLUMNS, SEMANTIC, by_third, patch_heatmap_frame, patch_sweep
 from mechq.store import Store
 
 # Patched target probabilities (<= 1, float32) from the batched engine vs one forward per site:

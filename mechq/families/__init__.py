@@ -1,7 +1,8 @@
 """Model families: everything mechq knows about one architecture, in one file each.
 
 A family (:class:`~mechq.families.base.Family`) holds, for the Hugging Face architectures it
-covers (one module each, defining ``FAMILY``): how their config becomes a ``HookedTransformerConfig``, how their weights become
+covers (one module each, defining ``FAMILY``): how their config becomes a
+``HookedTransformerConfig``, how their weights become
 TransformerLens weights, which HF linear module feeds which HookedTransformer parameter (the
 :class:`~mechq.families.base.Site` table, with the reshapes both ways), and its quirks. The
 rest of mechq asks this registry and never branches on an architecture name.
