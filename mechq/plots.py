@@ -11,20 +11,16 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from mechq.vocab import FP
+
 FP_COLOR = "#1f77b4"
 
 
 def variant_order(names) -> list[str]:
-    """FP first, then by decreasing bit width as written in the name (``...-w8...`` first)."""
-    import re
-
-    def key(n: str):
-        if n == "fp":
-            return (0, 0, n)
-        m = re.search(r"w(\d+)", n)
-        return (1, -int(m.group(1)) if m else 0, n)
-
-    return sorted(dict.fromkeys(names), key=key)
+    """FP first, then the variants in the order they first appear (the order the analysis was
+    given them, e.g. w8, w4, w3, w2 for the cliff). Names are never parsed."""
+    names = list(dict.fromkeys(names))
+    return [n for n in names if n == FP] + [n for n in names if n != FP]
 
 
 def performance_cliff(acc: pd.DataFrame, by_relation: pd.DataFrame | None = None,
