@@ -35,7 +35,7 @@ from mechq.facts import Fact, FactSet, bundled_facts, load_facts, target_report 
 from mechq.models import load_model  # noqa: E402
 from mechq.quant.quantize import Request, load_quantized, quantize, quantize_many  # noqa: E402
 from mechq.quant.variants import Variant, swap  # noqa: E402
-from mechq.recall import accuracy, evaluate_recall, subsets  # noqa: E402
+from mechq.recall import accuracy, evaluate_recall, subset_labels, subsets  # noqa: E402
 from mechq.lens import logit_lens  # noqa: E402
 from mechq.components import component_metrics  # noqa: E402
 from mechq.representation import representation_metrics  # noqa: E402
@@ -43,11 +43,12 @@ from mechq.patching_sweep import patch_sweep  # noqa: E402
 from mechq.pararel import load_pararel  # noqa: E402
 from mechq.cliff import cliff_table  # noqa: E402
 from mechq.report import report  # noqa: E402
+from mechq.verdict import diagnose  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "Fact", "FactSet", "Request", "Variant", "accuracy", "bundled_facts", "cliff_table",
-    "component_metrics", "evaluate_recall", "load_facts", "load_model", "load_pararel",
+    "component_metrics", "diagnose", "evaluate_recall", "load_facts", "load_model", "load_pararel",
     "load_quantized", "logit_lens", "patch_sweep", "quantize", "quantize_many", "report",
-    "representation_metrics", "subsets", "swap", "target_report",
+    "representation_metrics", "subset_labels", "subsets", "swap", "target_report",
 ]

@@ -8,6 +8,7 @@
     mechq representation  CKA layer x layer, activation and error subspaces (§4.2)
     mechq patch      FP->variant activation patching and zero ablation heatmaps (§3.4)
     mechq sensitivity  first domino, single layers, component table, signal injection (§4.3)
+    mechq diagnose   healthy / signal degradation / computation collapse / format bug, with evidence
     mechq quantize   make (or find in the cache) one variant and print its checkpoint path
 
 Variants are named as mechq names them: ``gptq-w4g128``, ``rtn-w2g128``, ``gptq-w3`` (group
@@ -148,7 +149,6 @@ def cmd_recall(args) -> int:
 
 def cmd_lens(args) -> int:
     """Logit lens per layer at the last token, per variant and Robust/Failure subset (§3.3)."""
-    import mechq
     from mechq import plots
     from mechq.lens import lens_summary, logit_lens
     from mechq.recall import subset_labels
@@ -405,6 +405,34 @@ def cmd_sensitivity(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    """The verdict on one variant, with its evidence table and the frames behind it (§4.3)."""
+    from mechq import plots
+    from mechq.verdict import STEP_ERROR, diagnose
+    from mechq.html_report import Report
+    from mechq.lens import lens_summary
+
+    out, model, facts = _prepare(args)
+    (v,) = load_variants(model, [args.variant], args)
+    d = diagnose(model, v, facts, n_facts=args.n_facts, batch_size=args.batch_size)
+    d.evidence.to_csv(out / "evidence.csv", index=False)
+    d.weights.to_csv(out / "weight_signatures.csv", index=False)
+    rep = Report(f"mechq diagnose — {v.name} on {args.model}")
+    rep.heading(f"Verdict: {d.verdict.replace('_', ' ')}")
+    rep.text(d.reason)
+    rep.table(d.evidence)
+    rep.heading("Weight space: each module's error in quantization steps")
+    rep.figure(plots.weight_signature_lines(d.weights, threshold=STEP_ERROR))
+    lens = d.frames["lens"]
+    rep.heading("Logit lens on the facts diagnosed (FP vs the variant)")
+    rep.figure(plots.lens_curves(lens_summary(lens), None, title="Logit lens"))
+    path = rep.write(out / "diagnose.html")
+    print(f"\nverdict: {d.verdict} — {d.reason}\n")
+    print(d.evidence.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"wrote {path}, evidence.csv, weight_signatures.csv")
+    return 0
+
+
 def cmd_quantize(args) -> int:
     """Quantize a model and print where the (cached) checkpoint lives."""
     import mechq
@@ -522,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--injection-ks", type=int, nargs="*", default=None,
                    help="values of k (default: 0, L/10, L/5, L/3, L/2, 2L/3, L)")
     p.set_defaults(func=cmd_sensitivity)
+    p = sub.add_parser("diagnose", help="verdict on one variant with its evidence (§4.3)")
+    _common(p)
+    p.add_argument("variant", help="e.g. gptq-w4g128, rtn-w2g128, or a checkpoint directory")
+    p.add_argument("--n-facts", type=int, default=64,
+                   help="FP-correct facts the diagnosis samples (default 64)")
+    p.set_defaults(func=cmd_diagnose)
     p = sub.add_parser("quantize", help="make one variant (cached), print its checkpoint path")
     _common(p, facts=False)
     p.add_argument("variant", help="e.g. gptq-w4g128, rtn-w2g128-asym, gptq-w3g128-act")
@@ -530,8 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input (an unknown variant, a checkpoint of another model, bad bits,
+    an empty fact set ...) ends with a one-line message instead of a traceback."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (argparse.ArgumentTypeError, ValueError, TypeError, FileNotFoundError) as e:
+        raise SystemExit(f"mechq {args.command}: {e}") from e
 
 
 if __name__ == "__main__":

@@ -455,3 +455,20 @@ def injection_curves(df: pd.DataFrame, value: str = "cos_mean",
                       yaxis_title=f"cosine to FP ({value})", template="plotly_white",
                       height=420)
     return fig
+
+
+def weight_signature_lines(weights: pd.DataFrame, signature: str = "step_error",
+                           threshold: float | None = None, title: str | None = None) -> go.Figure:
+    """One weight-space signature (:mod:`mechq.weights`) per layer, one line per component, with
+    the threshold above which :mod:`mechq.verdict` calls a module off its grid."""
+    fig = go.Figure()
+    for i, (comp, g) in enumerate(weights.groupby("component", sort=False)):
+        fig.add_trace(go.Scatter(x=g["layer"], y=g[signature], mode="lines+markers", name=comp,
+                                 text=g["module"], line=dict(color=PALETTE[i % len(PALETTE)]),
+                                 hovertemplate="%{text}<br>%{y:.3f}<extra></extra>"))
+    if threshold is not None:
+        fig.add_hline(y=threshold, line=dict(color="#d62728", dash="dash"),
+                      annotation_text=f"threshold {threshold:g}")
+    fig.update_layout(title=title or f"{signature} per module", xaxis_title="layer",
+                      yaxis_title=signature, template="plotly_white", height=380)
+    return fig

@@ -220,3 +220,23 @@ def test_import_is_quiet():
                                           "supported by torch.compile", "<enum 'K'>"))
     assert mechq._import_noise(record("Failed to load %s", "/x/other/lib.so"))
     assert mechq._import_noise(record("something else"))
+
+
+def test_diagnose_command(tmp_path, capsys):
+    rc = cli.main(["diagnose", "rtn-w8g128", "--model", "tiny-gpt2", "--n-facts", "16",
+                   "--out", str(tmp_path)])
+    assert rc == 0
+    assert "verdict: healthy" in capsys.readouterr().out
+    ev = pd.read_csv(tmp_path / "evidence.csv")
+    assert len(ev) == 12 and {"signature", "value", "threshold", "supports"} <= set(ev.columns)
+    assert len(pd.read_csv(tmp_path / "weight_signatures.csv")) == 16  # 4 layers x 4 modules
+    _self_contained(tmp_path / "diagnose.html")
+    with pytest.raises(SystemExit, match="mechq diagnose: bad variant 'gptq-w5x'"):
+        cli.main(["diagnose", "gptq-w5x", "--model", "tiny-gpt2", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="bits must be one of"):
+        cli.main(["diagnose", "rtn-w5g128", "--model", "tiny-gpt2", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no facts|at least one fact"):
+        empty = tmp_path / "empty.csv"
+        empty.write_text("id,relation,subject,object\n")
+        cli.main(["diagnose", "rtn-w8g128", "--model", "tiny-gpt2", "--facts", str(empty),
+                  "--out", str(tmp_path)])
