@@ -1,6 +1,6 @@
 """The ``mechq`` command line.
 
-    mechq report     the main job (make demo): cliff + answer ranks + logit lens -> report.html
+    mechq report     the main job (make demo): verdicts + cliff + answer ranks + lens -> report.html
     mechq cliff      GPTQ/RTN at several bit widths -> recall table + performance_cliff.html
     mechq recall     recall, answer ranks, top-1 tokens and Robust/Failure subsets
     mechq lens       logit lens per layer, FP vs variants, Robust/Failure side by side
@@ -187,7 +187,8 @@ def cmd_report(args) -> int:
                        group_size=args.group_size, seeds=args.calib_seeds,
                        seed_bits=args.seed_bits,
                        max_facts=args.max_facts, batch_size=args.batch_size, device=args.device,
-                       verbose=args.verbose, **_calib_kw(args))
+                       verbose=args.verbose, diagnose=not args.no_diagnose,
+                       **_calib_kw(args))
     print("\n" + res.summary.split("\n", 2)[2].strip())
     return 0
 
@@ -491,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration seeds per bit width (GPTQ): the cliff shows their range")
     p.add_argument("--seed-bits", type=int, nargs="+", default=None,
                    help="give the extra calibration seeds only to these bit widths")
+    p.add_argument("--no-diagnose", action="store_true",
+                   help="skip the verdicts (about a minute per bit width on SmolLM2, 2 cores)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("cliff", help="recall of FP vs bit widths (paper Fig. 1)")
     _common(p)
@@ -569,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (argparse.ArgumentTypeError, ValueError, TypeError, FileNotFoundError) as e:
+    except (argparse.ArgumentTypeError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"mechq {args.command}: {e}") from e
 
 

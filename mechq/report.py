@@ -1,7 +1,8 @@
-"""mechq's main job (``make demo``, ``mechq report``): the cliff, answer ranks and logit lens.
+"""mechq's main job (``make demo``, ``mechq report``): verdicts, the cliff, answer ranks, lens.
 
 :func:`report` loads a model, quantizes it at several bit widths (each with one or more
-calibration seeds), measures recall on a fact set, runs the logit lens on the Robust and
+calibration seeds), measures recall on a fact set, gives each width's verdict with its evidence
+(:mod:`mechq.verdict`), runs the logit lens on the Robust and
 Failure facts, and writes one offline HTML report, the figures, the CSV frames and
 ``summary.md`` (the cliff table with its calibration spread, how long the run took and on what
 machine). It prints one line per stage; long stages show a progress bar.
@@ -80,6 +81,7 @@ def report(
     device: str | None = None,
     progress: bool = True,
     verbose: bool = False,
+    diagnose: bool = True,
     echo: Callable[[str], None] | None = None,
 ) -> ReportResult:
     """Run the main job and write ``report.html``, ``summary.md``, figures and frames to ``out``.
@@ -88,8 +90,10 @@ def report(
     :class:`FactSet`, ``"bundled"``, a facts CSV or ``"pararel[:P36,...]"``. ``seeds`` is the
     number of calibration seeds per bit width (GPTQ; ``seed_bits`` limits them to some widths):
     the cliff then shows each width's mean and seed range. GPTQModel's output goes to log files
-    under the cache (their folder is printed); ``verbose`` also shows it live. ``echo`` receives
-    the one-line stage messages (default: print to stdout).
+    under the cache (their folder is printed); ``verbose`` also shows it live. With
+    ``diagnose`` the report opens with :func:`mechq.diagnose`'s verdict on each width's
+    seed-0 variant, with the evidence side by side. ``echo`` receives the one-line stage
+    messages (default: print to stdout).
     """
     from mechq import models, plots
     from mechq.cliff import cliff_requests, summary_markdown, write_cliff
@@ -99,12 +103,13 @@ def report(
     from mechq.quant.quantize import quantize_many
     from mechq.recall import (FP, evaluate_recall, recall_from_lens, subset_labels,
                               subset_sizes)
+    from mechq.verdict import N_FACTS, diagnose_many, evidence_table
 
     echo = echo or (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    n_stages = 5
+    n_stages = 6 if diagnose else 5
 
     def stage(i: int, text: str) -> None:
         echo(f"[{i}/{n_stages}] {text}")
@@ -169,6 +174,27 @@ def report(
              f"calibration: {calib or 'none (RTN)'}"
              + (f", seeds 0–{seeds - 1} (the seed range is the red bar)" if seeds > 1 else "")
              + ". Machine: " + machine + ".", note=True)
+    verdicts = None
+    if diagnose:
+        first_seed = [v for v in variants if not v.meta.get("seed")]
+        stage(4, f"diagnose: verdicts for {', '.join(v.name for v in first_seed)} on "
+                 f"up to {min(N_FACTS, len(fs))} FP-correct facts")
+        t = time.perf_counter()
+        diags = diagnose_many(model, first_seed, fs, batch_size=min(batch_size, 32),
+                              progress=progress)
+        evidence = evidence_table(diags)
+        evidence.to_csv(out / "evidence.csv", index=False)
+        verdicts = pd.DataFrame([dict(variant=d.variant, verdict=d.verdict, reason=d.reason)
+                                 for d in diags])
+        frames["verdicts"], frames["evidence"] = verdicts, evidence
+        echo("      " + "; ".join(f"{d.variant}: {d.verdict.replace('_', ' ')}"
+                                   for d in diags) + f" ({time.perf_counter() - t:.0f} s)")
+        rep.heading("0. Verdict (paper §4.3): healthy, signal degradation, computation "
+                    "collapse, or a format bug")
+        rep.text("Each signature is measured on the same FP-correct facts; thresholds are named "
+                 "constants in mechq.verdict, with the measurements they come from.")
+        rep.table(verdicts)
+        rep.table(evidence)
     rep.heading("1. Performance cliff (paper Fig. 1)")
     rep.table(table)
     rep.figure(cliff_fig)
@@ -177,7 +203,7 @@ def report(
     rep.figure(plots.top_predictions_figure(plots.top_predictions(seed0, k=6)))
 
     if lens is not None:
-        stage(4, f"figures; logit lens split into Robust / Failure against {ref.name}")
+        stage(n_stages - 1, f"figures; logit lens split into Robust / Failure against {ref.name}")
         sizes = subset_sizes(recall, reference=ref.name)
         sizes.to_csv(out / "subsets.csv", index=False)
         lens["subset"] = lens["fact_id"].map(subset_labels(recall, reference=ref.name,
@@ -197,7 +223,7 @@ def report(
         rep.table(summ[summ.layer.isin([L // 2, 2 * L // 3, L - 2, L])][
             ["subset", "variant", "layer", "mean_prob", "median_rank", "top1_share", "n"]])
     else:
-        stage(4, "figures (no logit lens: it needs a 4-bit variant to define Robust / Failure)")
+        stage(n_stages - 1, "figures (no logit lens: it needs a 4-bit variant to define Robust / Failure)")
 
     seconds = time.perf_counter() - t0
     summary = "\n".join([
@@ -209,12 +235,15 @@ def report(
         "",
         summary_markdown(table),
         "",
+        *(["Verdicts (mechq.verdict): " + "; ".join(
+            f"{r.variant} **{r.verdict.replace('_', ' ')}**" for r in verdicts.itertuples()) + ".",
+           ""] if verdicts is not None else []),
         f"Run took {seconds / 60:.1f} min on {machine}.",
         "",
     ])
     (out / "summary.md").write_text(summary, encoding="utf-8")
     path = rep.write(out / "report.html")
-    stage(5, f"wrote {path}, summary.md, figures and CSV frames in {out}/ "
+    stage(n_stages, f"wrote {path}, summary.md, figures and CSV frames in {out}/ "
              f"({seconds:.0f} s in all)")
     return ReportResult(out, recall, table, summary, seconds, frames)
 

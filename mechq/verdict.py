@@ -277,10 +277,40 @@ def diagnose(model: HookedTransformer, variant: Variant, facts: FactSet | None =
              n_facts: int = N_FACTS, batch_size: int = 32) -> Diagnosis:
     """Measure ``variant``'s signatures on ``n_facts`` FP-correct facts (from ``facts``,
     default the bundled ones) and give the verdict with its evidence."""
-    if not isinstance(variant, Variant):
-        raise TypeError(f"diagnose needs a mechq Variant, got {type(variant).__name__}")
+    return diagnose_many(model, [variant], facts, n_facts=n_facts, batch_size=batch_size)[0]
+
+
+def diagnose_many(model: HookedTransformer, variants: list[Variant],
+                  facts: FactSet | None = None, *, n_facts: int = N_FACTS, batch_size: int = 32,
+                  progress: bool = False) -> list[Diagnosis]:
+    """:func:`diagnose` for several variants on one shared sample of FP-correct facts."""
+    from tqdm.auto import tqdm
+
+    for v in variants:
+        if not isinstance(v, Variant):
+            raise TypeError(f"diagnose needs a mechq Variant, got {type(v).__name__}")
     sample = fp_correct_sample(model, facts, n=n_facts)
-    values, frames = measure(model, variant, sample, batch_size=batch_size)
-    evidence = evidence_frame(values)
-    v, reason = verdict(evidence, frames["weights"])
-    return Diagnosis(variant.name, v, evidence, reason, frames["weights"], frames)
+    out = []
+    for v in tqdm(variants, desc="diagnose", unit="variant", disable=not progress):
+        values, frames = measure(model, v, sample, batch_size=batch_size)
+        evidence = evidence_frame(values)
+        verdict_, reason = verdict(evidence, frames["weights"])
+        out.append(Diagnosis(v.name, verdict_, evidence, reason, frames["weights"], frames))
+    return out
+
+
+def evidence_table(diagnoses: list[Diagnosis]) -> pd.DataFrame:
+    """The evidence of several diagnoses side by side: one row per signature, one value column
+    per variant, then threshold, the verdict a crossing supports, and the paper section; the
+    first row holds each variant's verdict."""
+    first = diagnoses[0].evidence
+    table = first[["signature"]].copy()
+    for d in diagnoses:
+        table[d.variant] = d.evidence["value"].to_numpy()
+    table["threshold"] = first["threshold"]
+    table["crossing supports"] = first["supports"]
+    table["section"] = first["section"]
+    head = {"signature": "verdict", **{d.variant: d.verdict.replace("_", " ")
+                                       for d in diagnoses},
+            "threshold": "", "crossing supports": "", "section": "§4.3"}
+    return pd.concat([pd.DataFrame([head]), table.astype(object)], ignore_index=True)

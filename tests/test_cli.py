@@ -64,11 +64,15 @@ def test_report_is_one_offline_file(tmp_path):
     assert rc == 0
     html = _self_contained(tmp_path / "report.html")
     assert html.count("* plotly.js v") == 1  # the library is inlined once for all figures
-    for heading in ("Performance cliff", "Answer rank", "Logit lens"):
+    for heading in ("Verdict", "Performance cliff", "Answer rank", "Logit lens"):
         assert heading in html
+    assert html.index("Verdict") < html.index("Performance cliff")  # the verdict comes first
     assert (tmp_path / "lens_summary.csv").exists()
+    evidence = pd.read_csv(tmp_path / "evidence.csv")
+    assert list(evidence.columns[1:3]) == ["rtn-w4g128", "rtn-w2g128"]
+    assert evidence.iloc[0]["signature"] == "verdict"
     summary = (tmp_path / "summary.md").read_text()
-    assert "| rtn-w4g128 |" in summary and "Run took" in summary
+    assert "| rtn-w4g128 |" in summary and "Run took" in summary and "Verdicts" in summary
     assert "none (no calibration)" in summary  # RTN has no calibration to vary
 
 
