@@ -60,13 +60,14 @@ def early_layers(model: HookedTransformer, k: int = 2, high: int = 8) -> dict:
 def kurtosis_ranking(model: HookedTransformer) -> pd.DataFrame:
     """Every linear module with its FP weights' excess kurtosis ``E[(w−μ)⁴]/σ⁴ − 3`` and
     ``max|w−μ|/σ``, most heavy-tailed first."""
-    rows = []
+    first_layer = {}
     for s in layout.sites(model.cfg):
-        if rows and rows[-1]["module"] == s.module:
-            continue
-        w = layout.module_weight(model, s.module).detach().double().flatten()
+        first_layer.setdefault(s.module, s.layer)
+    rows = []
+    for module, layer in first_layer.items():
+        w = layout.module_weight(model, module).detach().double().flatten()
         z = (w - w.mean()) / w.std()
-        rows.append(dict(module=s.module, layer=s.layer, n_weights=w.numel(),
+        rows.append(dict(module=module, layer=layer, n_weights=w.numel(),
                          kurtosis=float((z ** 4).mean() - 3), max_over_sigma=float(z.abs().max())))
     return pd.DataFrame(rows).sort_values("kurtosis", ascending=False, ignore_index=True)
 

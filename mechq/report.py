@@ -180,8 +180,7 @@ def report(
         stage(4, f"diagnose: verdicts for {', '.join(v.name for v in first_seed)} on "
                  f"up to {min(N_FACTS, len(fs))} FP-correct facts")
         t = time.perf_counter()
-        diags = diagnose_many(model, first_seed, fs, batch_size=min(batch_size, 32),
-                              progress=progress)
+        diags = diagnose_many(model, first_seed, fs, batch_size=min(batch_size, 32))
         evidence = evidence_table(diags)
         evidence.to_csv(out / "evidence.csv", index=False)
         verdicts = pd.DataFrame([dict(variant=d.variant, verdict=d.verdict, reason=d.reason)

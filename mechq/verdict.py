@@ -14,7 +14,7 @@ packing order, zero-point convention, group index or orientation) leaves weights
 on the grid the checkpoint claims, which the weight-space signatures of :mod:`mechq.weights`
 show module by module.
 
-:func:`diagnose` measures the signatures (:data:`SIGNATURES`), each on what it needs only: a
+:func:`diagnose` measures the signatures (:func:`measure`), each on what it needs only: a
 fixed sample of facts the FP model gets right, the last token position, the layers named below.
 :func:`verdict` turns them into one of :data:`VERDICTS` with the named thresholds of this module;
 :class:`Diagnosis` keeps the evidence table, one row per signature with the value, the FP value,
@@ -30,6 +30,7 @@ from transformer_lens import HookedTransformer
 
 from mechq.facts import FactSet, bundled_facts
 from mechq.quant.variants import Variant
+from mechq.vocab import FP
 
 VERDICTS = ("healthy", "signal_degradation", "computation_collapse", "format_bug")
 
@@ -76,10 +77,11 @@ def fp_correct_sample(model: HookedTransformer, facts: FactSet | None = None, n:
     return FactSet(chosen, name=f"{facts.name}:fp-correct")
 
 
-def measure(model: HookedTransformer, variant: Variant, facts: FactSet,
-            batch_size: int = 32) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
-    """The raw signature values of ``variant`` on FP-correct ``facts`` (see :data:`SIGNATURES`)
-    and the frames they were read from."""
+def measure(model: HookedTransformer, variants: list[Variant], facts: FactSet,
+            batch_size: int = 32) -> list[tuple[dict[str, float], dict[str, pd.DataFrame]]]:
+    """The raw signature values of each variant on FP-correct ``facts`` (the rows of
+    :func:`evidence_frame`) and the frames they were read from. The FP model's lens, component
+    and representation activations are computed once for all variants."""
     from mechq import sensitivity as sens
     from mechq.components import component_metrics
     from mechq.lens import logit_lens
@@ -87,52 +89,53 @@ def measure(model: HookedTransformer, variant: Variant, facts: FactSet,
     from mechq.weights import weight_signatures
 
     L = model.cfg.n_layers
-    out: dict[str, float] = {}
-    frames: dict[str, pd.DataFrame] = {}
-
-    lens = logit_lens(model, facts, [variant], batch_size=batch_size, progress=False)
-    frames["lens"] = lens
-    final = lens[(lens["layer"] == L) & (lens["variant"] == variant.name)]
-    out["recall"] = float((final["target_rank"] == 1).mean())
-    out["median_rank"] = float(final["target_rank"].median())
-    failure = set(final.loc[final["target_rank"] > 1, "fact_id"])
-    q = lens[(lens["variant"] == variant.name) & lens["fact_id"].isin(failure)
-             & (lens["layer"] >= L // 2)]
-    out["failure_best_rank"] = (float(q.groupby("fact_id")["target_rank"].min().median())
-                                if failure else 1.0)
-
-    comp = component_metrics(model, facts, [variant], positions=("last",),
+    lens = logit_lens(model, facts, variants, batch_size=batch_size, progress=False)
+    comp = component_metrics(model, facts, variants, positions=("last",),
                              batch_size=batch_size, include_fp=False, progress=False)
-    frames["components"] = comp
-    means = comp.groupby("metric")["value"].mean()
-    out["attn_jsd"] = float(means["attn_jsd"])
-    out["sign_flip"] = float(means["sign_flip"])
-    out["topk_jaccard"] = float(means["topk_jaccard"])
-
-    rep = representation_metrics(model, facts, [variant], positions=("last",),
+    rep = representation_metrics(model, facts, variants, positions=("last",),
                                  streams=("resid_post",), batch_size=batch_size,
                                  include_fp=False, progress=False)
-    diag = cka_diagonal(rep.cka)
-    frames["cka"] = diag
-    out["cka_min"] = float(diag.loc[diag["variant"] == variant.name, "cka"].min())
+    cka = cka_diagonal(rep.cka)
+    results = []
+    for variant in variants:
+        out: dict[str, float] = {}
+        frames: dict[str, pd.DataFrame] = {}
+        frames["lens"] = lens[lens["variant"].isin([FP, variant.name])]
+        mine = lens[lens["variant"] == variant.name]
+        final = mine[mine["layer"] == L]
+        out["recall"] = float((final["target_rank"] == 1).mean())
+        out["median_rank"] = float(final["target_rank"].median())
+        failure = set(final.loc[final["target_rank"] > 1, "fact_id"])
+        q = mine[mine["fact_id"].isin(failure) & (mine["layer"] >= L // 2)]
+        out["failure_best_rank"] = (float(q.groupby("fact_id")["target_rank"].min().median())
+                                    if failure else 1.0)
 
-    dom = sens.first_domino(model, facts, variant, ks=[1], batch_size=batch_size,
-                            progress=False)
-    frames["first_domino"] = dom
-    out["first_two_layers_recall"] = float(dom["correct"].mean())
+        frames["components"] = c = comp[comp["variant"] == variant.name]
+        means = c.groupby("metric")["value"].mean()
+        out["attn_jsd"] = float(means["attn_jsd"])
+        out["sign_flip"] = float(means["sign_flip"])
+        out["topk_jaccard"] = float(means["topk_jaccard"])
 
-    inj = sens.signal_injection(model, facts, None, variant, ks=[L // 2],
-                                batch_size=batch_size, progress=False)
-    frames["injection"] = inj
-    last = inj[(inj["stream"] == "resid_post") & (inj["layer"] == L - 1)]
-    out["injection_cosine"] = float(last["cos_mean"].iloc[0])
+        frames["cka"] = d = cka[cka["variant"] == variant.name]
+        out["cka_min"] = float(d["cka"].min())
 
-    w = weight_signatures(model, variant)
-    frames["weights"] = w
-    out["weight_cosine_min"] = float(w["cosine"].min())
-    out["step_error_max"] = float(w["step_error"].max())
-    out["step_bias_max"] = float(w["step_bias"].max())
-    return out, frames
+        dom = sens.first_domino(model, facts, variant, ks=[1], batch_size=batch_size,
+                                progress=False)
+        frames["first_domino"] = dom
+        out["first_two_layers_recall"] = float(dom["correct"].mean())
+
+        inj = sens.signal_injection(model, facts, None, variant, ks=[L // 2],
+                                    batch_size=batch_size, progress=False)
+        frames["injection"] = inj
+        last = inj[(inj["stream"] == "resid_post") & (inj["layer"] == L - 1)]
+        out["injection_cosine"] = float(last["cos_mean"].iloc[0])
+
+        frames["weights"] = w = weight_signatures(model, variant)
+        out["weight_cosine_min"] = float(w["cosine"].min())
+        out["step_error_max"] = float(w["step_error"].max())
+        out["step_bias_max"] = float(w["step_bias"].max())
+        results.append((out, frames))
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,18 +284,15 @@ def diagnose(model: HookedTransformer, variant: Variant, facts: FactSet | None =
 
 
 def diagnose_many(model: HookedTransformer, variants: list[Variant],
-                  facts: FactSet | None = None, *, n_facts: int = N_FACTS, batch_size: int = 32,
-                  progress: bool = False) -> list[Diagnosis]:
+                  facts: FactSet | None = None, *, n_facts: int = N_FACTS,
+                  batch_size: int = 32) -> list[Diagnosis]:
     """:func:`diagnose` for several variants on one shared sample of FP-correct facts."""
-    from tqdm.auto import tqdm
-
     for v in variants:
         if not isinstance(v, Variant):
             raise TypeError(f"diagnose needs a mechq Variant, got {type(v).__name__}")
     sample = fp_correct_sample(model, facts, n=n_facts)
     out = []
-    for v in tqdm(variants, desc="diagnose", unit="variant", disable=not progress):
-        values, frames = measure(model, v, sample, batch_size=batch_size)
+    for v, (values, frames) in zip(variants, measure(model, variants, sample, batch_size)):
         evidence = evidence_frame(values)
         verdict_, reason = verdict(evidence, frames["weights"])
         out.append(Diagnosis(v.name, verdict_, evidence, reason, frames["weights"], frames))

@@ -24,7 +24,7 @@ def main() -> None:
     result = {"facts": len(facts)}
     for v in variants:
         t = time.perf_counter()
-        vals, _ = measure(model, v, facts)
+        ((vals, _),) = measure(model, [v], facts)
         vals["seconds"] = time.perf_counter() - t
         result[v.name] = vals
         print(v.name, {k: round(x, 4) for k, x in vals.items()}, flush=True)
