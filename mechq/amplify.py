@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -39,8 +40,47 @@ from transformer_lens import HookedTransformer
 
 from mechq.facts import FactSet
 from mechq.forward import decode, last_states, score
-from mechq.quant.variants import swapped
+from mechq.quant.variants import Variant, swapped
 from mechq.recall import bits_of, recall_rows, tokenize_facts, variant_runs
+
+
+ALPHAS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # the α grid searched on the development facts
+LAYER_RULE = "lowest-entropy logit-lens layer l* with first <= l* < L, per prompt"
+
+
+@dataclass(frozen=True)
+class Amplified:
+    """A variant read out with peak-signal amplification (``z_L + α · z_{l*}``, module
+    docstring): a wrapper, not a weight change. :func:`mechq.evaluate_recall` accepts it among
+    its variants; analyses of the model's internals see ``variant``'s weights unchanged, and its
+    storage (:attr:`avg_bits`, :attr:`nbytes`) is ``variant``'s."""
+
+    variant: Variant
+    alpha: float
+    first: int
+
+    def __post_init__(self):
+        if not isinstance(self.variant, Variant):
+            raise TypeError(f"Amplified wraps a mechq Variant, got {type(self.variant).__name__}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0 for an amplification repair, got {self.alpha} "
+                             f"(α = 0 is the variant itself).")
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant.name}+amp{self.alpha:g}@{self.first}"
+
+    @property
+    def bits(self) -> int:
+        return self.variant.bits
+
+    @property
+    def avg_bits(self) -> float:
+        return self.variant.avg_bits
+
+    @property
+    def nbytes(self) -> int:
+        return self.variant.nbytes
 
 
 def dev_heldout(facts: FactSet, dev_share: float = 0.5) -> tuple[FactSet, FactSet]:
@@ -100,6 +140,15 @@ def amplified_recall(model: HookedTransformer, facts: FactSet, variants: Sequenc
                 df["peak_layer"] = torch.cat([p[1] for p in parts]).numpy()
                 frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+def evaluate_amplified(model: HookedTransformer, facts: FactSet, amp: Amplified,
+                       batch_size: int = 32) -> pd.DataFrame:
+    """Recall rows (:func:`mechq.evaluate_recall`'s columns) of one :class:`Amplified` variant,
+    named ``amp.name``."""
+    df = amplified_recall(model, facts, [amp.variant], alphas=[amp.alpha], firsts=[amp.first],
+                          include_fp=False, batch_size=batch_size)
+    return df.assign(variant=amp.name)
 
 
 def choose(dev: pd.DataFrame, variant: str, labels: dict[str, str]) -> tuple[float, int]:

@@ -82,7 +82,7 @@ def bits_of(spec: VariantSpec) -> float:
 def evaluate_recall(
     model: HookedTransformer,
     facts: FactSet,
-    variants: Sequence[Variant] | None = None,
+    variants: Sequence | None = None,
     *,
     include_fp: bool = True,
     batch_size: int = 64,
@@ -91,21 +91,44 @@ def evaluate_recall(
     """One row per fact × variant: correct, target prob, target rank and top-1 token.
 
     The FP model is the row set ``variant == "fp"`` (the model's own weights). Each variant is
-    swapped into all layers and components for its rows and swapped out afterwards.
+    swapped into all layers and components for its rows and swapped out afterwards. An
+    :class:`mechq.amplify.Amplified` item is scored with its amplified read-out.
     """
     if len(facts) == 0:
         raise ValueError("evaluate_recall needs at least one fact.")
+    from mechq.amplify import Amplified, evaluate_amplified  # amplify builds on this module
+
+    items = list(variants or [])
+    amplified = {i: a for i, a in enumerate(items) if isinstance(a, Amplified)}
+    todo = variant_runs([v for i, v in enumerate(items) if i not in amplified], include_fp)
     prompts, info = tokenize_facts(model, facts)
-    frames = []
-    todo = variant_runs(variants, include_fp)
+    frames = {}
     bar = tqdm(total=len(todo) * len(prompts), desc="recall", unit="prompt", disable=not progress)
     for name, v in todo:
         with swapped(model, v):
             cols = score_prompts(model, prompts, info, batch_size=batch_size,
                                  on_batch=bar.update)
-        frames.append(recall_rows(model, info, name, cols, bits=bits_of(v)))
+        frames[name] = recall_rows(model, info, name, cols, bits=bits_of(v))
     bar.close()
-    return pd.concat(frames, ignore_index=True)
+    for a in amplified.values():
+        if a.name in frames:
+            raise ValueError(f"Variant names must be unique, {a.name!r} appears twice.")
+        frames[a.name] = evaluate_amplified(model, facts, a, batch_size=min(batch_size, 32))
+    order = ([FP] if include_fp else []) + [n for n in _names(items) if n is not None]
+    return pd.concat([frames[n] for n in order], ignore_index=True)
+
+
+def _names(items) -> list[str | None]:
+    """The frame name of each ``variants`` item (None for a skipped ``None``)."""
+    out = []
+    for v in items:
+        if v is None:
+            out.append(None)
+        elif isinstance(v, tuple):
+            out.append(v[0])
+        else:
+            out.append(v.name)
+    return out
 
 
 def score_prompts(model: HookedTransformer, prompts: list[list[int]], info: pd.DataFrame, *,
