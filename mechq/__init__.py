@@ -44,11 +44,12 @@ from mechq.pararel import load_pararel  # noqa: E402
 from mechq.cliff import cliff_table  # noqa: E402
 from mechq.report import report  # noqa: E402
 from mechq.verdict import diagnose  # noqa: E402
+from mechq.eora import eora  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "Fact", "FactSet", "Request", "Variant", "accuracy", "bundled_facts", "cliff_table",
-    "component_metrics", "diagnose", "evaluate_recall", "load_facts", "load_model", "load_pararel",
-    "load_quantized", "logit_lens", "patch_sweep", "quantize", "quantize_many", "report",
-    "representation_metrics", "subset_labels", "subsets", "swap", "target_report",
+    "component_metrics", "diagnose", "eora", "evaluate_recall", "load_facts", "load_model",
+    "load_pararel", "load_quantized", "logit_lens", "patch_sweep", "quantize", "quantize_many",
+    "report", "representation_metrics", "subset_labels", "subsets", "swap", "target_report",
 ]

@@ -37,6 +37,9 @@ class Variant:
     uniform variant), so a module's own bit width is in :attr:`module_bits`. ``fp_modules`` maps
     each linear module that a ``-:`` rule keeps in full precision to its ``(out, in)`` shape:
     the variant holds no weights for it and :func:`swap` leaves the model's own weight there.
+    ``lowrank`` maps a packed module to a low-rank correction ``(B, A)``, ``B`` ``(out, r)`` and
+    ``A`` ``(r, in)`` (float16 or float32; :func:`mechq.eora.eora` makes them): its weight is
+    then the dequantized one plus ``B @ A``.
     """
 
     name: str
@@ -49,9 +52,13 @@ class Variant:
     meta: dict = field(default_factory=dict)
     dynamic: dict | None = None
     fp_modules: dict[str, tuple[int, int]] = field(default_factory=dict)
+    lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         mixed = f", dynamic={len(self.dynamic)} rules" if self.dynamic else ""
+        ranks = sorted({b.shape[1] for b, _ in self.lowrank.values()})
+        if ranks:
+            mixed += f", lowrank rank={'/'.join(map(str, ranks))} on {len(self.lowrank)} modules"
         return (
             f"Variant({self.name!r}, method={self.method}, bits={self.bits}, "
             f"group_size={self.group_size}, sym={self.sym}, desc_act={self.desc_act}{mixed}, "
@@ -83,8 +90,11 @@ class Variant:
         it is implied by the group size unless ``desc_act``); a module kept in full precision
         counts :data:`FP_BITS` = 16 per weight, its storage in an fp16 checkpoint (the model in
         memory may be float32). Embeddings, norms and the LM head are not counted.
+        A low-rank correction adds 16 bits per stored entry, ``r · (in + out)`` entries per
+        module (its fp16 storage, whatever dtype it is held in).
         """
         bits = FP_BITS * sum(o * i for o, i in self.fp_modules.values())
+        bits += FP_BITS * sum(b.numel() + a.numel() for b, a in self.lowrank.values())
         for p in self.modules.values():
             bits += 8 * (
                 p.qweight.numel() * p.qweight.element_size()
@@ -95,21 +105,28 @@ class Variant:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the packed tensors of all modules."""
-        return sum(p.nbytes for p in self.modules.values())
+        """Bytes held by the packed tensors of all modules and their low-rank factors."""
+        return (sum(p.nbytes for p in self.modules.values())
+                + sum(b.nbytes + a.nbytes for b, a in self.lowrank.values()))
 
     def weight(self, module: str, dtype: torch.dtype = torch.float32,
                device: torch.device | str | None = None) -> torch.Tensor:
         """Dequantized ``(out, in)`` weight of one module, computed on ``device`` (default: where
         the packed tensors are). Only the packed tensors travel: on a GPU the dequantization
-        runs there, with the same float16 arithmetic (bit-identical result)."""
+        runs there, with the same float16 arithmetic (bit-identical result). A module with a
+        low-rank correction is ``dequantized + B @ A`` in float32, then cast to ``dtype`` (the
+        float32 matmul may round differently on another device)."""
         try:
             packed = self.modules[module]
         except KeyError:
             raise KeyError(f"Variant {self.name!r} has no module {module!r}.") from None
         if device is not None:
             packed = packed.to(device)
-        return packed.weight(dtype)
+        if module not in self.lowrank:
+            return packed.weight(dtype)
+        b, a = (t.to(device=packed.qweight.device, dtype=torch.float32)
+                for t in self.lowrank[module])
+        return (packed.weight(torch.float32) + b @ a).to(dtype)
 
 
 VariantSpec = Variant | Mapping[int, Variant | None] | None
