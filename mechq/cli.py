@@ -414,6 +414,9 @@ def cmd_diagnose(args) -> int:
     from mechq.lens import lens_summary
 
     out, model, facts = _prepare(args)
+    if args.repair and Path(args.variant).is_dir():
+        raise ValueError("--repair quantizes the base again with repair rules: give a variant "
+                         "name (e.g. gptq-w4g128), not a checkpoint directory.")
     (v,) = load_variants(model, [args.variant], args)
     d = diagnose(model, v, facts, n_facts=args.n_facts, batch_size=args.batch_size)
     d.evidence.to_csv(out / "evidence.csv", index=False)
@@ -427,10 +430,51 @@ def cmd_diagnose(args) -> int:
     lens = d.frames["lens"]
     rep.heading("Logit lens on the facts diagnosed (FP vs the variant)")
     rep.figure(plots.lens_curves(lens_summary(lens), None, title="Logit lens"))
+    if args.repair:
+        from mechq.quant.quantize import Request
+        from mechq.repair import repair_summary, repair_table
+
+        base = Request(**parse_variant(args.variant), **_calib_kw(args))
+        res = repair_table(model, [base], facts, batch_size=args.batch_size)
+        res.table.to_csv(out / "repairs.csv", index=False)
+        rep.heading("Repairs (held-out facts; accuracy in % by the base's subsets)")
+        rep.text(repair_summary(res.table))
+        rep.table(res.wide(), floatfmt="{:.1f}")
+        rep.figure(plots.repair_pareto(res.table))
+        print(res.wide().T.to_string(float_format=lambda x: f"{x:.1f}"))
+        print(repair_summary(res.table))
     path = rep.write(out / "diagnose.html")
     print(f"\nverdict: {d.verdict} — {d.reason}\n")
     print(d.evidence.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"wrote {path}, evidence.csv, weight_signatures.csv")
+    return 0
+
+
+def cmd_recipe(args) -> int:
+    """Search the protection repairs of a base variant within a bit budget; write recipe.json."""
+    import mechq
+    from mechq.facts import load_fact_source
+    from mechq.quant.quantize import Request
+    from mechq.recipe import check_recipe, make_recipe, write_recipe
+
+    if Path(args.variant).is_dir():
+        raise ValueError("recipe quantizes the base again with each candidate's rules: give a "
+                         "variant name (e.g. gptq-w4g128), not a checkpoint directory.")
+    base = Request(**parse_variant(args.variant), **_calib_kw(args))
+    model = mechq.load_model(args.model, device=args.device)
+    facts = load_fact_source(args.facts, args.max_facts, args.seed)
+    r = make_recipe(model, base, args.budget, facts, batch_size=args.batch_size)
+    path = write_recipe(r, args.out)
+    e, a = r["expected"], r["amplification"]
+    print(f"recipe: {r['repair']} at {r['avg_bits']:.3f} bits per weight "
+          f"(budget {r['budget']}); expected held-out accuracy {100 * e['accuracy']:.1f} % "
+          f"(baseline {100 * e['baseline_accuracy']:.1f} %, {e['n_facts']} facts); "
+          f"amplification alpha={a['alpha']:g}")
+    if args.check:
+        c = check_recipe(model, r, facts)
+        print(f"re-quantized from the JSON: {100 * c['measured']:.1f} % measured vs "
+              f"{100 * c['expected']:.1f} % expected ({c['variant']})")
+    print(f"wrote {path}")
     return 0
 
 
@@ -445,11 +489,12 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, facts: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, facts: bool = True, out: bool = True) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m (embedded), tiny-gpt2, a local HF directory or a hub id")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--out", default="figures", help="output folder for frames and figures")
+    if out:
+        p.add_argument("--out", default="figures", help="output folder for frames and figures")
     p.add_argument("--verbose", action="store_true",
                    help="show GPTQModel's output live (it always goes to a log file too)")
     p.add_argument("--calibration", default=None,
@@ -558,7 +603,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("variant", help="e.g. gptq-w4g128, rtn-w2g128, or a checkpoint directory")
     p.add_argument("--n-facts", type=int, default=64,
                    help="FP-correct facts the diagnosis samples (default 64)")
+    p.add_argument("--repair", action="store_true",
+                   help="also measure the repairs (protection, + amplification, EoRA r32/r64) "
+                        "on the held-out facts: repairs.csv and a table in diagnose.html")
     p.set_defaults(func=cmd_diagnose)
+    p = sub.add_parser("recipe", help="best protection repair within a bit budget, as a "
+                                      "GPTQModel dynamic config (recipe.json)")
+    _common(p, out=False)
+    p.add_argument("variant", help="the base, e.g. gptq-w4g128 (a name: it is quantized again)")
+    p.add_argument("--budget", type=float, required=True,
+                   help="average bits per weight allowed, e.g. 4.3")
+    p.add_argument("--out", default="recipe.json", help="where to write the recipe JSON")
+    p.add_argument("--check", action="store_true",
+                   help="quantize again from the JSON alone and measure what it promised")
+    p.set_defaults(func=cmd_recipe)
     p = sub.add_parser("quantize", help="make one variant (cached), print its checkpoint path")
     _common(p, facts=False)
     p.add_argument("variant", help="e.g. gptq-w4g128, rtn-w2g128-asym, gptq-w3g128-act")

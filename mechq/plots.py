@@ -472,3 +472,24 @@ def weight_signature_lines(weights: pd.DataFrame, signature: str = "step_error",
     fig.update_layout(title=title or f"{signature} per module", xaxis_title="layer",
                       yaxis_title=signature, template="plotly_white", height=380)
     return fig
+
+
+def repair_pareto(table: pd.DataFrame, subset: str = "all",
+                  title: str | None = None) -> go.Figure:
+    """Accuracy (on ``subset`` of the held-out facts) against average bits per weight, one
+    marker per (base, repair) of a :func:`mechq.repair.repair_table` frame, each base's points
+    joined in bit order; the upper-left frontier is where a repair pays for its bits."""
+    t = table[table["subset"] == subset].sort_values("avg_bits")
+    fig = go.Figure()
+    symbols = {r: s for r, s in zip(dict.fromkeys(table["repair"]),
+                                    ["circle", "square", "diamond", "triangle-up", "star", "x"])}
+    for base, d in t.groupby("base", sort=False):
+        fig.add_trace(go.Scatter(
+            x=d["avg_bits"], y=100 * d["accuracy"], mode="lines+markers", name=base,
+            marker=dict(size=11, symbol=[symbols[r] for r in d["repair"]]),
+            text=d["repair"], line=dict(dash="dot", width=1),
+            hovertemplate="%{text}<br>%{x:.3f} bits<br>%{y:.1f} %<extra>" + base + "</extra>"))
+    fig.update_layout(title=title or f"Repairs: accuracy ({subset} held-out facts) vs bits",
+                      xaxis_title="average bits per weight (linear modules)",
+                      yaxis_title="accuracy (%)", template="plotly_white")
+    return fig
