@@ -44,7 +44,7 @@ from mechq.pararel import load_pararel  # noqa: E402
 from mechq.cliff import cliff_table  # noqa: E402
 from mechq.report import report  # noqa: E402
 from mechq.verdict import diagnose  # noqa: E402
-from mechq.eora import eora  # noqa: E402
+from mechq.lowrank import eora  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

@@ -11,7 +11,7 @@ measures five columns:
   development facts (:func:`mechq.amplify.choose`; ``α = 0``, i.e. no amplification, when no
   ``α > 0`` helps there);
 - ``eora-r32``, ``eora-r64``: the base variant plus its low-rank error compensation
-  (:func:`mechq.eora.eora`, ranks :data:`EORA_RANKS`).
+  (:func:`mechq.lowrank.eora`, ranks :data:`EORA_RANKS`).
 
 Each cell is the accuracy on the **held-out** facts (:func:`mechq.amplify.dev_heldout`; only
 amplification is tuned, and only on the development facts), split by the base variant's subsets
@@ -29,7 +29,7 @@ import pandas as pd
 from transformer_lens import HookedTransformer
 
 from mechq import amplify, protect
-from mechq.eora import calibration_grams, eora
+from mechq.lowrank import calibration_grams, eora
 from mechq.facts import FactSet, bundled_facts
 from mechq.quant.quantize import Request, quantize_many
 from mechq.recall import evaluate_recall, subset_labels

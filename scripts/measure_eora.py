@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import mechq
-from mechq.eora import calibration_grams, eora, weighted_error
+from mechq.lowrank import calibration_grams, eora, weighted_error
 from mechq.quant import layout
 from mechq.quant.quantize import Request, quantize_many
 from mechq.recall import subset_labels

@@ -7,7 +7,7 @@ import torch
 
 import mechq
 from mechq.calibration import Calibration, get_calibration
-from mechq.eora import (
+from mechq.lowrank import (
     calibration_grams, eora, lowrank_factors, module_input_sites, module_inputs, weighted_error,
 )
 from mechq.quant import layout

@@ -38,7 +38,7 @@ class Variant:
     each linear module that a ``-:`` rule keeps in full precision to its ``(out, in)`` shape:
     the variant holds no weights for it and :func:`swap` leaves the model's own weight there.
     ``lowrank`` maps a packed module to a low-rank correction ``(B, A)``, ``B`` ``(out, r)`` and
-    ``A`` ``(r, in)`` (float16 or float32; :func:`mechq.eora.eora` makes them): its weight is
+    ``A`` ``(r, in)`` (float16 or float32; :func:`mechq.lowrank.eora` makes them): its weight is
     then the dequantized one plus ``B @ A``.
     """
 
