@@ -45,11 +45,13 @@ from mechq.cliff import cliff_table  # noqa: E402
 from mechq.report import report  # noqa: E402
 from mechq.verdict import diagnose  # noqa: E402
 from mechq.lowrank import eora  # noqa: E402
+from mechq.repair import repair_table  # noqa: E402
+from mechq.recipe import make_recipe  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "Fact", "FactSet", "Request", "Variant", "accuracy", "bundled_facts", "cliff_table",
     "component_metrics", "diagnose", "eora", "evaluate_recall", "load_facts", "load_model",
-    "load_pararel", "load_quantized", "logit_lens", "patch_sweep", "quantize", "quantize_many",
-    "report", "representation_metrics", "subset_labels", "subsets", "swap", "target_report",
+    "load_pararel", "load_quantized", "logit_lens", "make_recipe", "patch_sweep", "quantize", "quantize_many",
+    "repair_table", "report", "representation_metrics", "subset_labels", "subsets", "swap", "target_report",
 ]

@@ -130,8 +130,10 @@ def repair_summary(table: pd.DataFrame) -> str:
     out = []
     for base, t in table.groupby("base", sort=False):
         acc = t.set_index(["repair", "subset"])["accuracy"]
-        parts = [f"{r}: {100 * acc[(r, 'Failure')]:.0f} % of Failure back, "
-                 f"{100 * acc[(r, 'Robust')]:.0f} % of Robust kept"
+        def kept(r):
+            a = acc[(r, "Robust")]
+            return "no Robust facts" if pd.isna(a) else f"{100 * a:.0f} % of Robust kept"
+        parts = [f"{r}: {100 * acc[(r, 'Failure')]:.0f} % of Failure back, {kept(r)}"
                  for r in dict.fromkeys(t["repair"]) if r != "baseline"]
         n = int(t.loc[(t["repair"] == "baseline") & (t["subset"] == "Failure"), "n"].iloc[0])
         out.append(f"{base} ({n} held-out Failure facts) — " + "; ".join(parts) + ".")

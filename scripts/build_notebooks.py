@@ -379,10 +379,129 @@ The README lists the full-size numbers (all FP-correct bundled facts) from `mech
 ]
 
 
+DIAGNOSE = [
+    md("""
+# 04 — Diagnose and repair: the verdict, its evidence, and what fixes it
+
+Paper §4.3 and Table 1 on SmolLM2-135M-Instruct. Notebooks 01–03 measured *what* broke and
+*where*. This one answers the user's question directly:
+
+1. **The verdict.** `mechq.diagnose` measures a handful of signatures on 64 facts FP gets right
+   (recall, answer rank, the logit lens on the Failure facts, attention JSD, FFN sign flips and
+   Jaccard, residual CKA, the first-domino curve, signal injection, and each module's weights
+   against FP) and calls the variant `healthy`, `signal_degradation`, `computation_collapse` or
+   `format_bug`. Every threshold is a named constant in `mechq.verdict` with the measurement it
+   came from in its docstring.
+2. **The repairs.** Early-layer protection (layers 0–1 at 8 bits), protection plus peak-signal
+   amplification, and low-rank error compensation (EoRA, rank 32 and 64), each measured on the
+   held-out half of the facts, split into the base variant's **Failure** facts (what a repair
+   should bring back) and **Robust** facts (what it must not break).
+3. **The recipe.** The best protection within a bit budget, exported as GPTQModel `dynamic`
+   rules (`mechq recipe gptq-w4g128 --budget 4.3`).
+"""),
+    code("""
+import json
+from pathlib import Path
+
+import pandas as pd
+
+import mechq
+from mechq import plots
+from mechq.quant import faults
+from mechq.repair import repair_summary, repair_table
+from mechq.verdict import diagnose_many, evidence_table, suspect_modules
+
+model = mechq.load_model("smollm2-135m", device="cpu")
+w8, w4, w2 = mechq.quantize_many(model, [mechq.Request("gptq", bits=b) for b in (8, 4, 2)])
+"""),
+    md("## 1. The verdicts for GPTQ w8, w4 and w2"),
+    code("""
+diagnoses = diagnose_many(model, [w8, w4, w2])
+for d in diagnoses:
+    print(f"{d.variant}: {d.verdict} — {d.reason}")
+evidence_table(diagnoses)
+"""),
+    md("""
+Read the table top to bottom. w4 keeps its computation: attention, FFN and the residual space stay
+close to FP, and the answers it loses are still in the logit lens (present but outcompeted).
+That is **Signal Degradation**. w2 crosses the computation thresholds: attention diverges, FFN
+gates flip, the representation drifts away from FP, and quantizing only the first two layers
+already destroys recall. That is **Computation Collapse**.
+
+A **format bug** looks different again. Below, the w4 checkpoint's zero points are read off by
+one (the GPTQ v1/v2 confusion). The weights of every module stop lying on the FP weights' grid,
+and the verdict names the modules:
+"""),
+    code("""
+broken = faults.zero_point_off_by_one(w4)
+(d_bug,) = diagnose_many(model, [broken])
+print(d_bug.verdict, "—", d_bug.reason)
+suspect_modules(d_bug.weights).head()
+"""),
+    md("""
+## 2. Repairs, computed here on RTN w4
+
+Round-to-nearest needs no calibration run, so the whole table for RTN w4 is computed in this
+notebook: baseline, protection, protection + amplification (α chosen on the development facts),
+and EoRA at ranks 32 and 64. Cells are accuracies (%) on the held-out facts.
+"""),
+    code("""
+res = repair_table(model, [mechq.Request("rtn", 4)], progress=False)
+print(repair_summary(res.table))
+res.wide().round(1).T
+"""),
+    code("""
+plots.repair_pareto(res.table, subset="Failure")
+"""),
+    md("""
+## The full table next to the paper's Table 1
+
+The GPTQ rows (w4, w3, w2) take six GPTQModel runs, so they are not recomputed here. Below they are
+read from `benchmarks/results/repairs.json`, written by `scripts/measure_repairs.py` (the README
+gives the command and the time it takes). The paper reports on Llama-3-8B and Qwen-2.5-7B that
+protection brings back 64–81 % of the w4 Failure facts when amplification is added, and little
+at 2 bits.
+"""),
+    code("""
+saved = Path(mechq.__file__).resolve().parents[1] / "benchmarks" / "results" / "repairs.json"
+measured = pd.DataFrame(json.loads(saved.read_text())["table"])
+cells = measured.assign(cell=measured["repair"] + " · " + measured["subset"])
+(cells.pivot_table(index="base", columns="cell", values="accuracy", sort=False) * 100).round(1).T
+"""),
+    code("""
+plots.repair_pareto(measured, subset="all", title="Repairs on SmolLM2 (measured): all held-out facts")
+"""),
+    md("""
+**Where a 135M model differs from the paper.** The contrast the paper describes holds in kind
+but not in size. Protection brings back part of the w4 Failure facts and almost nothing at w2,
+which is the verdict's prediction. But it also costs some Robust facts, and amplification as the
+paper specifies it finds nothing to amplify on this model: its most confident intermediate
+read-outs are confident about other tokens. The README's repair section has the numbers with
+their seed spread.
+
+## 3. The recipe
+
+`mechq recipe gptq-w4g128 --budget 4.3 --out recipe.json` tries the protection rules that fit the
+budget, keeps the best on the development facts, and writes GPTQModel `dynamic` rules with the
+average bits, a memory estimate and the accuracy to expect. `--check` quantizes again from the
+JSON alone and measures it. Here is the recipe for RTN w4, whose candidates need no calibration:
+"""),
+    code("""
+from mechq.recipe import check_recipe, make_recipe
+
+recipe = make_recipe(model, mechq.Request("rtn", 4), 4.3, progress=False)
+print(json.dumps({k: v for k, v in recipe.items() if k != "candidates"}, indent=1))
+check = check_recipe(model, recipe, progress=False)
+print(f"re-made from the JSON: {check['measured']:.3f} measured vs {check['expected']:.3f} expected")
+"""),
+]
+
+
 NOTEBOOKS = {
     "01_knowledge_signal.ipynb": KNOWLEDGE_SIGNAL,
     "02_components.ipynb": COMPONENTS,
     "03_causal_and_sensitivity.ipynb": CAUSAL,
+    "04_diagnose_and_repair.ipynb": DIAGNOSE,
 }
 
 
