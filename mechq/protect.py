@@ -12,8 +12,8 @@ precision. Two rules choose them; both return a ``dynamic`` mapping for
   that order while the estimated average stays within ``budget`` bits per weight.
 
 Average bits are estimated as :func:`estimated_bits` does, from the module shapes: codes,
-one fp16 scale and one zero point per group and output (``bits + (16 + bits) / group_size``),
-which is what :attr:`mechq.Variant.avg_bits` measures on the written checkpoint.
+one fp16 scale and one zero point per group and output, which is what
+:attr:`mechq.Variant.avg_bits` measures on the written checkpoint.
 """
 
 from __future__ import annotations
@@ -33,20 +33,30 @@ def _rule(modules: list[str]) -> str:
 
 def weights_per_module(model: HookedTransformer) -> dict[str, int]:
     """Number of weights of every linear module, in layout order."""
-    return {m: layout.module_weight(model, m).numel() for m in layout.modules(model.cfg)}
+    return {m: o * i for m, (o, i) in module_shapes(model).items()}
+
+
+def module_shapes(model: HookedTransformer) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of every linear module, in layout order."""
+    return {m: tuple(layout.module_weight(model, m).shape) for m in layout.modules(model.cfg)}
 
 
 def estimated_bits(model: HookedTransformer, bits: int, group_size: int,
                    high: dict[str, int] | None = None,
-                   sizes: dict[str, int] | None = None) -> float:
+                   shapes: dict[str, tuple[int, int]] | None = None) -> float:
     """Average bits per weight of the linear modules when ``high`` maps some modules to other
-    bit widths: ``b + (16 + b) / group_size`` per weight of a module at ``b`` bits (per-channel
-    groups, ``group_size = -1``, count one group per row: negligible here)."""
+    bit widths. A module ``(out, in)`` at ``b`` bits stores ``b`` bits per weight plus, per output
+    and group, one fp16 scale and one ``b``-bit zero point, with ``ceil(in / group_size)`` groups
+    (one for ``group_size = -1``): a 576-wide input at g128 has 5 groups, not 4.5."""
     high = high or {}
-    sizes = sizes or weights_per_module(model)
-    per = lambda b: b + ((16 + b) / group_size if group_size > 0 else 0.0)  # noqa: E731
-    total = sum(n * per(high.get(m, bits)) for m, n in sizes.items())
-    return total / sum(sizes.values())
+    shapes = shapes or module_shapes(model)
+    total = n = 0
+    for m, (o, i) in shapes.items():
+        b = high.get(m, bits)
+        groups = -(-i // group_size) if group_size > 0 else 1
+        total += b * o * i + groups * o * (16 + b)
+        n += o * i
+    return total / n
 
 
 def early_layers(model: HookedTransformer, k: int = 2, high: int = 8) -> dict:
@@ -77,13 +87,13 @@ def kurtosis_protection(model: HookedTransformer, bits: int, budget: float,
     """``dynamic`` protecting the most heavy-tailed modules at ``high`` bits, in kurtosis order,
     while :func:`estimated_bits` stays ≤ ``budget``; modules that do not fit are skipped over
     (a smaller one further down may still fit)."""
-    sizes = weights_per_module(model)
-    base = estimated_bits(model, bits, group_size, sizes=sizes)
+    shapes = module_shapes(model)
+    base = estimated_bits(model, bits, group_size, shapes=shapes)
     if budget < base:
         raise ValueError(f"budget {budget} is below the base variant's {base:.3f} bits per weight "
                          f"({bits} bits, group size {group_size}).")
     chosen: dict[str, int] = {}
     for m in kurtosis_ranking(model)["module"]:
-        if estimated_bits(model, bits, group_size, {**chosen, m: high}, sizes) <= budget:
+        if estimated_bits(model, bits, group_size, {**chosen, m: high}, shapes) <= budget:
             chosen[m] = high
     return {_rule(list(chosen)): {"bits": high}} if chosen else {}
