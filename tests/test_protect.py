@@ -52,3 +52,10 @@ def test_protected_rtn_variant_has_its_bits_and_predicted_average(tiny):
     # (packing pads zero points to whole int32 words: a fraction of a percent here)
     assert v.avg_bits == pytest.approx(P.estimated_bits(tiny, 4, 32, high), rel=0.01)
     assert torch.is_tensor(v.weight(next(iter(high))))
+
+
+def test_estimate_counts_partial_groups_like_the_checkpoint(smol, smol_gptq):
+    # SmolLM2's 576-wide inputs hold 4.5 groups of 128: the checkpoint stores 5 scales per row.
+    # 4-bit codes and zero points fill whole int32 words at these widths, so the estimate is
+    # exact up to float rounding of the sum
+    assert P.estimated_bits(smol, 4, 128) == pytest.approx(smol_gptq[4].avg_bits, rel=1e-12)
