@@ -392,7 +392,7 @@ Paper §4.3 and Table 1 on SmolLM2-135M-Instruct. Notebooks 01–03 measured *wh
    against FP) and calls the variant `healthy`, `signal_degradation`, `computation_collapse` or
    `format_bug`. Every threshold is a named constant in `mechq.verdict` with the measurement it
    came from in its docstring.
-2. **The repairs.** Early-layer protection (layers 0–1 at 8 bits), protection plus peak-signal
+2. **The repairs** (measured by a script, read here). Early-layer protection (layers 0–1 at 8 bits), protection plus peak-signal
    amplification, and low-rank error compensation (EoRA, rank 32 and 64), each measured on the
    held-out half of the facts, split into the base variant's **Failure** facts (what a repair
    should bring back) and **Robust** facts (what it must not break).
@@ -408,8 +408,9 @@ import pandas as pd
 import mechq
 from mechq import plots
 from mechq.quant import faults
-from mechq.repair import repair_summary, repair_table
+from mechq.repair import repair_summary
 from mechq.verdict import diagnose_many, evidence_table, suspect_modules
+from mechq.weights import weight_signatures
 
 model = mechq.load_model("smollm2-135m", device="cpu")
 w8, w4, w2 = mechq.quantize_many(model, [mechq.Request("gptq", bits=b) for b in (8, 4, 2)])
@@ -429,73 +430,61 @@ gates flip, the representation drifts away from FP, and quantizing only the firs
 already destroys recall. That is **Computation Collapse**.
 
 A **format bug** looks different again. Below, the w4 checkpoint's zero points are read off by
-one (the GPTQ v1/v2 confusion). The weights of every module stop lying on the FP weights' grid,
-and the verdict names the modules:
+one (the GPTQ v1/v2 confusion): every group of weights shifts by a whole quantization step, which
+the weight-space signatures that `diagnose` checks first show without running the model, naming
+the modules (`diagnose` on it returns `format_bug`; `tests/test_diagnose.py` checks all four
+faults):
 """),
     code("""
 broken = faults.zero_point_off_by_one(w4)
-(d_bug,) = diagnose_many(model, [broken])
-print(d_bug.verdict, "—", d_bug.reason)
-suspect_modules(d_bug.weights).head()
+signatures = weight_signatures(model, broken)  # weight space only: no forward pass needed
+suspect_modules(signatures).head()
 """),
     md("""
-## 2. Repairs, computed here on RTN w4
+## 2. The repair table next to the paper's Table 1
 
-Round-to-nearest needs no calibration run, so the whole table for RTN w4 is computed in this
-notebook: baseline, protection, protection + amplification (α chosen on the development facts),
-and EoRA at ranks 32 and 64. Cells are accuracies (%) on the held-out facts.
-"""),
-    code("""
-res = repair_table(model, [mechq.Request("rtn", 4)], progress=False)
-print(repair_summary(res.table))
-res.wide().round(1).T
-"""),
-    code("""
-plots.repair_pareto(res.table, subset="Failure")
-"""),
-    md("""
-## The full table next to the paper's Table 1
-
-The GPTQ rows (w4, w3, w2) take six GPTQModel runs, so they are not recomputed here. Below they are
-read from `benchmarks/results/repairs.json`, written by `scripts/measure_repairs.py` (the README
-gives the command and the time it takes). The paper reports on Llama-3-8B and Qwen-2.5-7B that
-protection brings back 64–81 % of the w4 Failure facts when amplification is added, and little
-at 2 bits.
+Early-layer protection, protection + amplification (α chosen on the development facts) and
+EoRA at ranks 32 and 64, for GPTQ w4, w3, w2 and RTN w4: cells are accuracies (%) on the
+held-out facts, split by the base's Failure and Robust facts. The table takes six GPTQModel runs
+and eight EoRA fits (about 40 minutes on two cores), so this notebook does not recompute it: it
+reads `benchmarks/results/repairs.json`, written by `scripts/measure_repairs.py`. The same table
+for one base comes from `mechq.repair_table(model, [mechq.Request("rtn", 4)])` or
+`mechq diagnose rtn-w4g128 --repair`. The paper reports, on Llama-3-8B and Qwen-2.5-7B, that
+protection with amplification brings back 64–81 % of the w4 Failure facts, and little at 2 bits.
 """),
     code("""
 saved = Path(mechq.__file__).resolve().parents[1] / "benchmarks" / "results" / "repairs.json"
-measured = pd.DataFrame(json.loads(saved.read_text())["table"])
+measured = pd.DataFrame(json.loads(saved.read_text())["table"])  # measured by the script above
+print(repair_summary(measured))
 cells = measured.assign(cell=measured["repair"] + " · " + measured["subset"])
 (cells.pivot_table(index="base", columns="cell", values="accuracy", sort=False) * 100).round(1).T
 """),
     code("""
-plots.repair_pareto(measured, subset="all", title="Repairs on SmolLM2 (measured): all held-out facts")
+plots.repair_pareto(measured, subset="Failure", title="Repairs on SmolLM2: held-out Failure facts")
 """),
     md("""
-**Where a 135M model differs from the paper.** The contrast the paper describes holds in kind
-but not in size. Protection brings back part of the w4 Failure facts and almost nothing at w2,
-which is the verdict's prediction. But it also costs some Robust facts, and amplification as the
-paper specifies it finds nothing to amplify on this model: its most confident intermediate
-read-outs are confident about other tokens. The README's repair section has the numbers with
-their seed spread.
+**Where a 135M model differs from the paper.** The contrast the paper describes holds: EoRA
+brings back most of the w4 Failure facts and none of the w2 ones, which is the verdict's
+prediction. Protection brings back about a third of the w4 Failure facts but costs some Robust
+ones, and amplification as the paper specifies it finds nothing to amplify on this model (α = 0
+won on the development facts for every base): its most confident intermediate read-outs are
+confident about other tokens. EoRA's low-rank factors are also expensive at this width: rank 32
+costs 1.5 bits per weight here.
 
 ## 3. The recipe
 
 `mechq recipe gptq-w4g128 --budget 4.3 --out recipe.json` tries the protection rules that fit the
 budget, keeps the best on the development facts, and writes GPTQModel `dynamic` rules with the
-average bits, a memory estimate and the accuracy to expect. `--check` quantizes again from the
-JSON alone and measures it. Here is the recipe for RTN w4, whose candidates need no calibration:
+average bits, a memory estimate and the accuracy to expect; `--check` quantizes again from the
+JSON alone and measures it. `scripts/measure_recipe.py` wrote this one:
 """),
     code("""
-from mechq.recipe import check_recipe, make_recipe
-
-recipe = make_recipe(model, mechq.Request("rtn", 4), 4.3, progress=False)
-print(json.dumps({k: v for k, v in recipe.items() if k != "candidates"}, indent=1))
-check = check_recipe(model, recipe, progress=False)
-print(f"re-made from the JSON: {check['measured']:.3f} measured vs {check['expected']:.3f} expected")
+saved = Path(mechq.__file__).resolve().parents[1] / "benchmarks" / "results" / "recipe.json"
+run = json.loads(saved.read_text())  # measured by scripts/measure_recipe.py
+print(json.dumps({k: v for k, v in run["recipe"].items() if k != "candidates"}, indent=1))
+pd.DataFrame(run["recipe"]["candidates"]).drop(columns="dynamic")
 """),
 ]
-
 
 NOTEBOOKS = {
     "01_knowledge_signal.ipynb": KNOWLEDGE_SIGNAL,
