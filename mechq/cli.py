@@ -406,6 +406,22 @@ def cmd_sensitivity(args) -> int:
     return 0
 
 
+def _attention_section(rep, model, facts, v, lens) -> None:
+    """circuitsvis view of FP and ``v`` on one diagnosed fact, one ``v`` answers wrong if any."""
+    from mechq.attention_view import attention_view
+
+    last = lens[(lens.variant == v.name) & (lens.layer == lens.layer.max())]
+    wrong = last.loc[last.target_rank > 1, "fact_id"]
+    fid = wrong.iloc[0] if len(wrong) else last["fact_id"].iloc[0]
+    fact = next(f for f in facts if f.id == fid)
+    view = attention_view(model, fact.prompt, [None, v])
+    rep.heading("Attention on one fact (FP vs the variant)")
+    rep.text(f"{fact.subject} → {fact.object}"
+             + (f" ({v.name} gets it wrong)" if len(wrong) else "")
+             + f"; layer {view.patterns.layer}.")
+    rep.attention(view)
+
+
 def cmd_diagnose(args) -> int:
     """The verdict on one variant, with its evidence table and the frames behind it (§4.3)."""
     from mechq import plots
@@ -430,6 +446,7 @@ def cmd_diagnose(args) -> int:
     lens = d.frames["lens"]
     rep.heading("Logit lens on the facts diagnosed (FP vs the variant)")
     rep.figure(plots.lens_curves(lens_summary(lens), None, title="Logit lens"))
+    _attention_section(rep, model, facts, v, lens)
     if args.repair:
         from mechq.quant.quantize import Request
         from mechq.repair import repair_summary, repair_table

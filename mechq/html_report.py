@@ -1,6 +1,7 @@
 """A single self-contained HTML report: headings, prose, tables and Plotly figures.
 
-plotly.js is inlined once (in the first figure), so the file opens offline and stays one file.
+plotly.js is inlined once (in the first figure), and circuitsvis's bundle once (before the first
+attention view), so the file opens offline and stays one file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Report:
     title: str
     parts: list[str] = field(default_factory=list)
     _js_done: bool = False
+    _cv_done: bool = False
 
     def heading(self, text: str) -> None:
         self.parts.append(f"<h2>{html.escape(text)}</h2>")
@@ -42,6 +44,11 @@ class Report:
     def figure(self, fig: go.Figure) -> None:
         self.parts.append(fig.to_html(full_html=False, include_plotlyjs=not self._js_done))
         self._js_done = True
+
+    def attention(self, view) -> None:
+        """A :class:`mechq.attention_view.AttentionView`; circuitsvis's script goes in once."""
+        self.parts.append(view.html(include_script=not self._cv_done))
+        self._cv_done = True
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)

@@ -194,6 +194,19 @@ def report(
                  "constants in mechq.verdict, with the measurements they come from.")
         rep.table(verdicts)
         rep.table(evidence)
+        shown = [v for v in (ref, low) if v is not None]
+        if shown:
+            from mechq.attention_view import attention_view
+
+            label = subset_labels(recall, reference=ref.name) if ref is not None else {}
+            fact = next((f for f in fs if label.get(f.id) == "Failure"), None) or next(
+                (f for f in fs if label.get(f.id) == "Robust"), fs[0])
+            view = attention_view(model, fact.prompt, [None, *shown])
+            rep.text(f"Attention of FP and {', '.join(v.name for v in shown)} on one fact "
+                     f"({fact.subject} → {fact.object}"
+                     + (f", a Failure fact of {ref.name}" if label.get(fact.id) == "Failure"
+                        else "") + f"), layer {view.patterns.layer} (circuitsvis).")
+            rep.attention(view)
     rep.heading("1. Performance cliff (paper Fig. 1)")
     rep.table(table)
     rep.figure(cliff_fig)

@@ -67,6 +67,9 @@ def test_report_is_one_offline_file(tmp_path):
     for heading in ("Verdict", "Performance cliff", "Answer rank", "Logit lens"):
         assert heading in html
     assert html.index("Verdict") < html.index("Performance cliff")  # the verdict comes first
+    # the verdict section draws FP, w4 and w2 attention with circuitsvis, its script inlined once
+    assert html.count("var CircuitsVis=") == 1 and html.count("CircuitsVis.render(") == 3
+    assert html.index("CircuitsVis.render(") < html.index("Performance cliff")
     assert (tmp_path / "lens_summary.csv").exists()
     evidence = pd.read_csv(tmp_path / "evidence.csv")
     assert list(evidence.columns[1:3]) == ["rtn-w4g128", "rtn-w2g128"]
@@ -234,7 +237,8 @@ def test_diagnose_command(tmp_path, capsys):
     ev = pd.read_csv(tmp_path / "evidence.csv")
     assert len(ev) == 12 and {"signature", "value", "threshold", "supports"} <= set(ev.columns)
     assert len(pd.read_csv(tmp_path / "weight_signatures.csv")) == 16  # 4 layers x 4 modules
-    _self_contained(tmp_path / "diagnose.html")
+    html = _self_contained(tmp_path / "diagnose.html")
+    assert html.count("var CircuitsVis=") == 1 and html.count("CircuitsVis.render(") == 2
     with pytest.raises(SystemExit, match="mechq diagnose: bad variant 'gptq-w5x'"):
         cli.main(["diagnose", "gptq-w5x", "--model", "tiny-gpt2", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="bits must be one of"):
