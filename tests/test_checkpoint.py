@@ -407,8 +407,13 @@ def test_packed_linear_validates_shapes():
                                 torch.zeros(64, dtype=torch.int32), 4, 64)
     with pytest.raises(ValueError, match="qweight has shape"):
         PackedLinear(p.qweight[:-1], p.qzeros, p.scales, p.g_idx, 4, 64)
-    with pytest.raises(ValueError, match="scales must be a torch.float16"):
-        PackedLinear(p.qweight, p.qzeros, p.scales.float(), p.g_idx, 4, 64)
+    with pytest.raises(ValueError, match="scales must be a torch.float16 or .*bfloat16"):
+        PackedLinear(p.qweight, p.qzeros, p.scales.double(), p.g_idx, 4, 64)
+    # bfloat16 scales (AWQ's) are kept and dequantized in float32, exactly: (q - z) is an
+    # integer of at most 8 bits and a bfloat16 significand has 8, so the product fits float32
+    b = PackedLinear(p.qweight, p.qzeros, p.scales.bfloat16(), p.g_idx, 4, 64)
+    ref = (b.codes() - b.zeros()[b.g_idx.long()]).double() * b.scales.double()[b.g_idx.long()]
+    assert b.dequantize().dtype == torch.float32 and torch.equal(b.dequantize().double(), ref)
 
 
 # --------------------------------------------------------------------------------------------

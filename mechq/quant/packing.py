@@ -14,8 +14,9 @@ Layout (GPTQ / GPTQModel, ``pack_dtype`` int32):
 - **qzeros** ``(n_groups, ceil(out*bits/32))``: per-group zero points packed along the output
   dimension (dim 1). GPTQ v1 checkpoints (``checkpoint_format="gptq"``, ``zero_offset=1``) store
   ``zero - 1``; v2 (``"gptq_v2"``, ``zero_offset=0``) store ``zero``.
-- **scales** ``(n_groups, out)`` float16; **g_idx** ``(in,)`` int32: the group of each input
-  channel (``i // group_size`` unless the checkpoint used act-order / ``desc_act``).
+- **scales** ``(n_groups, out)`` float16 (GPTQ; bfloat16 or float32 when another format's
+  reader keeps the scales as stored, e.g. AWQ's bfloat16); **g_idx** ``(in,)`` int32: the group
+  of each input channel (``i // group_size`` unless the checkpoint used act-order / ``desc_act``).
 - Dequantized weight (input-major): ``W^T[i, o] = scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])``.
 
 v1 zero points and their overflow. GPTQModel turns v1 ``qzeros`` into real zero points (and back)
@@ -34,7 +35,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from beartype import beartype
-from jaxtyping import Float, Float16, Int, Int32, jaxtyped
+from jaxtyping import Float, Int, Int32, jaxtyped
 from torch import Tensor
 
 from mechq.vocab import SUPPORTED_BITS
@@ -42,6 +43,8 @@ from mechq.vocab import SUPPORTED_BITS
 WORD_BITS = 32
 _MASK32 = (1 << WORD_BITS) - 1
 _SIGN32 = 1 << (WORD_BITS - 1)
+#: scale dtypes a PackedLinear holds: GPTQ's float16, AWQ's bfloat16, compressed-tensors' float32
+SCALE_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_bits(bits: int) -> None:
@@ -181,7 +184,7 @@ class PackedLinear:
 
     qweight: Int32[Tensor, "in_words out"]
     qzeros: Int32[Tensor, "groups out_words"]
-    scales: Float16[Tensor, "groups out"]
+    scales: Float[Tensor, "groups out"]
     g_idx: Int32[Tensor, " in"]
     bits: int
     group_size: int
@@ -196,12 +199,13 @@ class PackedLinear:
             raise ValueError(f"zero_offset must be 1 (GPTQ v1) or 0 (v2), got {self.zero_offset}")
         if not (self.group_size == -1 or self.group_size > 0):
             raise ValueError(f"group_size must be -1 or positive, got {self.group_size}")
-        for name, dtype in (("qweight", torch.int32), ("qzeros", torch.int32),
-                            ("scales", torch.float16), ("g_idx", torch.int32)):
+        for name, dtypes in (("qweight", (torch.int32,)), ("qzeros", (torch.int32,)),
+                             ("scales", SCALE_DTYPES), ("g_idx", (torch.int32,))):
             t = getattr(self, name)
-            if not isinstance(t, Tensor) or t.dtype != dtype:
+            if not isinstance(t, Tensor) or t.dtype not in dtypes:
                 got = t.dtype if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name} must be a {dtype} tensor, got {got}")
+                want = " or ".join(map(str, dtypes))
+                raise ValueError(f"{name} must be a {want} tensor, got {got}")
         if self.g_idx.ndim != 1 or self.scales.ndim != 2:
             raise ValueError(
                 f"g_idx must be 1-D and scales 2-D, got shapes {tuple(self.g_idx.shape)} and "
@@ -281,14 +285,17 @@ class PackedLinear:
             z = _unpack_words(words & _MASK32, self.bits, 1, self.out_features)
         return z
 
-    def dequantize(self) -> Float16[Tensor, "in out"]:
-        """``scales[g_idx] * (q - zeros[g_idx])`` in float16, input-major ``(in, out)``.
+    def dequantize(self) -> Float[Tensor, "in out"]:
+        """``scales[g_idx] * (q - zeros[g_idx])``, input-major ``(in, out)``.
 
-        Same arithmetic as GPTQModel's torch kernel: an exact integer difference times the
-        float16 scale, rounded once to float16.
+        float16 scales (GPTQ): float16 arithmetic, as GPTQModel's torch kernel does: an exact
+        integer difference times the float16 scale, rounded once to float16. bfloat16 or float32
+        scales: float32 arithmetic, which is exact for bfloat16 scales (an 8-bit significand
+        times an integer of at most 8 bits fits float32's 24 bits) and rounds once for float32.
         """
         g = self.g_idx.long()
-        return self.scales[g] * (self.codes() - self.zeros()[g])
+        scales = self.scales if self.scales.dtype == torch.float16 else self.scales.float()
+        return scales[g] * (self.codes() - self.zeros()[g])
 
     def weight(self, dtype: torch.dtype = torch.float32) -> Float[Tensor, "out in"]:
         """The dequantized weight as ``torch.nn.Linear.weight`` ``(out, in)``, cast to ``dtype``."""
@@ -315,10 +322,12 @@ class PackedLinear:
         group_size: int,
         zero_offset: int = 1,
         bias: Float[Tensor, " out"] | None = None,
+        scale_dtype: torch.dtype = torch.float16,
     ) -> PackedLinear:
         """Pack codes ``(in, out)`` and real zero points ``(groups, out)`` into the GPTQ layout.
 
-        ``scales`` are stored as float16. With ``zero_offset=1`` the qzeros are written as GPTQModel's
+        ``scales`` are stored as ``scale_dtype`` (float16, GPTQ's; bfloat16 or float32 to keep
+        another format's scales as they were stored). With ``zero_offset=1`` the qzeros are written as GPTQModel's
         v1 writer does (``zero - 1`` per field, borrowing across a 2/4/8-bit word), so
         :meth:`zeros` returns ``zeros`` exactly for every value in ``[0, 2**bits)``.
         """
@@ -336,7 +345,7 @@ class PackedLinear:
         return cls(
             qweight=_to_signed32(_pack_words(codes, bits, 0)),
             qzeros=_to_signed32(qzeros),
-            scales=scales.detach().to(torch.float16).contiguous(),
+            scales=scales.detach().to(scale_dtype).contiguous(),
             g_idx=g_idx.detach().to(torch.int32).contiguous(),
             bits=bits,
             group_size=group_size,
