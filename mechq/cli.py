@@ -27,19 +27,26 @@ from pathlib import Path
 
 from mechq.calibration import N_SAMPLES, SEQ_LEN
 
-SPEC = re.compile(r"^(gptq|rtn)-w(\d+)(?:g(-?\d+))?((?:-asym|-act)*)(?:-s(\d+))?$")
+SPEC = re.compile(r"^(gptq|rtn|awq)-w(\d+)(?:g(-?\d+))?((?:-asym|-act)*)(?:-s(\d+))?$")
+
+
+AWQ_HELP = ("add an AWQ w4 variant (GPTQModel, GEMM format, the model's default group size: the "
+            "largest of 128/64/32 dividing every input width, 64 on SmolLM2) on the same "
+            "calibration; about 20 min on SmolLM2 on 2 cores")
 
 
 def parse_variant(spec: str) -> dict:
-    """``gptq-w4g128-asym-s1`` -> dict(method, bits, group_size, sym, desc_act, seed)."""
+    """``gptq-w4g128-asym-s1`` -> dict(method, bits, group_size, sym, desc_act, seed). Without
+    ``gGROUP`` the group size is 128 for GPTQ / RTN and ``None`` (the model's default) for AWQ."""
     m = SPEC.match(spec)
     if not m:
         raise argparse.ArgumentTypeError(
             f"bad variant {spec!r}: use METHOD-wBITS[gGROUP][-asym][-act][-sSEED], e.g. "
-            "gptq-w4g128 or gptq-w4g128-s1 (calibration seed 1), or a path to a GPTQ "
-            "checkpoint directory")
+            "gptq-w4g128, gptq-w4g128-s1 (calibration seed 1) or awq-w4g64, or a path to a "
+            "GPTQ, AWQ or compressed-tensors checkpoint directory")
     method, bits, gs, flags, seed = m.groups()
-    return dict(method=method, bits=int(bits), group_size=int(gs) if gs else 128,
+    default = None if method == "awq" else 128
+    return dict(method=method, bits=int(bits), group_size=int(gs) if gs else default,
                 sym="-asym" not in flags, desc_act="-act" in flags, seed=int(seed or 0))
 
 
@@ -65,7 +72,7 @@ def load_variants(model, specs: list[str], args) -> list:
     out = {i: v for (i, _), v in zip(named, made)}
     for i, s in enumerate(specs):
         if i not in out:
-            out[i] = mechq.load_quantized(s, model=model)
+            out[i] = mechq.load_variant(s, model=model)
     return [out[i] for i in range(len(specs))]
 
 
@@ -96,18 +103,20 @@ def cmd_cliff(args) -> int:
     calibration spread when --calib-seeds > 1."""
     import mechq
     from mechq.cliff import cliff_requests, summary_markdown, write_cliff
-    from mechq.quant.quantize import quantize_many
+    from mechq.quant.quantize import Request, quantize_many
 
     t0 = time.perf_counter()
     out, model, facts = _prepare(args)
     requests = cliff_requests(args.method, args.bits, args.group_size, args.calib_seeds,
                               seed_bits=args.seed_bits, sym=not args.asym,
                               desc_act=args.desc_act, **_calib_kw(args))
+    if args.awq:
+        requests.append(Request("awq", 4, None, **_calib_kw(args)))
     variants = quantize_many(model, requests, on_start=_gptq_log_note, verbose=args.verbose)
     recall = mechq.evaluate_recall(model, facts, variants, batch_size=args.batch_size)
     res = write_cliff(recall, variants, out,
                       title=f"Performance cliff — {args.model}, {args.method.upper()} "
-                            f"g{args.group_size}, {len(facts)} facts")
+                            f"g{variants[0].group_size}, {len(facts)} facts")
     recall, table = res.recall, res.table
     path = out / "performance_cliff.html"
     print("\n" + summary_markdown(table))
@@ -187,7 +196,7 @@ def cmd_report(args) -> int:
                        group_size=args.group_size, seeds=args.calib_seeds,
                        seed_bits=args.seed_bits,
                        max_facts=args.max_facts, batch_size=args.batch_size, device=args.device,
-                       verbose=args.verbose, diagnose=not args.no_diagnose,
+                       verbose=args.verbose, diagnose=not args.no_diagnose, awq=args.awq,
                        **_calib_kw(args))
     print("\n" + res.summary.split("\n", 2)[2].strip())
     return 0
@@ -550,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
     p.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--awq", action="store_true", help=AWQ_HELP)
     p.add_argument("--calib-seeds", type=int, default=1,
                    help="calibration seeds per bit width (GPTQ): the cliff shows their range")
     p.add_argument("--seed-bits", type=int, nargs="+", default=None,
@@ -562,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
     p.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--awq", action="store_true", help=AWQ_HELP)
     p.add_argument("--asym", action="store_true", help="asymmetric quantization")
     p.add_argument("--desc-act", action="store_true", help="GPTQ activation order")
     p.add_argument("--calib-seeds", type=int, default=1,

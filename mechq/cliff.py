@@ -95,6 +95,35 @@ def cliff_table(recall: pd.DataFrame, variants: Sequence[Variant]) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
+def method_comparison(recall: pd.DataFrame, a: str, b: str, fp: str = FP) -> pd.DataFrame:
+    """Two variants of the same width side by side (GPTQ vs AWQ at w4, paper App. D).
+
+    On the facts FP answers correctly: how many each keeps (``accuracy`` over those facts),
+    how many both keep, only one keeps, neither keeps, and how often their top-1 tokens agree
+    (on all facts). One row per variant plus a ``both`` row for the shared counts.
+    """
+    piv = recall.pivot_table(index="fact_id", columns="variant", values="correct",
+                             aggfunc="first")
+    top = recall.pivot_table(index="fact_id", columns="variant", values="top1_id",
+                             aggfunc="first")
+    missing = [v for v in (fp, a, b) if v not in piv.columns]
+    if missing:
+        raise ValueError(f"method_comparison: no recall rows for {missing}.")
+    known = piv[piv[fp].astype(bool)]
+    ka, kb = known[a].astype(bool), known[b].astype(bool)
+    n = len(known)
+    rows = [dict(variant=v, fp_correct=n, kept=int(k.sum()), kept_share=k.mean() if n else
+                 float("nan"), only_this=int((k & ~o).sum()))
+            for v, k, o in ((a, ka, kb), (b, kb, ka))]
+    agree = float((top[a] == top[b]).mean())
+    rows.append(dict(variant="both", fp_correct=n, kept=int((ka & kb).sum()),
+                     kept_share=(ka & kb).mean() if n else float("nan"),
+                     only_this=int((~ka & ~kb).sum()), top1_agreement=agree))
+    out = pd.DataFrame(rows)
+    out.loc[out.variant == "both", "note"] = "only_this = neither keeps it"
+    return out
+
+
 @dataclass
 class CliffOutputs:
     """What :func:`write_cliff` computed (and wrote into its folder)."""

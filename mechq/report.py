@@ -82,6 +82,7 @@ def report(
     progress: bool = True,
     verbose: bool = False,
     diagnose: bool = True,
+    awq: bool = False,
     echo: Callable[[str], None] | None = None,
 ) -> ReportResult:
     """Run the main job and write ``report.html``, ``summary.md``, figures and frames to ``out``.
@@ -92,8 +93,10 @@ def report(
     the cliff then shows each width's mean and seed range. GPTQModel's output goes to log files
     under the cache (their folder is printed); ``verbose`` also shows it live. With
     ``diagnose`` the report opens with :func:`mechq.diagnose`'s verdict on each width's
-    seed-0 variant, with the evidence side by side. ``echo`` receives the one-line stage
-    messages (default: print to stdout).
+    seed-0 variant, with the evidence side by side. ``awq`` adds an AWQ w4 variant (GPTQModel,
+    the model's default AWQ group size) on the same calibration: a row in the cliff, a verdict,
+    and a GPTQ-vs-AWQ section. ``echo`` receives the one-line stage messages (default: print to
+    stdout).
     """
     from mechq import models, plots
     from mechq.cliff import cliff_requests, summary_markdown, write_cliff
@@ -127,6 +130,11 @@ def report(
 
     requests = cliff_requests(method, bits, group_size, seeds, seed_bits=seed_bits,
                               calibration=calibration, n_samples=n_samples, seq_len=seq_len)
+    if awq:
+        from mechq.quant.quantize import Request
+
+        size = {k: v for k, v in dict(n_samples=n_samples, seq_len=seq_len).items() if v}
+        requests.append(Request("awq", 4, None, calibration=calibration, **size))
     t = time.perf_counter()
 
     def started(n_runs: int, logs: str) -> None:
@@ -135,7 +143,8 @@ def report(
     per_width = (f"{seeds} calibration seeds" + (
         f" at w{'/'.join(map(str, seed_bits))}, 1 at the others" if seed_bits is not None
         else " per width") if seeds > 1 and method == "gptq" else "1 variant per width")
-    stage(2, f"quantize: {method.upper()} w{'/'.join(map(str, bits))} g{group_size}, {per_width}")
+    stage(2, f"quantize: {method.upper()} w{'/'.join(map(str, bits))} g{group_size}, {per_width}"
+             + (" + AWQ w4" if awq else ""))
     variants = quantize_many(model, requests, progress=progress, on_start=started,
                              verbose=verbose)
     calib = next((v.meta.get("calibration_source") for v in variants
@@ -144,8 +153,11 @@ def report(
 
     # FP, the 4-bit and the 2-bit variant (seed 0) get the logit lens; its last layer is their
     # recall, so they run once. The other variants run recall only.
-    ref = next((v for v in variants if v.bits == 4 and not v.meta.get("seed")), None)
-    low = next((v for v in variants if v.bits == 2 and not v.meta.get("seed")), None)
+    ref = next((v for v in variants if v.bits == 4 and not v.meta.get("seed")
+                and v.method == method), None)
+    low = next((v for v in variants if v.bits == 2 and not v.meta.get("seed")
+                and v.method == method), None)
+    awq_variant = next((v for v in variants if v.method == "awq"), None)
     lens_variants = [v for v in (ref, low) if v is not None] if ref is not None else []
     others = [v for v in variants if all(v is not w for w in lens_variants)]
     n_lens = len(lens_variants) + 1 if lens_variants else 0
@@ -210,6 +222,18 @@ def report(
     rep.heading("1. Performance cliff (paper Fig. 1)")
     rep.table(table)
     rep.figure(cliff_fig)
+    if awq_variant is not None and ref is not None:
+        from mechq.cliff import method_comparison
+
+        comp = method_comparison(recall, ref.name, awq_variant.name)
+        comp.to_csv(out / "gptq_vs_awq.csv", index=False)
+        frames["gptq_vs_awq"] = comp
+        rep.heading(f"1b. {ref.name} vs {awq_variant.name} (paper App. D)")
+        rep.text(f"Both at 4 bits on the same calibration; {awq_variant.name} uses group size "
+                 f"{awq_variant.group_size} because AWQ's groups must divide every input width "
+                 "(mechq.quant.quantize.default_group_size). Counts are over the facts FP gets "
+                 "right.")
+        rep.table(comp)
     rep.heading("2. Answer rank (paper Fig. 2)")
     rep.figure(rank_fig)
     rep.figure(plots.top_predictions_figure(plots.top_predictions(seed0, k=6)))

@@ -15,6 +15,8 @@ scale ``s`` from the module's group), all ``(out, in)``:
   one shifts every weight of the group by one step (``step_bias ≈ 1``).
 
 :func:`weight_signatures` gives one row per module; :func:`module_signature` the numbers of one.
+For an AWQ variant ``W`` is the FP weight in AWQ's coordinates (its activation scales folded in,
+:func:`mechq.quant.awq.fp_targets`): AWQ quantizes that, not ``W`` itself.
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ def weight_signatures(model: HookedTransformer, variant: Variant) -> pd.DataFram
     """One row per quantized module of ``variant``: layer, component(s), bits and the
     signatures against ``model``'s current (FP) weights."""
     sites = layout.sites(model.cfg)
+    targets = {}
+    if variant.norms:  # AWQ: compare with the scaled weights AWQ quantized
+        from mechq.quant.awq import fp_targets
+
+        targets = fp_targets(model, variant)
     rows = []
     for module in layout.modules(model.cfg):
         if module not in variant.modules:  # kept in full precision by the variant's rules
@@ -69,5 +76,5 @@ def weight_signatures(model: HookedTransformer, variant: Variant) -> pd.DataFram
         p = variant.modules[module]
         rows.append(dict(variant=variant.name, module=module, layer=mine[0].layer,
                          component="+".join(s.component for s in mine), bits=p.bits,
-                         **module_signature(layout.module_weight(model, module), p)))
+                         **module_signature(targets.get(module, layout.module_weight(model, module)), p)))
     return pd.DataFrame(rows)

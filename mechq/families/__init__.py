@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from transformer_lens import HookedTransformerConfig
 
-from mechq.families.base import Family, Site
+from mechq.families.base import Family, NormSite, Site
 
 _REGISTRY: dict[str, Family] = {}
 
@@ -54,5 +54,5 @@ from mechq.families import gpt2, llama  # noqa: E402
 for _module in (llama, gpt2):
     register(_module.FAMILY)
 
-__all__ = ["Family", "Site", "architectures", "family_of", "for_architecture", "register",
+__all__ = ["Family", "NormSite", "Site", "architectures", "family_of", "for_architecture", "register",
            "gpt2", "llama"]

@@ -30,6 +30,18 @@ class Site:
     part: int | None = None
 
 
+@dataclass(frozen=True)
+class NormSite:
+    """A norm tensor a quantizer may rewrite without quantizing it (AWQ folds its activation
+    scales into the norm before the linear modules that read it): HF ``tensor`` (a full
+    parameter name) feeds HookedTransformer ``param``, and is read by ``components``."""
+
+    layer: int
+    tensor: str
+    param: str
+    components: tuple[str, ...]
+
+
 class Family:
     """One architecture family. Subclasses fill in every method; one instance is registered."""
 
@@ -48,6 +60,16 @@ class Family:
     def layer_sites(self, cfg: HookedTransformerConfig, layer: int) -> list[Site]:
         """The quantizable sites of one layer, in component order."""
         raise NotImplementedError
+
+    def norm_sites(self, cfg: HookedTransformerConfig, layer: int) -> list[NormSite]:
+        """The norms of one layer that feed quantized modules (none unless a family says)."""
+        return []
+
+    def norm_to_hooked(self, t: Tensor, site: NormSite, cfg: HookedTransformerConfig
+                       ) -> Tensor:
+        """The HookedTransformer tensor for a norm site from the HF tensor (identity unless the
+        family's conversion transforms norms)."""
+        return t
 
     def to_hooked(self, w: Float[Tensor, "out in"], site: Site, cfg: HookedTransformerConfig
                   ) -> Tensor:

@@ -16,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformerConfig
 
-from mechq.families.base import Family, Site
+from mechq.families.base import Family, NormSite, Site
 
 _ACT = {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "gelu_fast": "gelu_fast"}
 
@@ -58,6 +58,11 @@ class GPT2(Family):
             Site(layer, "up", f"{p}.mlp.c_fc", f"{b}.mlp.W_in"),
             Site(layer, "down", f"{p}.mlp.c_proj", f"{b}.mlp.W_out"),
         ]
+
+    def norm_sites(self, cfg: HookedTransformerConfig, layer: int) -> list[NormSite]:
+        p, b = f"transformer.h.{layer}", f"blocks.{layer}"
+        return [NormSite(layer, f"{p}.ln_{i}.{w}", f"{b}.ln{i}.{w[0]}", comps)
+                for i, comps in ((1, ("q", "k", "v")), (2, ("up",))) for w in ("weight", "bias")]
 
     def to_hooked(self, w: Float[Tensor, "out in"], site: Site, cfg: HookedTransformerConfig
                   ) -> Tensor:

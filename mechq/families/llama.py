@@ -16,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformerConfig
 
-from mechq.families.base import Family, Site
+from mechq.families.base import Family, NormSite, Site
 
 N_CTX_MAX = 8192  # HookedTransformer allocates n_ctx-sized buffers; mechq's prompts are short
 
@@ -79,6 +79,12 @@ class Llama(Family):
             Site(layer, "up", f"{p}.mlp.up_proj", f"{b}.mlp.W_in"),
             Site(layer, "down", f"{p}.mlp.down_proj", f"{b}.mlp.W_out"),
         ]
+
+    def norm_sites(self, cfg: HookedTransformerConfig, layer: int) -> list[NormSite]:
+        p, b = f"model.layers.{layer}", f"blocks.{layer}"
+        return [NormSite(layer, f"{p}.input_layernorm.weight", f"{b}.ln1.w", ("q", "k", "v")),
+                NormSite(layer, f"{p}.post_attention_layernorm.weight", f"{b}.ln2.w",
+                         ("gate", "up"))]
 
     def to_hooked(self, w: Float[Tensor, "out in"], site: Site, cfg: HookedTransformerConfig
                   ) -> Tensor:

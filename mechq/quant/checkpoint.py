@@ -321,9 +321,12 @@ def load_gptq_checkpoint(path: str | os.PathLike) -> GPTQCheckpoint:
         missing = [p for p in PACKED_TENSORS if p not in parts]
         if missing:
             have = next(p for p in PACKED_TENSORS if p in parts)
+            hint = ("; no module has a g_idx, so these look like AWQ tensors under a GPTQ "
+                    "config (quant_method 'awq' reads them)" if missing == ["g_idx"] and not any(
+                        k.endswith(".g_idx") for k in tensors) else "")
             raise CheckpointError(
                 f"{origin[f'{name}.{have}']}: quantized module '{name}' has "
-                f"{sorted(parts)} but no {', '.join(repr(f'{name}.{p}') for p in missing)}"
+                f"{sorted(parts)} but no {', '.join(repr(f'{name}.{p}') for p in missing)}{hint}"
             )
         extra = sorted(k for k in tensors if k.startswith(f"{name}.")
                        and k[len(name) + 1:] not in parts)

@@ -65,16 +65,26 @@ class GPTQJob:
     dynamic: dict | None = None
     log: str = ""
     extra: dict = field(default_factory=dict)
+    method: str = "gptq"
 
 
 def make_job(hf_dir: str | Path, out_dir: str | Path, calibration: Calibration, *, bits: int,
              group_size: int, sym: bool, desc_act: bool, device: str = "cpu",
-             threads: int = 1, dynamic: dict | None = None, log: str | Path = "") -> GPTQJob:
+             threads: int = 1, dynamic: dict | None = None, log: str | Path = "",
+             method: str = "gptq") -> GPTQJob:
     out_dir = Path(out_dir)
     return GPTQJob(str(hf_dir), str(out_dir), calibration.tokens, bits, group_size, sym, desc_act,
-                   device=device, dtype="float32" if device == "cpu" else "auto",
-                   threads=threads, dynamic=dynamic,
-                   log=str(log or out_dir.with_suffix(".log")))
+                   device=device, dtype=_dtype(method, device), threads=threads,
+                   dynamic=dynamic, log=str(log or out_dir.with_suffix(".log")), method=method)
+
+
+def _dtype(method: str, device: str) -> str:
+    """GPTQ on CPU in float32 (see the module docstring). AWQ in bfloat16: GPTQModel 7.6 packs
+    AWQ modules only from float16 / bfloat16 weights ("AwqTorchLinear only supports
+    [torch.float16, torch.bfloat16]"), and float16 overflows on CPU more easily."""
+    if method == "awq":
+        return "bfloat16" if device == "cpu" else "auto"
+    return "float32" if device == "cpu" else "auto"
 
 
 def run_gptq(job: GPTQJob, verbose: bool = False) -> Path:

@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformerConfig
 
-from mechq.families import Site, family_of
+from mechq.families import NormSite, Site, family_of
 
 COMPONENTS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -32,6 +32,17 @@ def sites(cfg: HookedTransformerConfig) -> list[Site]:
     """Every (layer, component) site of a model, in layer then component order."""
     family = family_of(cfg)
     return [s for l in range(cfg.n_layers) for s in family.layer_sites(cfg, l)]
+
+
+def norm_sites(cfg: HookedTransformerConfig) -> list[NormSite]:
+    """Every norm that feeds quantized modules (what AWQ rewrites), in layer order."""
+    family = family_of(cfg)
+    return [n for l in range(cfg.n_layers) for n in family.norm_sites(cfg, l)]
+
+
+def norm_to_hooked(t: Tensor, site: NormSite, cfg: HookedTransformerConfig) -> Tensor:
+    """The HookedTransformer tensor for a norm site from its HF tensor."""
+    return family_of(cfg).norm_to_hooked(t, site, cfg)
 
 
 def modules(cfg: HookedTransformerConfig) -> list[str]:

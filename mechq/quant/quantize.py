@@ -7,9 +7,14 @@ its config, method, bits, group size, sym, desc_act, the calibration's token dig
 format version, and the per-module ``dynamic`` rules when there are any: a uniform variant's key
 has no ``dynamic`` entry at all, so it is the key it had before per-module bits existed); asking
 again for the same variant reads that directory instead of quantizing.
-GPTQ checkpoints are GPTQModel's own output (its log goes to ``<cache>/logs/``); RTN
-variants are written by mechq in the same layout. Both are read back by :func:`load_quantized`,
-i.e. by mechq's dequantizer.
+GPTQ and AWQ checkpoints are GPTQModel's own output (its log goes to ``<cache>/logs/``); RTN
+variants are written by mechq in the GPTQ layout. All are read back by :func:`load_variant`,
+i.e. by mechq's own readers (:mod:`mechq.quant.formats`).
+
+AWQ (GEMM, 4 bits) needs a group size that divides every input width of the model: SmolLM2's
+576-wide residual stream is not a multiple of 128, and GPTQModel refuses AWQ g128 for it.
+:func:`default_group_size` picks the largest of 128, 64, 32, 16 that divides them all (64 on
+SmolLM2); GPTQ and RTN default to 128 and allow a partial last group.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from mechq.quant.rtn import rtn_quantize_weight
 from mechq.quant.variants import Variant
 from mechq.vocab import SUPPORTED_BITS
 
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "rtn", "awq")
+CALIBRATED = ("gptq", "awq")  # methods that run GPTQModel on calibration tokens
+AWQ_GROUP_SIZES = (128, 64, 32, 16)
 CACHE_FORMAT = 2  # 2: keyed by the calibration digest; GPTQ in float32 in a one-thread child
 META_FILE = "mechq_variant.json"
 
@@ -60,7 +67,7 @@ class Request:
 
     method: str = "gptq"
     bits: int = 4
-    group_size: int = 128
+    group_size: int | None = 128  # None: default_group_size(model, method), set by quantize_many
     sym: bool = True
     desc_act: bool = False
     calibration: str | Path | list[str] | None = None
@@ -81,14 +88,42 @@ class Request:
         if self.method == "rtn" and self.desc_act:
             raise ValueError(
                 "desc_act (activation order) needs calibration: it applies to GPTQ only.")
+        if self.method == "awq":
+            if self.bits != 4:
+                raise ValueError(f"AWQ (GEMM format) packs 4-bit codes only, got bits={self.bits}.")
+            if self.desc_act:
+                raise ValueError("desc_act (activation order) is GPTQ's; AWQ has no act-order.")
+            if self.group_size == -1:
+                raise ValueError("AWQ needs a group size (per-channel -1 is GPTQ / RTN only).")
+            if self.dynamic and any(not str(k).startswith(dyn.SKIP) for k in self.dynamic):
+                raise ValueError("GPTQModel's AWQ honours only '-:' (skip) dynamic rules; "
+                                 f"got {list(self.dynamic)}.")
         self.dynamic = dyn.check(self.dynamic, dyn.RTN_KEYS if self.method == "rtn" else None)
+
+
+def input_widths(model: HookedTransformer) -> set[int]:
+    """The input widths of the model's quantizable linear modules."""
+    return {int(layout.module_weight(model, m).shape[1]) for m in layout.modules(model.cfg)}
+
+
+def default_group_size(model: HookedTransformer, method: str = "gptq") -> int:
+    """128 for GPTQ and RTN; for AWQ the largest of :data:`AWQ_GROUP_SIZES` that divides every
+    input width (AWQ's groups cannot be partial)."""
+    if method != "awq":
+        return 128
+    widths = input_widths(model)
+    for g in AWQ_GROUP_SIZES:
+        if all(w % g == 0 for w in widths):
+            return g
+    raise ValueError(f"No AWQ group size in {AWQ_GROUP_SIZES} divides the input widths "
+                     f"{sorted(widths)}.")
 
 
 def quantize(
     model: HookedTransformer,
     method: str = "gptq",
     bits: int = 4,
-    group_size: int = 128,
+    group_size: int | None = None,
     sym: bool = True,
     desc_act: bool = False,
     calibration: str | Path | list[str] | None = None,
@@ -105,14 +140,18 @@ def quantize(
     ``method="gptq"`` runs GPTQModel on the model's Hugging Face weights with ``calibration``
     (default: ``n_samples`` windows of ``seq_len`` tokens of mechq's bundled calibration text,
     chosen by ``seed``; see :mod:`mechq.calibration`); ``method="rtn"`` is mechq's group-wise
-    round-to-nearest, which needs no calibration. ``group_size=-1`` means one group per row
-    (per-channel).
+    round-to-nearest, which needs no calibration; ``method="awq"`` runs GPTQModel's AWQ (4 bits,
+    GEMM format, pure-torch backend on CPU, in bfloat16) on the same calibration.
+    ``group_size=-1`` means one group per row (per-channel); ``None`` is
+    :func:`default_group_size` (128, or for AWQ the largest that divides every input width).
 
     ``dynamic`` sets modules apart in GPTQModel's own syntax (:mod:`mechq.quant.dynamic`), e.g.
     ``{r"+:.*\\.layers\\.(0|1)\\..*": {"bits": 8}, r"-:.*lm_head": {}}``: the first two layers at
     8 bits, the rest at ``bits``, and modules a ``-:`` rule matches left in full precision. RTN
     honours ``bits``, ``group_size`` and ``sym`` per module; GPTQ hands the rules to GPTQModel.
     """
+    if group_size is None:
+        group_size = default_group_size(model, method)
     req = Request(method, bits, group_size, sym, desc_act, calibration, seed, n_samples, seq_len,
                   name, dict(dynamic) if dynamic else None)
     return quantize_many(model, [req], cache=cache, progress=False)[0]
@@ -138,7 +177,16 @@ def quantize_many(
     from tqdm.auto import tqdm
 
     for r in requests:
+        if r.group_size is None:
+            r.group_size = default_group_size(model, r.method)
         r.check()
+        if r.method == "awq":
+            bad = sorted(w for w in input_widths(model) if w % r.group_size)
+            if bad:
+                raise ValueError(
+                    f"AWQ group_size {r.group_size} does not divide the input widths {bad} of "
+                    f"this model (AWQ groups cannot be partial); use group_size="
+                    f"{default_group_size(model, 'awq')}.")
     src = models.source_of(model)
     device = str(model.cfg.device).split(":")[0]
     config_hash = hashlib.sha256((src.hf_dir / "config.json").read_bytes()).hexdigest()[:16]
@@ -148,7 +196,8 @@ def quantize_many(
     plans = []  # (request, calibration, key fields, output dir, name)
     for r in requests:
         calib = (get_calibration(model, r.calibration, n_samples=r.n_samples,
-                                 seq_len=r.seq_len, seed=r.seed) if r.method == "gptq" else None)
+                                 seq_len=r.seq_len, seed=r.seed) if r.method in CALIBRATED
+                 else None)
         fields = dict(model=src.name, config=config_hash, method=r.method, bits=r.bits,
                       group_size=r.group_size, sym=r.sym, desc_act=r.desc_act,
                       calibration=calib.digest if calib else None, format=CACHE_FORMAT)
@@ -156,12 +205,12 @@ def quantize_many(
             fields["dynamic"] = dyn.canonical(r.dynamic)
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
         name = r.name or variant_name(r.method, r.bits, r.group_size, r.sym, r.desc_act,
-                                      r.seed if r.method == "gptq" else 0, r.dynamic)
+                                      r.seed if r.method in CALIBRATED else 0, r.dynamic)
         plans.append((r, calib, fields, root / key, name))
 
     todo = [p for p in plans if not (cache and (p[3] / META_FILE).exists())]
     todo = list({str(p[3]): p for p in todo}.values())  # the same variant asked twice: make once
-    gptq = [p for p in todo if p[0].method == "gptq"]
+    gptq = [p for p in todo if p[0].method in CALIBRATED]
     if parallel is None:
         parallel = int(os.environ.get("MECHQ_GPTQ_JOBS", 0)) or (
             os.cpu_count() or 1 if device == "cpu" else 1)
@@ -178,7 +227,8 @@ def quantize_many(
             tmps[str(out)] = tmp
             jobs.append(make_job(src.hf_dir, tmp, calib, bits=r.bits, group_size=r.group_size,
                                  sym=r.sym, desc_act=r.desc_act, device=device,
-                                 dynamic=r.dynamic, log=logs / f"{name}-{out.name}.log"))
+                                 dynamic=r.dynamic, log=logs / f"{name}-{out.name}.log",
+                                 method=r.method))
         finished = {}
 
         def done(job, seconds):
@@ -189,7 +239,7 @@ def quantize_many(
             run_gptq_jobs(jobs, parallel=min(parallel, len(jobs)), on_done=done, verbose=verbose)
         for r, calib, fields, out, name in todo:
             t0 = time.perf_counter()
-            if r.method == "gptq":
+            if r.method in CALIBRATED:
                 tmp = tmps[str(out)]
                 (tmp / "calibration.json").write_text(json.dumps(
                     {"source": calib.source, "digest": calib.digest, "tokens": calib.tokens}))
@@ -244,24 +294,32 @@ def _fp_modules(model: HookedTransformer, dynamic: dyn.Dynamic | None) -> dict[s
             if dyn.skipped(m, dynamic)}
 
 
-def load_quantized(
+def load_variant(
     path: str | Path, model: HookedTransformer | None = None, name: str | None = None
 ) -> Variant:
-    """Read a GPTQ checkpoint directory into a :class:`Variant` with mechq's own dequantizer.
+    """Read a quantized checkpoint directory into a :class:`Variant` with mechq's own readers.
 
-    With ``model``, the checkpoint's quantized modules are checked against the model's
-    architecture (a clear error names modules that do not belong to it), and the linear modules
-    its ``dynamic`` rules skip are listed in :attr:`Variant.fp_modules` (without ``model``, they
-    come from mechq's metadata file when there is one).
+    The format (GPTQ, AWQ or compressed-tensors) is detected from ``quantize_config.json`` or
+    ``config.json``'s ``quantization_config`` (:mod:`mechq.quant.formats`). With ``model``, the
+    checkpoint's quantized modules are checked against the model's architecture (a clear error
+    names modules that do not belong to it or have other shapes), and the linear modules its
+    ``dynamic`` rules skip are listed in :attr:`Variant.fp_modules` (without ``model``, they come
+    from mechq's metadata file when there is one). An AWQ variant carries the norms AWQ rewrote
+    (:attr:`Variant.norms`); they must all be present.
     """
-    ckpt = load_gptq_checkpoint(path)
+    from mechq.quant.formats import METHOD_OF, read_checkpoint
+
+    ckpt = read_checkpoint(path)
     if model is not None:
-        check_architecture(ckpt, set(layout.modules(model.cfg)))
+        shapes = {m: tuple(layout.module_weight(model, m).shape) for m in layout.modules(model.cfg)}
+        check_architecture(ckpt, shapes)
     qc = ckpt.quant_config
+    fmt = qc["format_family"]
     meta_path = Path(path) / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     quantizer = (qc.get("meta") or {}).get("quantizer") or []
-    method = meta.get("method") or ("rtn" if any("rtn" in str(q) for q in quantizer) else "gptq")
+    method = meta.get("method") or (
+        "rtn" if any("rtn" in str(q) for q in quantizer) else METHOD_OF[fmt])
     bits, gs = int(qc["bits"]), int(qc.get("group_size", -1))
     sym, act = bool(qc.get("sym", True)), bool(qc.get("desc_act", False))
     rules = meta.get("dynamic") or qc.get("dynamic") or None
@@ -269,6 +327,7 @@ def load_quantized(
         fp = meta.get("fp_modules") or {}
     else:
         fp = {m: s for m, s in _fp_modules(model, rules).items() if m not in ckpt.modules}
+    norms = _awq_norms(ckpt, model) if fmt == "awq" else {}
     return Variant(
         name=name or meta.get("name") or variant_name(method, bits, gs, sym, act, dynamic=rules),
         method=method,
@@ -277,7 +336,28 @@ def load_quantized(
         sym=sym,
         desc_act=act,
         modules=ckpt.modules,
-        meta=dict(meta, path=str(path), quantize_config=qc, dynamic=rules),
+        meta=dict(meta, path=str(path), quantize_config=qc, dynamic=rules, format=fmt),
         dynamic=rules,
         fp_modules={m: tuple(s) for m, s in fp.items()},
+        norms=norms,
     )
+
+
+load_quantized = load_variant  # the name it had when mechq read GPTQ only
+
+
+def _awq_norms(ckpt, model: HookedTransformer | None) -> dict:
+    """The norms an AWQ checkpoint rewrote (every norm before a quantized module). Without a
+    model, every ``*norm*`` / ``ln_*`` tensor of a layer is taken."""
+    from mechq.quant.checkpoint import CheckpointError
+
+    if model is None:
+        return {k: v for k, v in ckpt.other.items() if ".layers." in k or ".h." in k
+                if "norm" in k or ".ln_" in k}
+    wanted = [n.tensor for n in layout.norm_sites(model.cfg)]
+    missing = [t for t in wanted if t not in ckpt.other]
+    if missing:
+        raise CheckpointError(
+            f"{ckpt.path}: AWQ folds its scales into the norms before the quantized modules, "
+            f"but {len(missing)} of them are not in the checkpoint, e.g. {missing[:3]}")
+    return {t: ckpt.other[t] for t in wanted}

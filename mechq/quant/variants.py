@@ -40,6 +40,11 @@ class Variant:
     ``lowrank`` maps a packed module to a low-rank correction ``(B, A)``, ``B`` ``(out, r)`` and
     ``A`` ``(r, in)`` (float16 or float32; :func:`mechq.lowrank.eora` makes them): its weight is
     then the dequantized one plus ``B @ A``.
+    ``norms`` maps HF norm tensors (``model.layers.3.input_layernorm.weight``) that the
+    quantizer rewrote without quantizing them to their new values: AWQ folds its activation
+    scales into the norm before q/k/v and before gate/up (and between v→o and up→down, inside
+    quantized weights). :func:`swap` puts them in with the modules that read them, and refuses
+    to split a layer's attention or MLP modules of such a variant, because a fold couples them.
     """
 
     name: str
@@ -53,6 +58,7 @@ class Variant:
     dynamic: dict | None = None
     fp_modules: dict[str, tuple[int, int]] = field(default_factory=dict)
     lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         mixed = f", dynamic={len(self.dynamic)} rules" if self.dynamic else ""
@@ -138,7 +144,8 @@ def _plan(
     layers: int | Iterable[int] | None,
     components: str | Iterable[str],
 ) -> tuple[dict[tuple[int, str], list[layout.Site]], dict[int, Variant]]:
-    """Group the sites to swap by (variant, module), so each module is dequantized once."""
+    """Group the sites to swap by (variant, module), so each module is dequantized once; a
+    variant's rewritten norms join under the key ``(id(variant), "norm:" + tensor)``."""
     chosen = layout.select(model.cfg, layers, components)
     if isinstance(variant, Mapping):
         per_layer = dict(variant)
@@ -164,7 +171,37 @@ def _plan(
             )
         registry[id(v)] = v
         plan[(id(v), s.module)].append(s)
+    _plan_norms(model, chosen, per_layer, plan, registry)
     return plan, registry
+
+
+def _plan_norms(model, chosen, per_layer, plan, registry) -> None:
+    """Add the rewritten norms of the variants being swapped in (AWQ's folds), after checking
+    that no layer's attention or MLP modules of such a variant are split."""
+    picked = defaultdict(set)
+    for s in chosen:
+        v = per_layer.get(s.layer)
+        if isinstance(v, Variant) and v.norms:
+            picked[s.layer].add(s.component)
+    if not picked:
+        return
+    comps = {s.component for s in layout.sites(model.cfg)}
+    for layer, got in picked.items():
+        v = per_layer[layer]
+        for group in ("attn", "mlp"):
+            need = set(layout.GROUPS[group]) & comps
+            if got & need and not need <= got:
+                raise ValueError(
+                    f"Variant {v.name!r} folds scales between modules ({v.method.upper()}: norm → "
+                    f"the modules reading it, v → o, up → down), so layer {layer}'s "
+                    f"{' '.join(sorted(need))} must be swapped together; got "
+                    f"{' '.join(sorted(got & need))}. Use components 'attn', 'mlp' or 'all'.")
+    for n in layout.norm_sites(model.cfg):
+        if n.layer in picked and set(n.components) & picked[n.layer]:
+            v = per_layer[n.layer]
+            if n.tensor in v.norms:
+                registry[id(v)] = v
+                plan[(id(v), "norm:" + n.tensor)].append(n)
 
 
 @contextmanager
@@ -189,6 +226,17 @@ def swap(
     saved: dict[str, torch.Tensor] = {}
     try:
         for (vid, module), site_list in plan.items():
+            if module.startswith("norm:"):
+                n = site_list[0]
+                p = params[n.param]
+                new = layout.norm_to_hooked(registry[vid].norms[n.tensor], n, model.cfg)
+                new = new.to(dtype=p.dtype, device=p.device).contiguous()
+                if new.shape != p.shape:
+                    raise ValueError(f"Variant {registry[vid].name!r}: {n.tensor} has shape "
+                                     f"{tuple(new.shape)}, the model's {n.param} {tuple(p.shape)}.")
+                saved.setdefault(n.param, p.data)
+                p.data = new
+                continue
             ref = params[site_list[0].param]
             w = registry[vid].weight(module, dtype=ref.dtype, device=ref.device)
             for s in site_list:

@@ -1,0 +1,85 @@
+"""Which quantized format a checkpoint directory holds, and the reader for it.
+
+A checkpoint says what it is in its quantization config: ``quantize_config.json`` (GPTQModel,
+AutoAWQ) or the ``quantization_config`` entry of ``config.json`` (transformers, llm-compressor).
+Its ``quant_method`` picks the reader:
+
+- ``"gptq"`` → :func:`mechq.quant.checkpoint.load_gptq_checkpoint` (v1 / v2 zero points,
+  act-order ``g_idx``, per-module ``dynamic`` bits);
+- ``"awq"`` → :func:`mechq.quant.awq.load_awq_checkpoint` (GEMM layout, with the norms AWQ
+  rewrote);
+- ``"compressed-tensors"`` → :func:`mechq.quant.compressed.read_compressed_tensors`
+  (pack-quantized integer weights).
+
+Every reader is mechq's own and returns a :class:`~mechq.quant.checkpoint.GPTQCheckpoint` whose
+modules are :class:`~mechq.quant.packing.PackedLinear`. A config that names one format over
+tensors of another is refused with the file and tensor named.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from mechq.quant.checkpoint import (
+    HF_CONFIG_FILE,
+    QUANT_CONFIG_FILE,
+    CheckpointError,
+    GPTQCheckpoint,
+    _read_json,
+)
+
+FORMATS: tuple[str, ...] = ("gptq", "awq", "compressed-tensors")
+#: the name stem of a variant read from each format (``awq-w4g64``, ``ct-w4g128``)
+METHOD_OF: dict[str, str] = {"gptq": "gptq", "awq": "awq", "compressed-tensors": "ct"}
+
+
+def quant_config(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """The raw quantization config of a checkpoint directory and the file it came from."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint directory")
+    qc_path, hf_path = root / QUANT_CONFIG_FILE, root / HF_CONFIG_FILE
+    if qc_path.exists():
+        return _read_json(qc_path), str(qc_path)
+    if hf_path.exists():
+        hf = _read_json(hf_path)
+        if isinstance(hf.get("quantization_config"), dict):
+            return hf["quantization_config"], f"{hf_path} (quantization_config)"
+    raise CheckpointError(f"{root}: no quantization config: neither {QUANT_CONFIG_FILE} nor a "
+                          f"'quantization_config' entry in {HF_CONFIG_FILE}")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """``"gptq"``, ``"awq"`` or ``"compressed-tensors"``, from the config's ``quant_method``."""
+    raw, source = quant_config(path)
+    method = str(raw.get("quant_method") or raw.get("method") or "").lower().replace("_", "-")
+    if not method and "bits" in raw:  # old GPTQ configs carry no method
+        method = "gptq"
+    if method not in FORMATS:
+        raise CheckpointError(f"{source}: unknown quantization format {method or None!r}; "
+                              f"mechq reads {', '.join(FORMATS)}")
+    return method
+
+
+def read_checkpoint(path: str | os.PathLike) -> GPTQCheckpoint:
+    """Detect the format and read the checkpoint with mechq's reader for it.
+
+    Its ``quant_config["format_family"]`` records which of :data:`FORMATS` it was.
+    """
+    fmt = detect_format(path)
+    if fmt == "gptq":
+        from mechq.quant.checkpoint import load_gptq_checkpoint
+
+        ckpt = load_gptq_checkpoint(path)
+    elif fmt == "awq":
+        from mechq.quant.awq import load_awq_checkpoint
+
+        ckpt = load_awq_checkpoint(path)
+    else:
+        from mechq.quant.compressed import read_compressed_tensors
+
+        ckpt = read_compressed_tensors(path)
+    ckpt.quant_config["format_family"] = fmt
+    return ckpt
