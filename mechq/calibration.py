@@ -48,6 +48,12 @@ SAMPLED = "sampled"
 # "How much calibration" table (GPTQ w4 on the bundled facts, seeds 0-2 at 1k-16k tokens).
 N_SAMPLES = 32
 SEQ_LEN = 128
+#: AWQ's default calibration size: 16 windows of 64 tokens of the same bundled pool GPTQ uses
+#: (GPTQ: 32 × 128). GPTQModel's AWQ runs in bfloat16 on CPU, which is emulated without bf16
+#: instructions: on SmolLM2 (2 cores) 16 × 64 tokens take about 6 min, and 32 × 128 ran at
+#: 3.6 min per layer (about 1.8 h). AWQ's scale search needs activation magnitudes per input
+#: channel, which settle with fewer tokens than GPTQ's Hessians.
+AWQ_N_SAMPLES, AWQ_SEQ_LEN = 16, 64
 MIN_TOKENS = 10  # GPTQModel drops calibration rows shorter than this
 
 

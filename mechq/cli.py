@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from mechq.calibration import N_SAMPLES, SEQ_LEN
+from mechq.calibration import AWQ_N_SAMPLES, AWQ_SEQ_LEN, N_SAMPLES, SEQ_LEN
 
 SPEC = re.compile(r"^(gptq|rtn|awq)-w(\d+)(?:g(-?\d+))?((?:-asym|-act)*)(?:-s(\d+))?$")
 
@@ -526,10 +526,12 @@ def _common(p: argparse.ArgumentParser, facts: bool = True, out: bool = True) ->
     p.add_argument("--calibration", default=None,
                    help="GPTQ calibration: bundled (default: mechq's shipped text), sampled "
                         "(drawn from the model), a text file, or dataset:NAME[:CONFIG]")
-    p.add_argument("--calib-samples", type=int, default=N_SAMPLES,
-                   help=f"GPTQ calibration: number of sequences (default {N_SAMPLES})")
-    p.add_argument("--calib-len", type=int, default=SEQ_LEN,
-                   help=f"tokens per calibration sequence (default {SEQ_LEN})")
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help=f"calibration: number of sequences (default {N_SAMPLES} for GPTQ, "
+                        f"{AWQ_N_SAMPLES} for AWQ)")
+    p.add_argument("--calib-len", type=int, default=None,
+                   help=f"tokens per calibration sequence (default {SEQ_LEN} for GPTQ, "
+                        f"{AWQ_SEQ_LEN} for AWQ)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for --max-facts sampling (a variant's calibration seed is in its "
                         "name: gptq-w4g128-s1)")

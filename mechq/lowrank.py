@@ -277,6 +277,10 @@ def eora(
     if variant.lowrank:
         raise ValueError(f"Variant {variant.name!r} already has a low-rank correction; "
                          "compensate its base variant instead.")
+    if variant.norms:
+        raise ValueError(f"Variant {variant.name!r} rewrites norms ({variant.method.upper()} "
+                         "folds its scales into them), so its weights are not the FP weights' "
+                         "coordinates; EoRA here compensates GPTQ and RTN variants only.")
     have = set(layout.modules(model.cfg))
     foreign = [m for m in variant.modules if m not in have]
     if foreign:

@@ -260,3 +260,59 @@ def test_awq_requests_are_checked(llama):
         mechq.quantize(llama, "awq", bits=4, group_size=128)
     with pytest.raises(ValueError, match="honours only '-:'"):
         mechq.quantize(llama, "awq", bits=4, dynamic={r"+:.*q_proj": {"bits": 8}})
+
+
+def test_gptqmodel_dequantize_model_reads_awq_sequentially(llama, awq, tmp_path):
+    """GPTQModel 7.6's ``dequantize_model`` unpacks AWQ nibbles in sequential order: its output
+    is not mechq's exact weights but exactly mechq's ``awq_order_as_gptq`` fault (float32 both
+    ways: the same bf16 scale times the same integer), which diagnose's weight signatures flag.
+    (README: "GPTQModel's dequantize_model and AWQ", for an upstream report.)"""
+    from gptqmodel.utils.model_dequant import dequantize_model
+
+    dequantize_model(awq.meta["path"], tmp_path / "deq", target_dtype=torch.float32)
+    theirs = {}
+    for f in sorted((tmp_path / "deq").glob("*.safetensors")):
+        theirs.update(load_file(f))
+    bug = faults.awq_order_as_gptq(awq)
+    for m in awq.modules:
+        w = theirs[f"{m}.weight"].float()
+        assert not torch.equal(w, awq.weight(m)), m
+        assert torch.equal(w, bug.weight(m)), m
+
+
+def test_cliff_gets_an_awq_row(llama_dir, awq, tmp_path):
+    """``mechq cliff --awq`` adds AWQ w4 at the model's default group size (64 here) as its own
+    row, on the calibration asked for (here the fixture's, so it comes from the cache)."""
+    import pandas as pd
+
+    from mechq import cli
+
+    rc = cli.main(["cliff", "--model", str(llama_dir), "--method", "rtn", "--bits", "4", "--awq",
+                   "--calibration", "sampled", "--calib-samples", "16", "--calib-len", "32",
+                   "--max-facts", "12", "--out", str(tmp_path)])
+    assert rc == 0
+    table = pd.read_csv(tmp_path / "cliff.csv")
+    row = table[table.variant == "awq-w4g64"]
+    assert len(row) == 1 and row.method.iloc[0] == "awq"
+    assert row.avg_bits.iloc[0] == pytest.approx(awq.avg_bits)
+    assert {"fp", "rtn-w4g128"} <= set(table.variant)
+
+
+def test_method_comparison_counts():
+    """GPTQ vs AWQ fact by fact (paper App. D): a pure function of recall rows."""
+    import pandas as pd
+
+    from mechq.cliff import method_comparison
+
+    rows = []
+    for fid, (fp, a, b) in enumerate([(1, 1, 1), (1, 1, 0), (1, 0, 1), (1, 0, 0), (0, 1, 1)]):
+        for v, c in (("fp", fp), ("gptq", a), ("awq", b)):
+            rows.append(dict(fact_id=fid, variant=v, correct=bool(c), top1_id=c))
+    comp = method_comparison(pd.DataFrame(rows), "gptq", "awq").set_index("variant")
+    assert comp.loc["gptq", "kept"] == 2 and comp.loc["awq", "kept"] == 2
+    assert comp.loc["gptq", "only_this"] == 1 and comp.loc["awq", "only_this"] == 1
+    assert comp.loc["both", "kept"] == 1 and comp.loc["both", "only_this"] == 1  # neither
+    assert comp.loc["both", "fp_correct"] == 4
+    assert comp.loc["both", "top1_agreement"] == pytest.approx(3 / 5)  # facts 0, 3, 4
+    with pytest.raises(ValueError, match="no recall rows for \\['rtn'\\]"):
+        method_comparison(pd.DataFrame(rows), "gptq", "rtn")

@@ -22,10 +22,9 @@ from dataclasses import replace
 
 import torch
 
+from mechq.quant.awq import AWQ_ORDER
 from mechq.quant.packing import PackedLinear, pack_int
 from mechq.quant.variants import Variant
-
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 def _repacked(p: PackedLinear, codes: torch.Tensor, zeros: torch.Tensor) -> PackedLinear:

@@ -32,7 +32,7 @@ from pathlib import Path
 from transformer_lens import HookedTransformer
 
 from mechq import models
-from mechq.calibration import N_SAMPLES, SEQ_LEN, get_calibration
+from mechq.calibration import AWQ_N_SAMPLES, AWQ_SEQ_LEN, N_SAMPLES, SEQ_LEN, get_calibration
 from mechq.quant import dynamic as dyn
 from mechq.quant import layout
 from mechq.quant.checkpoint import check_architecture, load_gptq_checkpoint, save_gptq_checkpoint
@@ -44,6 +44,11 @@ from mechq.vocab import SUPPORTED_BITS
 METHODS = ("gptq", "rtn", "awq")
 CALIBRATED = ("gptq", "awq")  # methods that run GPTQModel on calibration tokens
 AWQ_GROUP_SIZES = (128, 64, 32, 16)
+
+
+def calibration_size(method: str) -> tuple[int, int]:
+    """``(n_samples, seq_len)`` a method uses by default."""
+    return (AWQ_N_SAMPLES, AWQ_SEQ_LEN) if method == "awq" else (N_SAMPLES, SEQ_LEN)
 CACHE_FORMAT = 2  # 2: keyed by the calibration digest; GPTQ in float32 in a one-thread child
 META_FILE = "mechq_variant.json"
 
@@ -72,10 +77,15 @@ class Request:
     desc_act: bool = False
     calibration: str | Path | list[str] | None = None
     seed: int = 0
-    n_samples: int = N_SAMPLES
-    seq_len: int = SEQ_LEN
+    n_samples: int | None = None  # None: the method's default (calibration_size)
+    seq_len: int | None = None
     name: str | None = None
     dynamic: dict | None = None
+
+    def __post_init__(self) -> None:
+        n, length = calibration_size(self.method)
+        self.n_samples = n if self.n_samples is None else self.n_samples
+        self.seq_len = length if self.seq_len is None else self.seq_len
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -129,8 +139,8 @@ def quantize(
     calibration: str | Path | list[str] | None = None,
     seed: int = 0,
     *,
-    n_samples: int = N_SAMPLES,
-    seq_len: int = SEQ_LEN,
+    n_samples: int | None = None,
+    seq_len: int | None = None,
     cache: bool = True,
     name: str | None = None,
     dynamic: dyn.Dynamic | None = None,
