@@ -236,7 +236,9 @@ def test_quantize_needs_a_mechq_model():
 
 def test_bad_requests():
     with pytest.raises(ValueError, match="method"):
-        Q.Request("awq", 4).check()
+        Q.Request("hqq", 4).check()
+    with pytest.raises(ValueError, match="4-bit codes only"):
+        Q.Request("awq", 3, group_size=64).check()
     with pytest.raises(ValueError, match="bits"):
         Q.Request("gptq", 5).check()
     with pytest.raises(ValueError, match="group_size"):

@@ -47,6 +47,9 @@ class Family:
 
     name: str = ""
     architectures: tuple[str, ...] = ()
+    #: Why GPTQModel's AWQ cannot quantize this family (None: it can). Reading an AWQ
+    #: checkpoint made elsewhere is not affected.
+    awq_unsupported: str | None = None
 
     def hooked_config(self, hf_config, *, device: str, dtype: torch.dtype
                       ) -> HookedTransformerConfig:

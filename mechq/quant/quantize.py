@@ -32,6 +32,7 @@ from pathlib import Path
 from transformer_lens import HookedTransformer
 
 from mechq import models
+from mechq.families import family_of
 from mechq.calibration import AWQ_N_SAMPLES, AWQ_SEQ_LEN, N_SAMPLES, SEQ_LEN, get_calibration
 from mechq.quant import dynamic as dyn
 from mechq.quant import layout
@@ -191,6 +192,9 @@ def quantize_many(
             r.group_size = default_group_size(model, r.method)
         r.check()
         if r.method == "awq":
+            why = family_of(model.cfg).awq_unsupported
+            if why:
+                raise ValueError(f"AWQ is not available for this model: {why}.")
             bad = sorted(w for w in input_widths(model) if w % r.group_size)
             if bad:
                 raise ValueError(
