@@ -189,6 +189,20 @@ def load_awq_checkpoint(path: str | os.PathLike) -> GPTQCheckpoint:
 FOLD_PAIRS: tuple[tuple[str, str], ...] = (("v", "o"), ("up", "down"))
 
 
+#: The range of a plausible AWQ scale: GPTQModel's AWQ clamps its scales at 1e-4 below and
+#: normalises them by sqrt(max · min), so a folded scale far outside this range is not one.
+SCALE_RANGE = (1e-4, 1e4)
+
+
+def _plausible(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` per channel, where that is a plausible AWQ scale; 1 (no fold) elsewhere.
+    A least-squares ratio is meaningless where the quantized module is uncorrelated with FP
+    (a misread checkpoint): its denominator is then about 0 or negative."""
+    s = num / den
+    ok = (den > 0) & (s >= SCALE_RANGE[0]) & (s <= SCALE_RANGE[1])
+    return torch.where(ok, s, torch.ones_like(s))
+
+
 def fp_targets(model, variant) -> dict[str, Tensor]:
     """The FP weights in AWQ's coordinates: what each module of an AWQ ``variant`` encodes.
 
@@ -226,9 +240,9 @@ def fp_targets(model, variant) -> dict[str, Tensor]:
             # for the producer's rows; producer rows: q_p[j] ≈ fp_p[j] · s_in_p / s[j]  ->  s
             # from the producer, used for the consumer's columns
             fc = fp[c]
-            s_from_c = (fc * q[c]).sum(0) / (fc * fc).sum(0).clamp_min(1e-30)
+            s_from_c = _plausible((fc * q[c]).sum(0), (fc * fc).sum(0))
             pp = fp[p] * s_in.get(p, torch.ones(fp[p].shape[1]))
-            s_from_p = (pp * pp).sum(1) / (pp * q[p]).sum(1).clamp_min(1e-30)
+            s_from_p = _plausible((pp * pp).sum(1), (pp * q[p]).sum(1))
             s_out[p] = s_from_c
             s_in[c] = s_from_p
     out = {}
