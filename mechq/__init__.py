@@ -35,6 +35,7 @@ from mechq.facts import Fact, FactSet, bundled_facts, load_facts, target_report 
 from mechq.models import load_model  # noqa: E402
 from mechq.quant.quantize import Request, load_quantized, load_variant, quantize, quantize_many  # noqa: E402
 from mechq.quant.variants import Variant, swap  # noqa: E402
+from mechq.quant.compressed import write_compressed_tensors  # noqa: E402
 from mechq.recall import accuracy, evaluate_recall, subset_labels, subsets  # noqa: E402
 from mechq.lens import logit_lens  # noqa: E402
 from mechq.components import component_metrics  # noqa: E402
@@ -54,4 +55,5 @@ __all__ = [
     "component_metrics", "diagnose", "eora", "evaluate_recall", "load_facts", "load_model",
     "load_pararel", "load_quantized", "load_variant", "logit_lens", "make_recipe", "patch_sweep", "quantize", "quantize_many",
     "repair_table", "report", "representation_metrics", "subset_labels", "subsets", "swap", "target_report",
+    "write_compressed_tensors",
 ]

@@ -512,6 +512,10 @@ def cmd_quantize(args) -> int:
     (v,) = load_variants(model, [args.variant], args)
     print(v)
     print(v.meta.get("path"))
+    if args.ct_out:
+        from mechq.quant.compressed import write_compressed_tensors
+
+        print(write_compressed_tensors(v, args.ct_out, model=model))
     return 0
 
 
@@ -650,6 +654,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="make one variant (cached), print its checkpoint path")
     _common(p, facts=False)
     p.add_argument("variant", help="e.g. gptq-w4g128, rtn-w2g128-asym, gptq-w3g128-act")
+    p.add_argument("--ct-out", default=None, metavar="DIR",
+                   help="also write the variant as a whole compressed-tensors (pack-quantized) "
+                        "checkpoint into DIR, with compressed-tensors' own compressor (needs "
+                        "mechq[ct]; uniform bits, no act-order g_idx)")
     p.set_defaults(func=cmd_quantize)
     return ap
 

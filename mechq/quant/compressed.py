@@ -72,6 +72,14 @@ mechq's side:
   their stored dtype), without importing compressed-tensors. float16 scales dequantize exactly as
   compressed-tensors does; bfloat16 scales exactly in float32 (compressed-tensors' result is that
   rounded to bfloat16); float32 scales identically.
+
+Who else reads what mechq writes (transformers 5 with compressed-tensors 0.20, checked in
+``tests/test_compressed.py``): ``AutoModelForCausalLM.from_pretrained`` loads a symmetric
+checkpoint of a Llama-family model (SmolLM2) and decompresses it on the first forward, in the
+model's dtype: a float32 model holds ``(q - z) * s`` computed in float32, which rounded to
+float16 is mechq's weight exactly. It refuses asymmetric pack-quantized checkpoints (the packed
+zero points' shape; llm-compressor issue #1618), and it leaves GPT-2's ``Conv1D`` modules
+packed (it decompresses ``Linear`` modules only), so a GPT-2 checkpoint is for mechq and vLLM.
 """
 
 from __future__ import annotations
