@@ -6,7 +6,9 @@
 - the verdict of each (mechq.diagnose);
 - agreement of mechq's swapped AWQ variant (float32) with GPTQModel's own AWQ runtime
   (``BACKEND.AWQ_TORCH``, bfloat16) on the first 64 bundled facts: top-1 agreement, logit gap;
-  and with a float32 transformers model built from the same dequantized weights and norms;
+  and with a float32 transformers model built from the same dequantized weights and norms; the
+  same transformers model in bfloat16 against itself in float32 is the yardstick for bf16
+  rounding;
 - GPTQModel 7.6's ``dequantize_model`` on the AWQ checkpoint: how far its weights are from
   mechq's, whether they equal mechq's "AWQ order read as sequential" fault, and the verdict
   on that fault.
@@ -89,7 +91,20 @@ def main() -> None:
             ours = model(toks)[0].float()
             ref = hf(toks).logits[0].float()
         hf_gap = max(hf_gap, float((ours - ref).abs().max()))
-    del hf
+    # the yardstick for "within bf16 rounding": the very same weights run in bfloat16 by
+    # transformers, against themselves in float32, on the same 64 prompts
+    bf_agree, bf_gaps = [], []
+    hf_bf16 = load_hf("smollm2-135m")[0]
+    hf_bf16.load_state_dict(hf.state_dict())
+    hf_bf16 = hf_bf16.to(torch.bfloat16)
+    for p in prompts:
+        toks = model.to_tokens(p, prepend_bos=model.cfg.default_prepend_bos)
+        with torch.no_grad():
+            ref = hf(toks).logits[0, -1].float()
+            low = hf_bf16(toks).logits[0, -1].float()
+        bf_agree.append(bool(ref.argmax() == low.argmax()))
+        bf_gaps.append(float((ref - low).abs().max()))
+    del hf, hf_bf16
 
     # GPTQModel 7.6's dequantize_model on the AWQ checkpoint
     from gptqmodel.utils.model_dequant import dequantize_model
@@ -117,7 +132,9 @@ def main() -> None:
         evidence={d.variant: d.evidence.to_dict(orient="records") for d in diags},
         runtime=dict(n_prompts=len(prompts), top1_agreement=sum(agree) / len(agree),
                      max_logit_gap=max(gaps), max_logit=max(scales),
-                     hf_float32_max_gap=hf_gap),
+                     hf_float32_max_gap=hf_gap,
+                     bf16_yardstick=dict(top1_agreement=sum(bf_agree) / len(bf_agree),
+                                         max_logit_gap=max(bf_gaps))),
         dequantize_model=dict(max_abs_vs_mechq=vs_mechq,
                               max_abs_vs_sequential_fault=vs_fault,
                               fault_verdict=bug_diag.verdict, fault_reason=bug_diag.reason),
