@@ -50,8 +50,8 @@ N_SAMPLES = 32
 SEQ_LEN = 128
 #: AWQ's default calibration size: 16 windows of 64 tokens of the same bundled pool GPTQ uses
 #: (GPTQ: 32 × 128). The reason is time, not quality: GPTQModel's AWQ runs in bfloat16 on CPU,
-#: emulated without bf16 instructions. On SmolLM2 (2 vCPUs) 16 × 64 tokens took 1725 s, about
-#: 29 s per layer, in scripts/measure_awq.py; 32 × 128 ran at 3.6 min per layer (about 1.8 h).
+#: emulated without bf16 instructions. On SmolLM2 (2 vCPUs) 16 × 64 tokens took 1725 s for the
+#: 30 layers in scripts/measure_awq.py; 32 × 128 ran at 3.6 min per layer (about 1.8 h).
 #: Whether more tokens would help AWQ here is not measured; pass n_samples / seq_len to choose.
 AWQ_N_SAMPLES, AWQ_SEQ_LEN = 16, 64
 MIN_TOKENS = 10  # GPTQModel drops calibration rows shorter than this
