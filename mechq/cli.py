@@ -32,7 +32,7 @@ SPEC = re.compile(r"^(gptq|rtn|awq)-w(\d+)(?:g(-?\d+))?((?:-asym|-act)*)(?:-s(\d
 
 AWQ_HELP = ("add an AWQ w4 variant (GPTQModel, GEMM format, the model's default group size: the "
             "largest of 128/64/32 dividing every input width, 64 on SmolLM2) on the same "
-            "calibration; about 20 min on SmolLM2 on 2 cores")
+            "calibration; about 30 min on SmolLM2 on 2 cores")
 
 
 def parse_variant(spec: str) -> dict:

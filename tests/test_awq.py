@@ -271,7 +271,7 @@ def test_gptqmodel_dequantize_model_reads_awq_sequentially(llama, awq, tmp_path)
     """GPTQModel 7.6's ``dequantize_model`` unpacks AWQ nibbles in sequential order: its output
     is not mechq's exact weights but exactly mechq's ``awq_order_as_gptq`` fault (float32 both
     ways: the same bf16 scale times the same integer), which diagnose's weight signatures flag.
-    (README: "GPTQModel's dequantize_model and AWQ", for an upstream report.)"""
+    (README: "An upstream bug, written up for GPTQModel".)"""
     from gptqmodel.utils.model_dequant import dequantize_model
 
     dequantize_model(awq.meta["path"], tmp_path / "deq", target_dtype=torch.float32)
