@@ -36,12 +36,11 @@ import torch
 from torch import Tensor
 
 from mechq.quant.checkpoint import (
-    HF_CONFIG_FILE,
-    QUANT_CONFIG_FILE,
     CheckpointError,
     GPTQCheckpoint,
-    _read_json,
-    _read_tensors,
+    architecture_of,
+    read_quant_config,
+    read_tensors,
 )
 from mechq.quant.packing import SCALE_DTYPES, PackedLinear, unpack_int
 
@@ -134,20 +133,9 @@ def load_awq_checkpoint(path: str | os.PathLike) -> GPTQCheckpoint:
     mistyped or misshapen tensor, or no quantized modules.
     """
     root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: not a checkpoint directory")
-    hf_path = root / HF_CONFIG_FILE
-    hf_config = _read_json(hf_path) if hf_path.exists() else None
-    qc_path = root / QUANT_CONFIG_FILE
-    if qc_path.exists():
-        raw, source = _read_json(qc_path), str(qc_path)
-    elif hf_config is not None and isinstance(hf_config.get("quantization_config"), dict):
-        raw, source = hf_config["quantization_config"], f"{hf_path} (quantization_config)"
-    else:
-        raise CheckpointError(f"{root}: no quantization config: neither {QUANT_CONFIG_FILE} nor "
-                              f"a 'quantization_config' entry in {HF_CONFIG_FILE}")
+    hf_config, raw, source = read_quant_config(root)
     qc = normalize_awq_config(raw, source)
-    tensors, origin = _read_tensors(root)
+    tensors, origin = read_tensors(root)
     if any(k.endswith(".g_idx") for k in tensors):
         key = next(k for k in tensors if k.endswith(".g_idx"))
         raise CheckpointError(f"{origin[key]}: tensor '{key}' is a GPTQ tensor, but {source} "
@@ -176,12 +164,9 @@ def load_awq_checkpoint(path: str | os.PathLike) -> GPTQCheckpoint:
     if not modules:
         raise CheckpointError(f"{root}: no quantized modules found (no '<module>.qweight' "
                               "tensors)")
-    arch = None
-    if hf_config is not None and hf_config.get("architectures"):
-        arch = str(hf_config["architectures"][0])
     return GPTQCheckpoint(path=root, quant_config=qc, modules=modules,
                           other={k: v for k, v in tensors.items() if k not in claimed},
-                          hf_config=hf_config, architecture=arch)
+                          hf_config=hf_config, architecture=architecture_of(hf_config))
 
 
 #: (producer, consumer) components whose scales AWQ folds from one into the other when their

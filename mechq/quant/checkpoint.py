@@ -95,7 +95,8 @@ class GPTQCheckpoint:
         )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; :class:`CheckpointError` naming the file if it is not one."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -194,11 +195,37 @@ def module_config(name: str, qc: Mapping[str, Any], source: str) -> dict[str, An
                 desc_act=bool(cfg["desc_act"]))
 
 
-def _read_tensors(root: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+
+def read_quant_config(root: Path) -> tuple[dict[str, Any] | None, dict[str, Any], str]:
+    """``(hf_config or None, raw quantization config, the file it came from)`` of a checkpoint
+    directory: ``quantize_config.json`` (GPTQModel, AutoAWQ) first, else ``config.json``'s
+    ``quantization_config`` entry (transformers, llm-compressor)."""
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint directory")
+    hf_path = root / HF_CONFIG_FILE
+    hf_config = read_json(hf_path) if hf_path.exists() else None
+    qc_path = root / QUANT_CONFIG_FILE
+    if qc_path.exists():
+        return hf_config, read_json(qc_path), str(qc_path)
+    if hf_config is not None and isinstance(hf_config.get("quantization_config"), dict):
+        return hf_config, hf_config["quantization_config"], f"{hf_path} (quantization_config)"
+    raise CheckpointError(f"{root}: no quantization config: neither {QUANT_CONFIG_FILE} nor a "
+                          f"'quantization_config' entry in {HF_CONFIG_FILE}")
+
+
+def architecture_of(hf_config: dict[str, Any] | None) -> str | None:
+    """The first of ``config.json``'s ``architectures`` (``"LlamaForCausalLM"``), if any."""
+    if hf_config and hf_config.get("architectures"):
+        return str(hf_config["architectures"][0])
+    return None
+
+def read_tensors(root: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every tensor of a checkpoint directory (one file or shards with an index) and the file
+    each came from."""
     files = sorted(root.glob("*.safetensors"))
     index = root / INDEX_FILE
     if index.exists():
-        weight_map = _read_json(index).get("weight_map") or {}
+        weight_map = read_json(index).get("weight_map") or {}
         missing = sorted({f for f in weight_map.values() if not (root / f).exists()})
         if missing:
             raise CheckpointError(f"{index}: lists shard(s) {missing} that are not in {root}")
@@ -293,24 +320,11 @@ def load_gptq_checkpoint(path: str | os.PathLike) -> GPTQCheckpoint:
     skip, or a checkpoint without quantized modules.
     """
     root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: not a checkpoint directory")
-    hf_path = root / HF_CONFIG_FILE
-    hf_config = _read_json(hf_path) if hf_path.exists() else None
-    qc_path = root / QUANT_CONFIG_FILE
-    if qc_path.exists():
-        raw, source = _read_json(qc_path), str(qc_path)
-    elif hf_config is not None and isinstance(hf_config.get("quantization_config"), dict):
-        raw, source = hf_config["quantization_config"], f"{hf_path} (quantization_config)"
-    else:
-        raise CheckpointError(
-            f"{root}: no quantization config: neither {QUANT_CONFIG_FILE} nor a "
-            f"'quantization_config' entry in {HF_CONFIG_FILE}"
-        )
+    hf_config, raw, source = read_quant_config(root)
     qc = normalize_quant_config(raw, source)
     zero_offset = SUPPORTED_FORMATS[qc["checkpoint_format"]]
 
-    tensors, origin = _read_tensors(root)
+    tensors, origin = read_tensors(root)
     prefixes = sorted({k.rsplit(".", 1)[0] for k in tensors
                        if "." in k and k.rsplit(".", 1)[1] in PACKED_TENSORS})
     modules: dict[str, PackedLinear] = {}
@@ -349,16 +363,13 @@ def load_gptq_checkpoint(path: str | os.PathLike) -> GPTQCheckpoint:
         raise CheckpointError(
             f"{root}: no quantized modules found in {files} (no '<module>.qweight' tensors)"
         )
-    architecture = None
-    if hf_config is not None and hf_config.get("architectures"):
-        architecture = str(hf_config["architectures"][0])
     return GPTQCheckpoint(
         path=root,
         quant_config=qc,
         modules=modules,
         other={k: v for k, v in tensors.items() if k not in claimed},
         hf_config=hf_config,
-        architecture=architecture,
+        architecture=architecture_of(hf_config),
     )
 
 

@@ -102,8 +102,9 @@ from mechq.quant.checkpoint import (
     WEIGHTS_FILE,
     CheckpointError,
     GPTQCheckpoint,
-    _read_json,
-    _read_tensors,
+    architecture_of,
+    read_json,
+    read_tensors,
 )
 from mechq.quant.packing import SCALE_DTYPES, PackedLinear, packed_length, unpack_int
 from mechq.vocab import SUPPORTED_BITS
@@ -247,9 +248,9 @@ def _model_files(model, variant) -> tuple[dict[str, Any] | None, dict[str, Tenso
     if wrong:
         raise ValueError(f"Variant {variant.name!r} does not fit this model: {wrong[:3]}")
     src = models.source_of(model).hf_dir
-    hf_config = _read_json(src / HF_CONFIG_FILE)
+    hf_config = read_json(src / HF_CONFIG_FILE)
     hf_config.pop("quantization_config", None)
-    tensors, _ = _read_tensors(src)
+    tensors, _ = read_tensors(src)
     missing = [m for m in variant.modules if f"{m}.weight" not in tensors]
     if missing:
         raise ValueError(f"{src}: has no '{missing[0]}.weight'; its tensor names differ from "
@@ -514,7 +515,7 @@ def read_compressed_tensors(path: str | os.PathLike) -> GPTQCheckpoint:
     if not hf_path.exists():
         raise CheckpointError(f"{root}: no {HF_CONFIG_FILE} (compressed-tensors keeps its "
                               "quantization_config there)")
-    hf_config = _read_json(hf_path)
+    hf_config = read_json(hf_path)
     raw = hf_config.get("quantization_config")
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{hf_path}: no 'quantization_config' entry")
@@ -522,7 +523,7 @@ def read_compressed_tensors(path: str | os.PathLike) -> GPTQCheckpoint:
     groups = normalize_ct_config(raw, source)
     ignore = [str(i) for i in raw.get("ignore") or []]
 
-    tensors, origin = _read_tensors(root)
+    tensors, origin = read_tensors(root)
     names = sorted({k.rsplit(".", 1)[0] for k in tensors
                     if "." in k and k.rsplit(".", 1)[1] in REQUIRED})
     modules: dict[str, PackedLinear] = {}
@@ -573,14 +574,11 @@ def read_compressed_tensors(path: str | os.PathLike) -> GPTQCheckpoint:
         strategy=base["strategy"], actorder=base["actorder"],
         desc_act=bool(base["actorder"]) or g_idx_used, version=raw.get("version"),
         raw=dict(raw))
-    architecture = None
-    if hf_config.get("architectures"):
-        architecture = str(hf_config["architectures"][0])
     return GPTQCheckpoint(
         path=root,
         quant_config=quant_config,
         modules=modules,
         other={k: v for k, v in tensors.items() if k not in claimed},
         hf_config=hf_config,
-        architecture=architecture,
+        architecture=architecture_of(hf_config),
     )

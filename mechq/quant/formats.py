@@ -22,13 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mechq.quant.checkpoint import (
-    HF_CONFIG_FILE,
-    QUANT_CONFIG_FILE,
-    CheckpointError,
-    GPTQCheckpoint,
-    _read_json,
-)
+from mechq.quant.checkpoint import CheckpointError, GPTQCheckpoint, read_quant_config
 
 FORMATS: tuple[str, ...] = ("gptq", "awq", "compressed-tensors")
 #: the name stem of a variant read from each format (``awq-w4g64``, ``ct-w4g128``)
@@ -37,18 +31,8 @@ METHOD_OF: dict[str, str] = {"gptq": "gptq", "awq": "awq", "compressed-tensors":
 
 def quant_config(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     """The raw quantization config of a checkpoint directory and the file it came from."""
-    root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: not a checkpoint directory")
-    qc_path, hf_path = root / QUANT_CONFIG_FILE, root / HF_CONFIG_FILE
-    if qc_path.exists():
-        return _read_json(qc_path), str(qc_path)
-    if hf_path.exists():
-        hf = _read_json(hf_path)
-        if isinstance(hf.get("quantization_config"), dict):
-            return hf["quantization_config"], f"{hf_path} (quantization_config)"
-    raise CheckpointError(f"{root}: no quantization config: neither {QUANT_CONFIG_FILE} nor a "
-                          f"'quantization_config' entry in {HF_CONFIG_FILE}")
+    _, raw, source = read_quant_config(Path(path))
+    return raw, source
 
 
 def detect_format(path: str | os.PathLike) -> str:
