@@ -39,6 +39,7 @@ from mechq.quant.checkpoint import (
     CheckpointError,
     GPTQCheckpoint,
     architecture_of,
+    module_parts,
     read_quant_config,
     read_tensors,
 )
@@ -140,13 +141,9 @@ def load_awq_checkpoint(path: str | os.PathLike) -> GPTQCheckpoint:
         key = next(k for k in tensors if k.endswith(".g_idx"))
         raise CheckpointError(f"{origin[key]}: tensor '{key}' is a GPTQ tensor, but {source} "
                               "says AWQ; is the config from another checkpoint?")
-    prefixes = sorted({k.rsplit(".", 1)[0] for k in tensors
-                       if "." in k and k.rsplit(".", 1)[1] in AWQ_TENSORS})
     modules: dict[str, PackedLinear] = {}
     claimed: set[str] = set()
-    for name in prefixes:
-        parts = {p: tensors[f"{name}.{p}"] for p in (*AWQ_TENSORS, "bias")
-                 if f"{name}.{p}" in tensors}
+    for name, parts in module_parts(tensors, AWQ_TENSORS).items():
         missing = [p for p in AWQ_TENSORS if p not in parts]
         if missing:
             have = next(p for p in AWQ_TENSORS if p in parts)

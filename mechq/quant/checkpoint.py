@@ -219,6 +219,15 @@ def architecture_of(hf_config: dict[str, Any] | None) -> str | None:
         return str(hf_config["architectures"][0])
     return None
 
+
+def module_parts(tensors: dict[str, Tensor], packed: tuple[str, ...]) -> dict[str, dict[str, Tensor]]:
+    """The tensors of each quantized module, by module name (sorted): every ``<m>.<part>`` whose
+    part is one of ``packed``, plus ``<m>.bias`` when there is one."""
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors
+                    if "." in k and k.rsplit(".", 1)[1] in packed})
+    return {m: {p: tensors[f"{m}.{p}"] for p in (*packed, "bias") if f"{m}.{p}" in tensors}
+            for m in names}
+
 def read_tensors(root: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Every tensor of a checkpoint directory (one file or shards with an index) and the file
     each came from."""
@@ -325,13 +334,9 @@ def load_gptq_checkpoint(path: str | os.PathLike) -> GPTQCheckpoint:
     zero_offset = SUPPORTED_FORMATS[qc["checkpoint_format"]]
 
     tensors, origin = read_tensors(root)
-    prefixes = sorted({k.rsplit(".", 1)[0] for k in tensors
-                       if "." in k and k.rsplit(".", 1)[1] in PACKED_TENSORS})
     modules: dict[str, PackedLinear] = {}
     claimed: set[str] = set()
-    for name in prefixes:
-        parts = {p: tensors[f"{name}.{p}"] for p in (*PACKED_TENSORS, "bias")
-                 if f"{name}.{p}" in tensors}
+    for name, parts in module_parts(tensors, PACKED_TENSORS).items():
         missing = [p for p in PACKED_TENSORS if p not in parts]
         if missing:
             have = next(p for p in PACKED_TENSORS if p in parts)
