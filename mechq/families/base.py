@@ -87,6 +87,8 @@ class Family:
     def kv_cache_matches_hooks(self, cfg: HookedTransformerConfig) -> bool:
         """Whether ``hook_k`` / ``hook_v`` hold exactly what TransformerLens's KV cache stores
         (then a patched run may reuse the cached keys and values of unpatched positions).
-        Not so when keys/values are clipped or computed from split inputs."""
-        return (cfg.clip_qkv is None and not getattr(cfg, "use_attn_in", False)
+        Not so when keys/values are clipped, QK-normed (the cache holds the normed keys) or
+        computed from split inputs."""
+        return (cfg.clip_qkv is None and not cfg.use_qk_norm
+                and not getattr(cfg, "use_attn_in", False)
                 and not getattr(cfg, "use_split_qkv_input", False))
