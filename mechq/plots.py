@@ -493,3 +493,33 @@ def repair_pareto(table: pd.DataFrame, subset: str = "all",
                       xaxis_title="average bits per weight (linear modules)",
                       yaxis_title="accuracy (%)", template="plotly_white")
     return fig
+
+
+def architecture_curves(frame: pd.DataFrame, x: str = "depth", title: str | None = None,
+                        xaxis_title: str = "depth quantized, (k + 1) / L") -> go.Figure:
+    """Accuracy against relative depth, one line per model (paper Fig. 10 / Fig. 22 side by
+    side): ``frame`` is :attr:`mechq.architectures.Comparison.domino` or ``.single``."""
+    fig = go.Figure()
+    for name, g in frame.groupby("model", sort=False):
+        g = g.sort_values(x)
+        fig.add_trace(go.Scatter(
+            x=g[x], y=g["accuracy"], mode="lines+markers", name=f"{name} ({g['variant'].iloc[0]})",
+            error_y=dict(type="data", symmetric=False, array=g["ci_high"] - g["accuracy"],
+                         arrayminus=g["accuracy"] - g["ci_low"]),
+            hovertemplate=f"{name}<br>{x} %{{x:.2f}}<br>accuracy %{{y:.3f}}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title=xaxis_title, yaxis_title="accuracy",
+                      yaxis_range=[-0.02, 1.02], template="plotly_white")
+    return fig
+
+
+def architecture_bars(frame: pd.DataFrame, x: str, title: str | None = None) -> go.Figure:
+    """Accuracy per ``x`` (a component setting, a protection, a bit width), bars grouped by
+    model."""
+    fig = go.Figure()
+    for name, g in frame.groupby("model", sort=False):
+        fig.add_trace(go.Bar(x=g[x].astype(str), y=g["accuracy"], name=str(name),
+                             hovertemplate=f"{name}<br>%{{x}}<br>accuracy %{{y:.3f}}"
+                                           "<extra></extra>"))
+    fig.update_layout(title=title, barmode="group", yaxis_title="accuracy",
+                      yaxis_range=[0, 1.02], template="plotly_white")
+    return fig
