@@ -37,6 +37,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def private_cache(tmp_path_factory):
+    """Variants made in this test module go to a cache of their own (opt in per module)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MECHQ_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_w2(tiny):
     """An RTN 2-bit g128 variant of the tiny model (shared by several test modules)."""

@@ -16,14 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MECHQ_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
-@pytest.fixture(scope="module")
-def run(tiny, cache, tmp_path_factory):
+def run(tiny, private_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("arch")
     # the same model twice: two "families" whose frames must then agree row for row
     assert main(["compare-architectures", "--models", "tiny-gpt2", str(_tiny_dir()),

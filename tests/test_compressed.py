@@ -40,15 +40,7 @@ M = "transformer.h.1.mlp.c_fc"  # the module the bad-checkpoint tests break: (51
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """Variants made here go to a private cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MECHQ_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
-@pytest.fixture(scope="module")
-def written(tiny, cache, tmp_path_factory):
+def written(tiny, private_cache, tmp_path_factory):
     """Factory: (bits, group_size, sym) -> (RTN variant, its compressed-tensors directory)."""
     root = tmp_path_factory.mktemp("ct")
     made = {}
@@ -272,7 +264,7 @@ def test_desc_act_with_contiguous_groups_is_actorder_weight(written, tmp_path):
 
 
 @pytest.mark.slow
-def test_gptq_variant(tiny, cache, tmp_path):
+def test_gptq_variant(tiny, private_cache, tmp_path):
     """A GPTQModel variant (v1 zero points, float16 scales) round-trips too (~30-60 s)."""
     v = mechq.quantize(tiny, "gptq", bits=4, group_size=GS, n_samples=8, seq_len=24)
     path = write_compressed_tensors(v, tmp_path / "gptq", model=tiny)
@@ -293,7 +285,7 @@ def _with(v, **changes):
     return dataclasses.replace(v, **changes)
 
 
-def test_writer_refuses(tiny, written, cache, tmp_path):
+def test_writer_refuses(tiny, written, private_cache, tmp_path):
     v, _ = written(4, GS, True)
     v8, _ = written(8, 32, False)
     out = tmp_path / "x"
@@ -466,7 +458,7 @@ def test_old_three_bit_packing_is_named(written, tmp_path):
 # whole checkpoints: the CLI, and transformers reading what mechq wrote
 
 
-def test_cli_ct_out(tiny, written, cache, tmp_path, capsys):
+def test_cli_ct_out(tiny, written, private_cache, tmp_path, capsys):
     """`mechq quantize VARIANT --ct-out DIR` writes a checkpoint that reads back as the variant."""
     from mechq.cli import main
 
@@ -481,7 +473,7 @@ def test_cli_ct_out(tiny, written, cache, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_transformers_reads_it(smol, cache, tmp_path):
+def test_transformers_reads_it(smol, private_cache, tmp_path):
     """transformers loads mechq's compressed-tensors checkpoint of SmolLM2 (~30 s).
 
     transformers multiplies codes by the float16 scales in the model's float32, where mechq and

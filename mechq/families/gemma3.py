@@ -32,7 +32,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformerConfig
 
 from mechq.families.base import NormSite
-from mechq.families.llama import N_CTX_MAX, Llama
+from mechq.families.llama import Llama
 
 _ATTN_TYPE = {"sliding_attention": "local", "full_attention": "global"}
 
@@ -57,28 +57,13 @@ class Gemma3(Llama):
                 raise ValueError(f"Gemma 3 config uses rope_type {rope[kind]['rope_type']!r} for "
                                  f"{kind}; mechq carries only unscaled rotary positions")
         types = [_ATTN_TYPE[t] for t in hf_config.layer_types]
-        n_kv = hf_config.num_key_value_heads
         return HookedTransformerConfig(
-            d_model=hf_config.hidden_size,
-            d_head=hf_config.head_dim,
-            n_heads=hf_config.num_attention_heads,
-            n_key_value_heads=n_kv if n_kv != hf_config.num_attention_heads else None,
-            d_mlp=hf_config.intermediate_size,
-            n_layers=hf_config.num_hidden_layers,
-            n_ctx=min(hf_config.max_position_embeddings, N_CTX_MAX),
-            eps=hf_config.rms_norm_eps,
-            d_vocab=hf_config.vocab_size,
+            **self.shared_config(hf_config, hf_config.head_dim),
             act_fn=hf_config.hidden_activation,
-            normalization_type="RMS",
-            positional_embedding_type="rotary",
-            rotary_dim=hf_config.head_dim,
             rotary_base=float(rope["full_attention"]["rope_theta"]),
             rotary_base_local=float(rope["sliding_attention"]["rope_theta"]),
-            rotary_adjacent_pairs=False,
             use_attn_scale=True,
             attn_scale=math.sqrt(hf_config.query_pre_attn_scalar),
-            gated_mlp=True,
-            final_rms=True,
             use_normalization_before_and_after=True,
             use_qk_norm=True,
             use_local_attn="local" in types,

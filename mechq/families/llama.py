@@ -30,12 +30,26 @@ class Llama(Family):
         arch = hf_config.architectures[0]
         d_head = (getattr(hf_config, "head_dim", None)
                   or hf_config.hidden_size // hf_config.num_attention_heads)
-        n_kv = hf_config.num_key_value_heads
         rope = getattr(hf_config, "rope_parameters", None) or {}
         rotary_base = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
         window = getattr(hf_config, "sliding_window", None) if arch == "MistralForCausalLM" \
             else None
         return HookedTransformerConfig(
+            **self.shared_config(hf_config, d_head),
+            act_fn=hf_config.hidden_act,
+            rotary_base=float(rotary_base),
+            use_local_attn=bool(window),
+            window_size=window,
+            attn_types=["local"] * hf_config.num_hidden_layers if window else None,
+            device=device, dtype=dtype, original_architecture=arch,
+        )
+
+    @staticmethod
+    def shared_config(hf_config, d_head: int) -> dict:
+        """The HookedTransformerConfig fields every RMSNorm / rotary / gated-MLP decoder of this
+        lineage (Llama, Qwen2, Mistral, Gemma 3) reads the same way from its HF config."""
+        n_kv = hf_config.num_key_value_heads
+        return dict(
             d_model=hf_config.hidden_size,
             d_head=d_head,
             n_heads=hf_config.num_attention_heads,
@@ -45,18 +59,12 @@ class Llama(Family):
             n_ctx=min(hf_config.max_position_embeddings, N_CTX_MAX),
             eps=hf_config.rms_norm_eps,
             d_vocab=hf_config.vocab_size,
-            act_fn=hf_config.hidden_act,
             normalization_type="RMS",
             positional_embedding_type="rotary",
             rotary_dim=d_head,
-            rotary_base=float(rotary_base),
             rotary_adjacent_pairs=False,
             gated_mlp=True,
             final_rms=True,
-            use_local_attn=bool(window),
-            window_size=window,
-            attn_types=["local"] * hf_config.num_hidden_layers if window else None,
-            device=device, dtype=dtype, original_architecture=arch,
         )
 
     def state_dict(self, hf_model, cfg: HookedTransformerConfig) -> dict[str, Tensor]:
