@@ -17,8 +17,9 @@ measures the same things on any models mechq loads, with the same settings for e
   :data:`mechq.repair.PROTECT_K` layers at 8 bits, and kurtosis-ranked modules at 8 bits within the
   *same* estimated bit budget (:func:`mechq.protect.kurtosis_protection`), each quantized by GPTQ;
   accuracy on the held-out half of the facts (:func:`mechq.amplify.dev_heldout`) and on the
-  held-out facts FP knows. The **winner** is the protection with more held-out FP-known facts
-  right (a tie goes to neither);
+  held-out facts FP knows. The **winner** (:func:`protection_winner`) is the protection with
+  the most held-out FP-known facts right, if it beats both the other and the unprotected
+  baseline;
 - **diagnose** each cliff variant, and the **recommendation** that follows from the verdict and
   the measured winner (:func:`recommendation`).
 
@@ -58,7 +59,7 @@ class Comparison:
     (layer+1)/L); ``components``: accuracy per model × setting; ``protection``: per model ×
     protection, ``avg_bits``, held-out ``accuracy`` and ``fp_known_accuracy``; ``verdicts``: per
     model × variant, the verdict, its reason and the recommendation; ``winners``: per model, the
-    protection that won (``None`` on a tie)."""
+    protection that won (``None``: neither beat the baseline and the other)."""
 
     cliff: pd.DataFrame
     domino: pd.DataFrame
@@ -89,6 +90,15 @@ def protection_requests(model: HookedTransformer, bits: int = 3, group_size: int
             "kurtosis": replace(base, dynamic=kurt or None)}
 
 
+def protection_winner(protection: pd.DataFrame) -> str | None:
+    """The protection with the most held-out FP-known facts right, if it has strictly more than
+    both the other protection and the unprotected baseline; ``None`` otherwise."""
+    right = protection.set_index("protection")["fp_known_correct"]
+    best = max(("early-layers", "kurtosis"), key=lambda k: right[k])
+    other = "kurtosis" if best == "early-layers" else "early-layers"
+    return best if right[best] > max(right[other], right["baseline"]) else None
+
+
 def recommendation(verdict: str, winner: str | None) -> str:
     """What a verdict calls for (paper §4.3), with the protection measured to win on this model.
 
@@ -100,7 +110,7 @@ def recommendation(verdict: str, winner: str | None) -> str:
     if verdict == "signal_degradation":
         how = {"early-layers": f"protect the first {PROTECT_K} layers at {PROTECT_BITS} bits",
                "kurtosis": f"protect kurtosis-ranked modules at {PROTECT_BITS} bits"}
-        return how.get(winner or "", "protection (neither rule won here)")
+        return how.get(winner or "", "neither protection beat the unprotected variant here")
     if verdict == "computation_collapse":
         return "no training-free repair: more bits"
     return "fix the checkpoint reader"
@@ -159,9 +169,7 @@ def compare_one(name: str, model: HookedTransformer, facts: FactSet | None = Non
                          fp_known_accuracy=float(known["correct"].mean()),
                          fp_known_n=len(known), fp_known_correct=int(known["correct"].sum())))
     protection = pd.DataFrame(rows)
-    early, kurt = (protection.set_index("protection").loc[k, "fp_known_correct"]
-                   for k in ("early-layers", "kurtosis"))
-    winner = None if early == kurt else ("early-layers" if early > kurt else "kurtosis")
+    winner = protection_winner(protection)
 
     diags = diagnose_many(model, list(cliff_vs.values()), facts, n_facts=n_facts,
                           batch_size=batch_size)
@@ -207,7 +215,7 @@ def contrast_table(c: Comparison, depths: Sequence[float] = (0.1, 0.25, 0.5)) ->
         comp = c.components[(c.components["model"] == model)
                             & (c.components["setting"] != "All")].sort_values("accuracy")
         row["most damaging component"] = comp["setting"].iloc[0]
-        row["protection winner"] = c.winners.get(model) or "tie"
+        row["protection winner"] = c.winners.get(model) or "neither"
         for _, r in c.verdicts[c.verdicts["model"] == model].iterrows():
             row[f"verdict w{int(r['bits'])}"] = r["verdict"]
         rows.append(row)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mechq.architectures import PROTECTIONS, protection_requests, recommendation
+from mechq.architectures import (PROTECTIONS, protection_requests, protection_winner,
+                                 recommendation)
 from mechq.cli import main
 from mechq.protect import estimated_bits
 
@@ -74,20 +75,32 @@ def test_protections_share_a_budget(run, tiny):
 
 def test_winner_and_recommendations(run):
     frames = run[0]
-    prot = frames["protection"][frames["protection"].model == "tiny-gpt2"].set_index("protection")
-    early, kurt = prot.loc["early-layers", "fp_known_correct"], prot.loc["kurtosis",
-                                                                         "fp_known_correct"]
-    winner = None if early == kurt else ("early-layers" if early > kurt else "kurtosis")
+    prot = frames["protection"][frames["protection"].model == "tiny-gpt2"]
+    winner = protection_winner(prot)
+    right = prot.set_index("protection")["fp_known_correct"]
+    if winner is not None:  # it beats both the other protection and the baseline
+        assert all(right[winner] > right[k] for k in PROTECTIONS if k != winner)
     contrast = frames["contrast"].set_index("model")
-    assert contrast.loc["tiny-gpt2", "protection winner"] == (winner or "tie")
+    assert contrast.loc["tiny-gpt2", "protection winner"] == (winner or "neither")
     for _, r in frames["verdicts"].iterrows():
         assert r["recommendation"] == recommendation(r["verdict"], winner)
+
+
+def test_protection_winner_needs_to_beat_the_baseline():
+    def frame(base, early, kurt):
+        return pd.DataFrame(dict(protection=list(PROTECTIONS), fp_known_correct=[base, early,
+                                                                                 kurt]))
+
+    assert protection_winner(frame(9, 33, 40)) == "kurtosis"
+    assert protection_winner(frame(9, 40, 33)) == "early-layers"
+    assert protection_winner(frame(31, 19, 27)) is None   # the baseline beats both
+    assert protection_winner(frame(9, 33, 33)) is None    # a tie
 
 
 def test_recommendation_follows_the_verdict():
     assert recommendation("healthy", "kurtosis") == "none needed"
     assert "first 2 layers" in recommendation("signal_degradation", "early-layers")
     assert "kurtosis" in recommendation("signal_degradation", "kurtosis")
-    assert "neither" in recommendation("signal_degradation", None)
+    assert "neither protection beat" in recommendation("signal_degradation", None)
     assert recommendation("computation_collapse", "kurtosis").startswith("no training-free")
     assert "reader" in recommendation("format_bug", None)
