@@ -38,7 +38,6 @@ from transformer_lens import HookedTransformer
 from mechq import protect
 from mechq.amplify import dev_heldout
 from mechq.facts import FactSet, bundled_facts
-from mechq.quant import layout
 from mechq.quant.quantize import Request, quantize_many
 from mechq.recall import accuracy, evaluate_recall
 from mechq.repair import PROTECT_BITS, PROTECT_K
@@ -82,8 +81,8 @@ def protection_requests(model: HookedTransformer, bits: int = 3, group_size: int
     :data:`PROTECT_BITS` bits filling the budget the early-layer rule spends. ``calibration``:
     :class:`~mechq.quant.quantize.Request` fields (``n_samples``, ``seq_len``, ``seed``)."""
     early = protect.early_layers(model, k=PROTECT_K, high=PROTECT_BITS)
-    early_mods = {s.module: PROTECT_BITS for s in layout.sites(model.cfg) if s.layer < PROTECT_K}
-    budget = protect.estimated_bits(model, bits, group_size, early_mods)
+    budget = protect.estimated_bits(model, bits, group_size,
+                                    protect.early_modules(model, PROTECT_K, PROTECT_BITS))
     kurt = protect.kurtosis_protection(model, bits, budget, group_size, PROTECT_BITS)
     base = Request("gptq", bits, group_size, **calibration)
     return {"baseline": base, "early-layers": replace(base, dynamic=early),

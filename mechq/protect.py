@@ -59,12 +59,17 @@ def estimated_bits(model: HookedTransformer, bits: int, group_size: int,
     return total / n
 
 
+def early_modules(model: HookedTransformer, k: int, high: int = 8) -> dict[str, int]:
+    """Every linear module of layers ``0 … k−1``, mapped to ``high`` bits (in layout order; the
+    ``high`` argument of :func:`estimated_bits`)."""
+    return {s.module: high for s in layout.sites(model.cfg) if s.layer < k}
+
+
 def early_layers(model: HookedTransformer, k: int = 2, high: int = 8) -> dict:
     """``dynamic`` putting every linear module of layers ``0 … k−1`` at ``high`` bits."""
     if not 0 < k <= model.cfg.n_layers:
         raise ValueError(f"k must lie in 1 … {model.cfg.n_layers}, got {k}.")
-    mods = [s.module for s in layout.sites(model.cfg) if s.layer < k]
-    return {_rule(list(dict.fromkeys(mods))): {"bits": high}}
+    return {_rule(list(early_modules(model, k, high))): {"bits": high}}
 
 
 def kurtosis_ranking(model: HookedTransformer) -> pd.DataFrame:

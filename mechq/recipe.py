@@ -35,7 +35,6 @@ from transformer_lens import HookedTransformer
 
 from mechq import amplify, models, protect
 from mechq.facts import FactSet, bundled_facts
-from mechq.quant import layout
 from mechq.quant.quantize import Request, quantize_many
 from mechq.quant.variants import Variant
 from mechq.recall import evaluate_recall, subset_labels
@@ -45,7 +44,7 @@ HIGH_BITS = 8
 
 
 def _fits(model: HookedTransformer, base: Request, budget: float, k: int) -> bool:
-    mods = {s.module: HIGH_BITS for s in layout.sites(model.cfg) if s.layer < k}
+    mods = protect.early_modules(model, k, HIGH_BITS)
     return protect.estimated_bits(model, base.bits, base.group_size, mods) <= budget
 
 
