@@ -6,8 +6,8 @@ curve falls within the first layers, and protecting the first layers repairs the
 Gemma degrade uniformly (kurtosis-ranked protection repairs them). :func:`compare_architectures`
 measures the same things on any models mechq loads, with the same settings for each:
 
-- **cliff**: GPTQ at :data:`CLIFF_BITS` (group size 128, default calibration), first-token
-  recall on all facts;
+- **cliff**: GPTQ at :data:`CLIFF_BITS` (group size 128, default calibration; ``method="rtn"``
+  gives a calibration-free contrast in seconds, for teaching), first-token recall on all facts;
 - on ``n_facts`` facts each FP model answers correctly (:func:`mechq.verdict.fp_correct_sample`,
   its own sample per model), with the variant at ``sweep_bits`` (default 2, where recall dies):
   the **first-domino** curve (layers ``0 … k`` quantized), the **single-layer** sweep (only layer
@@ -30,7 +30,8 @@ paper's 8B; the contrast measured on them is a property of these small models fi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import pandas as pd
 from transformer_lens import HookedTransformer
@@ -73,18 +74,44 @@ class Comparison:
                     components=self.components, protection=self.protection,
                     verdicts=self.verdicts)
 
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write each frame as ``architectures_<frame>.csv`` (what ``mechq
+        compare-architectures`` writes) and return the paths."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for key, frame in self.frames().items():
+            paths.append(folder / f"architectures_{key}.csv")
+            frame.to_csv(paths[-1], index=False)
+        return paths
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Comparison:
+        """Read back what :meth:`save` wrote; the winners are recomputed from ``protection``."""
+        folder = Path(folder)
+        names = [f.name for f in fields(cls) if f.name != "winners"]
+        missing = [n for n in names if not (folder / f"architectures_{n}.csv").exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder} lacks architectures_{{{','.join(missing)}}}.csv: write them with "
+                "`mechq compare-architectures --out` or Comparison.save.")
+        frames = {n: pd.read_csv(folder / f"architectures_{n}.csv") for n in names}
+        winners = {m: protection_winner(g) for m, g in
+                   frames["protection"].groupby("model", sort=False)}
+        return cls(**frames, winners=winners)
+
 
 def protection_requests(model: HookedTransformer, bits: int = 3, group_size: int = 128,
-                        **calibration) -> dict[str, Request]:
-    """The base GPTQ request and its two protections at one bit budget: the first
-    :data:`PROTECT_K` layers at :data:`PROTECT_BITS` bits, and kurtosis-ranked modules at
-    :data:`PROTECT_BITS` bits filling the budget the early-layer rule spends. ``calibration``:
+                        method: str = "gptq", **calibration) -> dict[str, Request]:
+    """The base request (``method``: gptq or rtn) and its two protections at one bit budget:
+    the first :data:`PROTECT_K` layers at :data:`PROTECT_BITS` bits, and kurtosis-ranked modules
+    at :data:`PROTECT_BITS` bits filling the budget the early-layer rule spends. ``calibration``:
     :class:`~mechq.quant.quantize.Request` fields (``n_samples``, ``seq_len``, ``seed``)."""
     early = protect.early_layers(model, k=PROTECT_K, high=PROTECT_BITS)
     budget = protect.estimated_bits(model, bits, group_size,
                                     protect.early_modules(model, PROTECT_K, PROTECT_BITS))
     kurt = protect.kurtosis_protection(model, bits, budget, group_size, PROTECT_BITS)
-    base = Request("gptq", bits, group_size, **calibration)
+    base = Request(method, bits, group_size, **calibration)
     return {"baseline": base, "early-layers": replace(base, dynamic=early),
             "kurtosis": replace(base, dynamic=kurt or None)}
 
@@ -115,6 +142,19 @@ def recommendation(verdict: str, winner: str | None) -> str:
     return "fix the checkpoint reader"
 
 
+def check_settings(bits: Sequence[int], sweep_bits: int, protect_bits: int,
+                   method: str = "gptq") -> None:
+    """Raise ``ValueError`` before any work if the settings cannot make a comparison."""
+    if method not in ("gptq", "rtn"):
+        raise ValueError(f"compare_architectures quantizes with gptq or rtn, not {method!r}.")
+    if sweep_bits not in bits or protect_bits not in bits:
+        raise ValueError(f"sweep_bits ({sweep_bits}) and protect_bits ({protect_bits}) must be "
+                         f"among the cliff's bits {list(bits)}")
+    if protect_bits >= PROTECT_BITS:
+        raise ValueError(f"protect_bits ({protect_bits}) must be below the {PROTECT_BITS} bits "
+                         "protected modules get.")
+
+
 def _depth(df: pd.DataFrame, col: str, n_layers: int) -> pd.DataFrame:
     return df.assign(depth=(df[col] + 1) / n_layers)
 
@@ -122,17 +162,18 @@ def _depth(df: pd.DataFrame, col: str, n_layers: int) -> pd.DataFrame:
 def compare_one(name: str, model: HookedTransformer, facts: FactSet | None = None, *,
                 bits: Sequence[int] = CLIFF_BITS, sweep_bits: int = 2, protect_bits: int = 3,
                 n_facts: int = N_FACTS, batch_size: int = 32, progress: bool = True,
-                **calibration) -> Comparison:
+                method: str = "gptq", **calibration) -> Comparison:
     """Every measurement of the module docstring on one model (``name`` fills ``model``).
     ``bits``: the cliff's widths, which must include ``sweep_bits`` and ``protect_bits``;
-    ``calibration``: Request fields for every GPTQ run (default: mechq's default calibration)."""
+    ``method``: gptq (the paper's) or rtn; ``calibration``: Request fields for every GPTQ run
+    (default: mechq's default calibration)."""
     facts = bundled_facts() if facts is None else facts
     bits = tuple(bits)
-    if sweep_bits not in bits or protect_bits not in bits:
-        raise ValueError(f"sweep_bits ({sweep_bits}) and protect_bits ({protect_bits}) must be "
-                         f"among the cliff's bits {list(bits)}")
-    prot = protection_requests(model, protect_bits, **calibration)
-    reqs = [Request("gptq", b, 128, **calibration) for b in bits] + [prot["early-layers"],
+    check_settings(bits, sweep_bits, protect_bits, method)
+    if method == "rtn" and calibration:
+        raise ValueError(f"RTN takes no calibration; got {sorted(calibration)}.")
+    prot = protection_requests(model, protect_bits, method=method, **calibration)
+    reqs = [Request(method, b, 128, **calibration) for b in bits] + [prot["early-layers"],
                                                                      prot["kurtosis"]]
     made = quantize_many(model, reqs, progress=progress)
     cliff_vs = dict(zip(bits, made[:len(bits)]))
@@ -186,6 +227,8 @@ def compare_architectures(models: Mapping[str, HookedTransformer], facts: FactSe
     """:func:`compare_one` for each model, frames concatenated (module docstring)."""
     if len(models) < 1:
         raise ValueError("compare_architectures needs at least one model.")
+    check_settings(tuple(kw.get("bits", CLIFF_BITS)), kw.get("sweep_bits", 2),
+                   kw.get("protect_bits", 3), kw.get("method", "gptq"))
     parts = [compare_one(name, m, facts, **kw) for name, m in models.items()]
     frames = {k: pd.concat([p.frames()[k] for p in parts], ignore_index=True)
               for k in parts[0].frames()}

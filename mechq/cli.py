@@ -197,7 +197,7 @@ def cmd_report(args) -> int:
                        seed_bits=args.seed_bits,
                        max_facts=args.max_facts, batch_size=args.batch_size, device=args.device,
                        verbose=args.verbose, diagnose=not args.no_diagnose, awq=args.awq,
-                       **_calib_kw(args))
+                       compare_with=args.compare_with, **_calib_kw(args))
     print("\n" + res.summary.split("\n", 2)[2].strip())
     return 0
 
@@ -508,11 +508,13 @@ def cmd_compare_architectures(args) -> int:
     """Two (or more) model families side by side: cliff, first domino, single layers,
     components, which protection wins, and what diagnose recommends (paper Fig. 10, Fig. 22)."""
     import mechq
-    from mechq import plots
-    from mechq.architectures import compare_architectures, contrast_table
+    from mechq.architectures import check_settings, compare_architectures
     from mechq.facts import load_fact_source
     from mechq.html_report import Report
+    from mechq.report import architecture_section, architecture_setting
 
+    check_settings(tuple(args.bits), args.sweep_bits, args.protect_bits, args.method)
+    t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     facts = load_fact_source(args.facts, args.max_facts, args.seed)
@@ -525,32 +527,31 @@ def cmd_compare_architectures(args) -> int:
              if v is not None}
     c = compare_architectures(models, facts, bits=args.bits, sweep_bits=args.sweep_bits,
                               protect_bits=args.protect_bits, n_facts=args.n_facts,
-                              batch_size=args.batch_size, **calib)
-    for key, frame in c.frames().items():
-        frame.to_csv(out / f"architectures_{key}.csv", index=False)
-    table = contrast_table(c)
-    table.to_csv(out / "architectures_contrast.csv", index=False)
+                              batch_size=args.batch_size, method=args.method, **calib)
+    c.save(out)
     rep = Report("mechq compare-architectures — " + " vs ".join(args.models))
-    rep.heading("The contrast, measured")
-    rep.text(f"GPTQ g128 with the default calibration. Sweeps at {args.sweep_bits} bits on "
-             f"{args.n_facts} facts each FP model knows; protections at {args.protect_bits} "
-             "bits, accuracy on the held-out half of the facts. Models of 135M-270M "
-             "parameters, not the paper's 8B.", note=True)
-    rep.table(table)
-    rep.figure(plots.architecture_bars(c.cliff, "variant", "The cliff: recall per bit width"))
-    rep.figure(plots.architecture_curves(c.domino, title="First domino: layers 0…k quantized "
-                                                         "(paper Fig. 10)"))
-    rep.figure(plots.architecture_curves(c.single, title="Single layer quantized (paper Fig. 22)",
-                                         xaxis_title="layer depth, (l + 1) / L"))
-    rep.figure(plots.architecture_bars(c.components, "setting", "Component sensitivity"))
-    rep.heading("Protection at the same bit budget")
-    rep.table(c.protection)
-    rep.heading("What diagnose says, and recommends")
-    rep.table(c.verdicts)
+    table = architecture_section(rep, c, architecture_setting(args.method, args.sweep_bits,
+                                                              args.protect_bits, args.n_facts))
+    table.to_csv(out / "architectures_contrast.csv", index=False)
     path = rep.write(out / "architectures.html")
+    _write_run_record(out / "architectures_run.json", args, time.perf_counter() - t0)
     print(table.T.to_string())
     print(f"wrote {path} and architectures_*.csv")
     return 0
+
+
+def _write_run_record(path: Path, args, seconds: float) -> None:
+    """How a result folder was made: the command's settings, mechq's version, the machine and
+    how long it took (so a saved result can say where it came from)."""
+    import json
+
+    from mechq import __version__
+    from mechq.report import machine_description
+
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    path.write_text(json.dumps(dict(command=f"mechq {args.command}", settings=settings,
+                                    mechq=__version__, machine=machine_description(),
+                                    minutes=round(seconds / 60, 1)), indent=1) + "\n")
 
 
 def cmd_quantize(args) -> int:
@@ -621,6 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the extra calibration seeds only to these bit widths")
     p.add_argument("--no-diagnose", action="store_true",
                    help="skip the verdicts (about a minute per bit width on SmolLM2, 2 cores)")
+    p.add_argument("--compare-with", default=None, metavar="MODEL",
+                   help="add the architecture contrast with another model (e.g. gemma-3-270m): "
+                        "what compare-architectures measures, as a section of the report "
+                        "(needs 3 and 2 among --bits; about an hour on 2 cores for SmolLM2 vs "
+                        "Gemma with GPTQ)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("cliff", help="recall of FP vs bit widths (paper Fig. 1)")
     _common(p)
@@ -719,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="width the two protections are compared at")
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2],
                    help="the cliff's widths (must include --sweep-bits and --protect-bits)")
+    p.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
+                   help="gptq (the paper's; default) or rtn (no calibration: minutes, not an "
+                        "hour, and a different contrast)")
     p.add_argument("--calib-samples", type=int, default=None,
                    help=f"GPTQ calibration sequences (default {N_SAMPLES})")
     p.add_argument("--calib-len", type=int, default=None,

@@ -63,6 +63,41 @@ def machine_description() -> str:
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
+def architecture_section(rep, c, setting: str, number: str = "") -> pd.DataFrame:
+    """Add the architecture contrast (:class:`mechq.architectures.Comparison` ``c``) to the
+    :class:`~mechq.html_report.Report` ``rep``: the contrast table, the cliff, first-domino,
+    single-layer and component figures, the protections and the verdicts. ``setting`` says how it
+    was measured; ``number`` prefixes the headings. Returns the contrast table."""
+    from mechq import plots
+    from mechq.architectures import contrast_table
+
+    table = contrast_table(c)
+    pre = f"{number} " if number else ""
+    rep.heading(f"{pre}The architecture contrast, measured (paper Fig. 10, Fig. 22)")
+    rep.text(setting + " Models of 135M-270M parameters, not the paper's 8B: the contrast is "
+             "a property of these models first.", note=True)
+    rep.table(table)
+    rep.figure(plots.architecture_bars(c.cliff, "variant", "The cliff: recall per bit width"))
+    rep.figure(plots.architecture_curves(c.domino, title="First domino: layers 0…k quantized "
+                                                         "(paper Fig. 10)"))
+    rep.figure(plots.architecture_curves(c.single, title="Single layer quantized (paper Fig. 22)",
+                                         xaxis_title="layer depth, (l + 1) / L"))
+    rep.figure(plots.architecture_bars(c.components, "setting", "Component sensitivity"))
+    rep.heading(f"{pre}Protection at the same bit budget")
+    rep.table(c.protection)
+    rep.heading(f"{pre}What diagnose says, and recommends")
+    rep.table(c.verdicts)
+    return table
+
+
+def architecture_setting(method: str, sweep_bits: int, protect_bits: int, n_facts: int) -> str:
+    """The sentence that says how a comparison was measured."""
+    how = ("GPTQ g128 with the default calibration" if method == "gptq"
+           else f"{method.upper()} g128 (no calibration)")
+    return (f"{how}. Sweeps at {sweep_bits} bits on up to {n_facts} facts each FP model knows; "
+            f"protections at {protect_bits} bits, accuracy on the held-out half of the facts.")
+
+
 def report(
     model="smollm2-135m",
     facts: FactSet | str = "bundled",
@@ -83,6 +118,7 @@ def report(
     verbose: bool = False,
     diagnose: bool = True,
     awq: bool = False,
+    compare_with=None,
     echo: Callable[[str], None] | None = None,
 ) -> ReportResult:
     """Run the main job and write ``report.html``, ``summary.md``, figures and frames to ``out``.
@@ -95,7 +131,11 @@ def report(
     ``diagnose`` the report opens with :func:`mechq.diagnose`'s verdict on each width's
     seed-0 variant, with the evidence side by side. ``awq`` adds an AWQ w4 variant (GPTQModel,
     the model's default AWQ group size) on the same calibration: a row in the cliff, a verdict,
-    and a GPTQ-vs-AWQ section. ``echo`` receives the one-line stage messages (default: print to
+    and a GPTQ-vs-AWQ section. ``compare_with`` (a model name, or a mapping of names to loaded
+    models) adds the architecture contrast of this model with those
+    (:func:`mechq.architectures.compare_architectures`, with this report's method, bits and
+    calibration; it needs 2 and 3 among ``bits``): a section of the report and
+    ``architectures_*.csv``. ``echo`` receives the one-line stage messages (default: print to
     stdout).
     """
     from mechq import models, plots
@@ -112,7 +152,11 @@ def report(
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    n_stages = 6 if diagnose else 5
+    n_stages = (6 if diagnose else 5) + (compare_with is not None)
+    if compare_with is not None:
+        from mechq.architectures import check_settings
+
+        check_settings(tuple(bits), 2, 3, method)  # before any work
 
     def stage(i: int, text: str) -> None:
         echo(f"[{i}/{n_stages}] {text}")
@@ -260,6 +304,31 @@ def report(
             ["subset", "variant", "layer", "mean_prob", "median_rank", "top1_share", "n"]])
     else:
         stage(n_stages - 1, "figures (no logit lens: it needs a 4-bit variant to define Robust / Failure)")
+
+    if compare_with is not None:
+        from mechq.architectures import compare_architectures
+
+        others = ({compare_with: None} if isinstance(compare_with, str) else dict(compare_with))
+        if name in others:
+            raise ValueError(f"compare_with names the report's own model {name!r}.")
+        stage(n_stages - 1, f"architecture contrast: {name} vs {', '.join(others)}")
+        t = time.perf_counter()
+        loaded = {name: model, **{k: m if m is not None else models.load_model(k, device=device)
+                                  for k, m in others.items()}}
+        calib_kw = ({k: v for k, v in dict(calibration=calibration, n_samples=n_samples,
+                                           seq_len=seq_len).items() if v is not None}
+                    if method == "gptq" else {})
+        comp = compare_architectures(loaded, fs, bits=bits, method=method,
+                                     batch_size=min(batch_size, 32), progress=progress,
+                                     **calib_kw)
+        comp.save(out)
+        contrast = architecture_section(
+            rep, comp, architecture_setting(method, 2, 3, N_FACTS), number="4.")
+        contrast.to_csv(out / "architectures_contrast.csv", index=False)
+        frames["architectures_contrast"] = contrast
+        echo("      winners: " + "; ".join(f"{k}: {w or 'neither'}"
+                                          for k, w in comp.winners.items())
+             + f" ({time.perf_counter() - t:.0f} s)")
 
     seconds = time.perf_counter() - t0
     summary = "\n".join([

@@ -5,11 +5,13 @@ from `mechq compare-architectures`, as the README says; too slow for the suite.)
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
-from mechq.architectures import (PROTECTIONS, protection_requests, protection_winner,
-                                 recommendation)
+from mechq.architectures import (PROTECTIONS, Comparison, check_settings, contrast_table,
+                                 protection_requests, protection_winner, recommendation)
 from mechq.cli import main
 from mechq.protect import estimated_bits
 
@@ -41,6 +43,9 @@ def test_frames_cover_both_models(run):
     for key, f in frames.items():
         assert list(dict.fromkeys(f["model"])) == names, key
     assert (out / "architectures.html").stat().st_size > 10_000
+    record = json.loads((out / "architectures_run.json").read_text())
+    assert record["command"] == "mechq compare-architectures"
+    assert record["settings"]["n_facts"] == 16 and "GFLOP/s" in record["machine"]
     cliff = frames["cliff"]
     assert sorted(cliff.loc[cliff.model == "tiny-gpt2", "variant"]) == [
         "fp", "gptq-w2g128", "gptq-w4g128"]
@@ -104,3 +109,57 @@ def test_recommendation_follows_the_verdict():
     assert "neither protection beat" in recommendation("signal_degradation", None)
     assert recommendation("computation_collapse", "kurtosis").startswith("no training-free")
     assert "reader" in recommendation("format_bug", None)
+
+
+def test_saved_comparison_reads_back(run):
+    frames, out = run
+    c = Comparison.load(out)
+    for key, frame in c.frames().items():
+        pd.testing.assert_frame_equal(frame, frames[key])
+    # the winners come back from the protection frame; the contrast table is rebuilt from them
+    table = contrast_table(c)
+    assert table["protection winner"].tolist() == frames["contrast"]["protection winner"].tolist()
+    (out / "architectures_single.csv").rename(out / "single.csv")
+    try:
+        with pytest.raises(FileNotFoundError, match="architectures_{single}"):
+            Comparison.load(out)
+    finally:
+        (out / "single.csv").rename(out / "architectures_single.csv")
+
+
+def test_settings_are_checked_before_any_work():
+    check_settings((4, 3, 2), 2, 3)
+    with pytest.raises(ValueError, match="among the cliff's bits"):
+        check_settings((4, 2), 2, 3)
+    with pytest.raises(ValueError, match="below the 8 bits"):
+        check_settings((8, 2), 2, 8)
+    with pytest.raises(ValueError, match="gptq or rtn"):
+        check_settings((4, 3, 2), 2, 3, method="awq")
+    with pytest.raises(SystemExit, match="among the cliff's bits") as e:
+        main(["compare-architectures", "--models", "no-such-model", "--bits", "4", "2",
+              "--protect-bits", "3"])  # refused before the (unknown) model is looked for
+    assert "compare-architectures" in str(e.value)
+
+
+def test_report_section_with_rtn(tiny, tmp_path):
+    """`mechq report --compare-with`: the same contrast as a section of the main report; here
+    RTN (no calibration) on the tiny model and itself under a second name."""
+    import mechq
+
+    with pytest.raises(ValueError, match="own model"):
+        mechq.report(tiny, max_facts=8, out=tmp_path, method="rtn", bits=(3, 2),
+                     compare_with={"tiny-gpt2": tiny}, progress=False)
+    res = mechq.report("tiny-gpt2", max_facts=40, out=tmp_path, method="rtn", bits=(4, 3, 2),
+                       compare_with={"again": tiny}, progress=False, echo=lambda s: None)
+    contrast = res.frames["architectures_contrast"]
+    assert contrast["model"].tolist() == ["tiny-gpt2", "again"]
+    assert contrast.drop(columns="model").iloc[0].equals(contrast.drop(columns="model").iloc[1])
+    html = (tmp_path / "report.html").read_text()
+    assert html.index("Logit lens") < html.index("The architecture contrast, measured")
+    assert "RTN g128 (no calibration)" in html
+    c = Comparison.load(tmp_path)
+    assert set(c.cliff["variant"]) == {"fp", "rtn-w4g128", "rtn-w3g128", "rtn-w2g128"}
+    # the section's cliff is the report's own cliff, measured again on the same facts
+    acc = pd.read_csv(tmp_path / "accuracy.csv").set_index("variant")["accuracy"]
+    mine = c.cliff[c.cliff.model == "tiny-gpt2"].set_index("variant")["accuracy"]
+    assert mine.to_dict() == pytest.approx(acc.to_dict(), abs=1e-12)  # same floats
