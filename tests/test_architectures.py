@@ -1,7 +1,9 @@
 """The architecture contrast (mechq.architectures, `mechq compare-architectures`) end to end on
-the tiny GPT-2 under two names, with a small GPTQ calibration: the frames, their depth axis, the
-protections' budgets, the winner and the recommendations. (The SmolLM2 vs Gemma numbers come
-from `mechq compare-architectures`, as the README says; too slow for the suite.)"""
+the tiny GPT-2 under two names, with RTN (GPTQ would add eight GPTQModel child processes, about
+two minutes, for a path that differs only in the Request's method; GPTQ with `dynamic` rules is
+tested in test_dynamic and test_recipe): the frames, their depth axis, the protections'
+budgets, the winner and the recommendations. (The SmolLM2 vs Gemma numbers come from `mechq
+compare-architectures`, as the README says; too slow for the suite.)"""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import json
 import pandas as pd
 import pytest
 
-from mechq.architectures import (PROTECTIONS, Comparison, check_settings, contrast_table,
-                                 protection_requests, protection_winner, recommendation)
+from mechq.architectures import (PROTECTIONS, Comparison, check_settings, compare_one,
+                                 contrast_table, protection_requests, protection_winner,
+                                 recommendation)
 from mechq.cli import main
 from mechq.protect import estimated_bits
 
@@ -24,8 +27,7 @@ def run(tiny, private_cache, tmp_path_factory):
     # the same model twice: two "families" whose frames must then agree row for row
     assert main(["compare-architectures", "--models", "tiny-gpt2", str(_tiny_dir()),
                  "--out", str(out), "--bits", "4", "2", "--sweep-bits", "2",
-                 "--protect-bits", "4", "--n-facts", "16", "--calib-samples", "8",
-                 "--calib-len", "24"]) == 0
+                 "--protect-bits", "4", "--n-facts", "16", "--method", "rtn"]) == 0
     return {k: pd.read_csv(out / f"architectures_{k}.csv")
             for k in ("cliff", "domino", "single", "components", "protection", "verdicts",
                       "contrast")}, out
@@ -48,7 +50,7 @@ def test_frames_cover_both_models(run):
     assert record["settings"]["n_facts"] == 16 and "GFLOP/s" in record["machine"]
     cliff = frames["cliff"]
     assert sorted(cliff.loc[cliff.model == "tiny-gpt2", "variant"]) == [
-        "fp", "gptq-w2g128", "gptq-w4g128"]
+        "fp", "rtn-w2g128", "rtn-w4g128"]
     a, b = (frames["cliff"][frames["cliff"].model == n].reset_index(drop=True) for n in names)
     assert a.drop(columns="model").equals(b.drop(columns="model"))  # same model: same numbers
 
@@ -135,6 +137,8 @@ def test_settings_are_checked_before_any_work():
         check_settings((8, 2), 2, 8)
     with pytest.raises(ValueError, match="gptq or rtn"):
         check_settings((4, 3, 2), 2, 3, method="awq")
+    with pytest.raises(ValueError, match="RTN takes no calibration"):
+        compare_one("tiny", None, bits=(4, 3, 2), method="rtn", n_samples=8)
     with pytest.raises(SystemExit, match="among the cliff's bits") as e:
         main(["compare-architectures", "--models", "no-such-model", "--bits", "4", "2",
               "--protect-bits", "3"])  # refused before the (unknown) model is looked for
