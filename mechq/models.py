@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,12 +149,14 @@ def _one_gguf_parse():
         gguf_pkg.GGUFReader = real
 
 
-def _convert_gguf(gguf: Path, out_dir: Path, architecture: str, note: str) -> None:
-    """Dequantize a GGUF once and write a plain float32 Hugging Face directory."""
+def _convert_gguf(gguf: Path, out_dir: Path, architecture: str, note: str, *,
+                  share_reader: bool = True) -> None:
+    """Dequantize a GGUF once and write a plain float32 Hugging Face directory
+    (``share_reader=False``: transformers' own three header parses, for the benchmark)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _one_gguf_parse():
+    with _one_gguf_parse() if share_reader else nullcontext():
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
