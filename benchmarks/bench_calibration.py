@@ -3,7 +3,7 @@
 For each calibration size (``n_samples`` windows of 128 tokens of mechq's bundled calibration
 text) and each seed, quantize SmolLM2 with GPTQ (GPTQModel, g128, sym) at the given bit widths
 and measure first-token recall on the 404 bundled facts. The seeds pick different windows of the
-same text (mechq.calibration), so the spread over seeds is how much a GPTQ result depends on
+same text (mechq.facts.calibration), so the spread over seeds is how much a GPTQ result depends on
 *which* calibration text it saw. The time column is GPTQModel's wall time for one variant in its
 one-thread child process (runs go two at a time on 2 cores, so read it as a relative cost).
 
@@ -34,12 +34,12 @@ def threads_check(model, facts, n_samples: int, seq_len: int) -> dict:
 
     import torch
 
-    from mechq import models
-    from mechq.calibration import get_calibration
-    from mechq.quant.checkpoint import load_gptq_checkpoint
+    from mechq.models import load as models
+    from mechq.facts.calibration import get_calibration
+    from mechq.quant.formats.gptq import load_gptq_checkpoint
     from mechq.quant.gptq import make_job, run_gptq
     from mechq.quant.quantize import load_quantized
-    from mechq.recall import accuracy, evaluate_recall
+    from mechq.analysis.recall import accuracy, evaluate_recall
 
     calib = get_calibration(model, None, n_samples=n_samples, seq_len=seq_len, seed=0)
     src = models.source_of(model)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     import mechq
     from mechq.quant.quantize import Request, quantize_many
-    from mechq.recall import accuracy, evaluate_recall
+    from mechq.analysis.recall import accuracy, evaluate_recall
 
     model = mechq.load_model("smollm2-135m", device="cpu")
     facts = mechq.bundled_facts()

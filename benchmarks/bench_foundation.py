@@ -41,7 +41,7 @@ def _child(step: str, q) -> None:
     import torch
 
     import mechq
-    from mechq import models
+    from mechq.models import load as models
     from mechq.quant import layout
 
     res: dict = {"step": step}

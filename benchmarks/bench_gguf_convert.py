@@ -1,6 +1,6 @@
 """Gemma 3 270M: converting its GGUF into a Hugging Face directory, and loading it afterwards.
 
-mechq's conversion (``mechq.models._convert_gguf``) loads the tokenizer, the config and the
+mechq's conversion (``mechq.models.load._convert_gguf``) loads the tokenizer, the config and the
 weights through transformers, which parses the GGUF header for each; Gemma's header holds a
 262k-token vocabulary. ``_one_gguf_parse`` lets the three share one ``gguf.GGUFReader``.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mechq import models as M
+from mechq.models import load as M
 
 OUT = Path(__file__).parent / "results"
 

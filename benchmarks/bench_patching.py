@@ -100,8 +100,8 @@ def _measure(model, variant, toks, tid, fp_cache, args, threads: int | None,
     from transformer_lens import patching as tlp
 
     import mechq
-    from mechq import patching
-    from mechq.patching_sweep import patch_sweep
+    from mechq.engine import patching
+    from mechq.analysis.patching import patch_sweep
 
     cuda = args.device == "cuda"
     if threads is not None:
@@ -154,7 +154,7 @@ def _measure(model, variant, toks, tid, fp_cache, args, threads: int | None,
     tl = dict(function="transformer_lens.patching.get_act_patch_resid_pre",
               wall_s=round(tl_w, 3), cpu_s=round(tl_c, 3),
               per_site_wall_s=round(tl_w / (L * n), 4))
-    me = dict(function="mechq.patching.batched_act_patch", wall_s=round(ours_w, 3),
+    me = dict(function="mechq.engine.patching.batched_act_patch", wall_s=round(ours_w, 3),
               cpu_s=round(ours_c, 3), runs_wall_s=[round(r[0], 3) for r in runs])
     if args.tl_repeats > 1:
         tl["runs_wall_s"] = [round(r[0], 3) for r in tl_runs]
@@ -241,7 +241,7 @@ def main(argv=None) -> dict:
     import torch
 
     import mechq
-    from mechq import patching
+    from mechq.engine import patching
     from mechq.facts import target_token
 
     cuda = args.device == "cuda"

@@ -1,4 +1,4 @@
-"""CUDA correctness check of the batched patching engine: ``mechq.patching.batched_act_patch``
+"""CUDA correctness check of the batched patching engine: ``mechq.engine.patching.batched_act_patch``
 vs TransformerLens's ``get_act_patch_resid_pre`` (FP cache patched into the RTN 2-bit variant),
 on bundled facts' prompts, with and without KV reuse; tolerance 1e-4.
 
@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from transformer_lens import patching as tlp  # noqa: E402
 
 import mechq  # noqa: E402
-from mechq import patching  # noqa: E402
+from mechq.engine import patching  # noqa: E402
 from mechq.facts import target_token  # noqa: E402
 
 name, out, ids = sys.argv[1], sys.argv[2], sys.argv[3].split(",")

@@ -35,19 +35,19 @@ from mechq.facts import Fact, FactSet, bundled_facts, load_facts, target_report 
 from mechq.models import load_model  # noqa: E402
 from mechq.quant.quantize import Request, load_quantized, load_variant, quantize, quantize_many  # noqa: E402
 from mechq.quant.variants import Variant, swap  # noqa: E402
-from mechq.quant.compressed import write_compressed_tensors  # noqa: E402
-from mechq.recall import accuracy, evaluate_recall, subset_labels, subsets  # noqa: E402
-from mechq.lens import logit_lens  # noqa: E402
-from mechq.components import component_metrics  # noqa: E402
-from mechq.representation import representation_metrics  # noqa: E402
-from mechq.patching_sweep import patch_sweep  # noqa: E402
-from mechq.pararel import load_pararel  # noqa: E402
-from mechq.cliff import cliff_table  # noqa: E402
-from mechq.report import report  # noqa: E402
-from mechq.verdict import diagnose  # noqa: E402
-from mechq.lowrank import eora  # noqa: E402
-from mechq.repair import repair_table  # noqa: E402
-from mechq.recipe import make_recipe  # noqa: E402
+from mechq.quant.formats.compressed import write_compressed_tensors  # noqa: E402
+from mechq.analysis.recall import accuracy, evaluate_recall, subset_labels, subsets  # noqa: E402
+from mechq.analysis.lens import logit_lens  # noqa: E402
+from mechq.analysis.components import component_metrics  # noqa: E402
+from mechq.analysis.representation import representation_metrics  # noqa: E402
+from mechq.analysis.patching import patch_sweep  # noqa: E402
+from mechq.facts.pararel import load_pararel  # noqa: E402
+from mechq.analysis.cliff import cliff_table  # noqa: E402
+from mechq.reports.pipeline import report  # noqa: E402
+from mechq.diagnosis.verdict import diagnose  # noqa: E402
+from mechq.repair.eora import eora  # noqa: E402
+from mechq.repair.table import repair_table  # noqa: E402
+from mechq.repair.recipe import make_recipe  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

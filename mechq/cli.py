@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from mechq.calibration import AWQ_N_SAMPLES, AWQ_SEQ_LEN, N_SAMPLES, SEQ_LEN
+from mechq.facts.calibration import AWQ_N_SAMPLES, AWQ_SEQ_LEN, N_SAMPLES, SEQ_LEN
 
 SPEC = re.compile(r"^(gptq|rtn|awq)-w(\d+)(?:g(-?\d+))?((?:-asym|-act)*)(?:-s(\d+))?$")
 
@@ -102,7 +102,8 @@ def cmd_cliff(args) -> int:
     """Recall of FP vs quantized variants at several bit widths (paper Fig. 1), with the
     calibration spread when --calib-seeds > 1."""
     import mechq
-    from mechq.cliff import cliff_requests, summary_markdown, write_cliff
+    from mechq.analysis.cliff import cliff_requests, summary_markdown
+    from mechq.reports.pages import write_cliff
     from mechq.quant.quantize import Request, quantize_many
 
     t0 = time.perf_counter()
@@ -130,8 +131,8 @@ def cmd_cliff(args) -> int:
 def cmd_recall(args) -> int:
     """Recall, answer-rank distribution, top-1 tokens and Robust/Failure subsets (§3.2)."""
     import mechq
-    from mechq import plots
-    from mechq.recall import accuracy, subset_sizes
+    from mechq.reports import plots
+    from mechq.analysis.recall import accuracy, subset_sizes
 
     out, model, facts = _prepare(args)
     variants = load_variants(model, args.variants, args)
@@ -158,9 +159,9 @@ def cmd_recall(args) -> int:
 
 def cmd_lens(args) -> int:
     """Logit lens per layer at the last token, per variant and Robust/Failure subset (§3.3)."""
-    from mechq import plots
-    from mechq.lens import lens_summary, logit_lens
-    from mechq.recall import subset_labels
+    from mechq.reports import plots
+    from mechq.analysis.lens import lens_summary, logit_lens
+    from mechq.analysis.recall import subset_labels
 
     out, model, facts = _prepare(args)
     variants = load_variants(model, args.variants, args)
@@ -205,7 +206,7 @@ def cmd_report(args) -> int:
 def _subset_labels(model, facts, variants, args) -> dict[str, str] | None:
     """fact_id -> "Robust" / "Failure" against the reference variant (None without variants)."""
     import mechq
-    from mechq.recall import subset_labels
+    from mechq.analysis.recall import subset_labels
 
     if not variants:
         return None
@@ -236,9 +237,9 @@ def _finish(rep, heading: str, show, path: Path, frames: str) -> int:
 
 def cmd_components(args) -> int:
     """Attention and FFN diagnostics per layer at the last subject token and last token."""
-    from mechq import plots
-    from mechq.components import METRICS, component_metrics, component_summary
-    from mechq.html_report import Report
+    from mechq.reports import plots
+    from mechq.analysis.components import METRICS, component_metrics, component_summary
+    from mechq.reports.html import Report
 
     out, model, facts = _prepare(args)
     variants = load_variants(model, args.variants, args)
@@ -251,7 +252,7 @@ def cmd_components(args) -> int:
     summ_sub = component_summary(df, by="subset")
     summ_sub.to_csv(out / "components_by_subset.csv", index=False)
     rep = Report(f"Component diagnostics — {args.model}")
-    rep.text("Definitions are in mechq.components (the paper publishes no code).", note=True)
+    rep.text("Definitions are in mechq.analysis.components (the paper publishes no code).", note=True)
     for metric in METRICS:
         rep.heading(metric)
         rep.figure(plots.component_lines(summ, metric))
@@ -264,9 +265,9 @@ def cmd_components(args) -> int:
 
 def cmd_representation(args) -> int:
     """Linear CKA (layer x layer) and subspace similarity / error alignment per layer."""
-    from mechq import plots
-    from mechq.html_report import Report
-    from mechq.representation import cka_diagonal, representation_metrics
+    from mechq.reports import plots
+    from mechq.reports.html import Report
+    from mechq.analysis.representation import cka_diagonal, representation_metrics
 
     out, model, facts = _prepare(args)
     variants = load_variants(model, args.variants, args)
@@ -276,7 +277,7 @@ def cmd_representation(args) -> int:
     rep_.subspace.to_csv(out / "subspace.csv", index=False)
     rep = Report(f"Representation diagnostics — {args.model}")
     rep.text(f"Linear CKA on prompt-centred activations; subspaces keep {args.energy:.0%} of "
-             "the FP spectral energy (mechq.representation).", note=True)
+             "the FP spectral energy (mechq.analysis.representation).", note=True)
     for stream in dict.fromkeys(rep_.cka["stream"]):
         for pos in dict.fromkeys(rep_.cka["position"]):
             rep.heading(f"CKA {stream} at {pos}")
@@ -328,9 +329,9 @@ def _prepare_analysis(args):
 
 def cmd_patch(args) -> int:
     """Activation patching FP -> variant (sufficiency) and zero ablation (necessity), §3.4."""
-    from mechq import plots
-    from mechq.html_report import Report
-    from mechq.patching_sweep import by_third, run_patching
+    from mechq.reports import plots
+    from mechq.reports.html import Report
+    from mechq.analysis.patching import by_third, run_patching
 
     out, model, _, variants, chosen, label = _prepare_analysis(args)
     res = run_patching(model, chosen, variants, activations=args.activations, modes=args.modes,
@@ -341,7 +342,7 @@ def cmd_patch(args) -> int:
     rep.text(f"{len(chosen)} facts (--subset {args.subset}); positions {args.positions}. "
              "restored = share of the FP-vs-unpatched target-probability gap that patching the "
              "FP activation closes; mean_delta = patched minus unpatched target probability "
-             "(definitions in mechq.patching).", note=True)
+             "(definitions in mechq.engine.patching).", note=True)
     shows = []
     for (activation, mode), g in res.heatmap.groupby(["activation", "mode"], sort=False):
         value = "restored" if mode == "fp_to_variant" else "mean_delta"
@@ -363,9 +364,9 @@ def cmd_patch(args) -> int:
 
 def cmd_sensitivity(args) -> int:
     """First domino, single-layer sweep, component table and signal injection (§4.3)."""
-    from mechq import plots
-    from mechq import sensitivity as sens
-    from mechq.html_report import Report
+    from mechq.reports import plots
+    from mechq.analysis import sensitivity as sens
+    from mechq.reports.html import Report
 
     out, model, _, variants, chosen, label = _prepare_analysis(args)
     injection = {}
@@ -380,7 +381,7 @@ def cmd_sensitivity(args) -> int:
                                out=out, batch_size=args.batch_size, **injection)
     rep = Report(f"Layer and component sensitivity — {args.model}")
     rep.text(f"{len(chosen)} facts (--subset {args.subset}); Robust / Failure against "
-             f"{args.reference or variants[0].name}. Definitions in mechq.sensitivity.",
+             f"{args.reference or variants[0].name}. Definitions in mechq.analysis.sensitivity.",
              note=True)
     curves = {  # per-layer accuracy curves: file stem, layer column, heading, title, x axis
         "domino": ("first_domino", "k", "First domino: layers 0…k quantized, the rest FP "
@@ -417,7 +418,7 @@ def cmd_sensitivity(args) -> int:
 
 def _attention_section(rep, model, facts, v, lens) -> None:
     """circuitsvis view of FP and ``v`` on one diagnosed fact, one ``v`` answers wrong if any."""
-    from mechq.attention_view import attention_view
+    from mechq.reports.attention import attention_view
 
     last = lens[(lens.variant == v.name) & (lens.layer == lens.layer.max())]
     wrong = last.loc[last.target_rank > 1, "fact_id"]
@@ -433,10 +434,10 @@ def _attention_section(rep, model, facts, v, lens) -> None:
 
 def cmd_diagnose(args) -> int:
     """The verdict on one variant, with its evidence table and the frames behind it (§4.3)."""
-    from mechq import plots
-    from mechq.verdict import STEP_ERROR, diagnose
-    from mechq.html_report import Report
-    from mechq.lens import lens_summary
+    from mechq.reports import plots
+    from mechq.diagnosis.verdict import STEP_ERROR, diagnose
+    from mechq.reports.html import Report
+    from mechq.analysis.lens import lens_summary
 
     out, model, facts = _prepare(args)
     if args.repair and Path(args.variant).is_dir():
@@ -458,7 +459,7 @@ def cmd_diagnose(args) -> int:
     _attention_section(rep, model, facts, v, lens)
     if args.repair:
         from mechq.quant.quantize import Request
-        from mechq.repair import repair_summary, repair_table
+        from mechq.repair.table import repair_summary, repair_table
 
         base = Request(**parse_variant(args.variant), **_calib_kw(args))
         res = repair_table(model, [base], facts, batch_size=args.batch_size)
@@ -481,7 +482,7 @@ def cmd_recipe(args) -> int:
     import mechq
     from mechq.facts import load_fact_source
     from mechq.quant.quantize import Request
-    from mechq.recipe import check_recipe, make_recipe, write_recipe
+    from mechq.repair.recipe import check_recipe, make_recipe, write_recipe
 
     if Path(args.variant).is_dir():
         raise ValueError("recipe quantizes the base again with each candidate's rules: give a "
@@ -508,10 +509,10 @@ def cmd_compare_architectures(args) -> int:
     """Two (or more) model families side by side: cliff, first domino, single layers,
     components, which protection wins, and what diagnose recommends (paper Fig. 10, Fig. 22)."""
     import mechq
-    from mechq.architectures import check_settings, compare_architectures
+    from mechq.reports.architectures import check_settings, compare_architectures
     from mechq.facts import load_fact_source
-    from mechq.html_report import Report
-    from mechq.report import architecture_section, architecture_setting
+    from mechq.reports.html import Report
+    from mechq.reports.pipeline import architecture_section, architecture_setting
 
     check_settings(tuple(args.bits), args.sweep_bits, args.protect_bits, args.method)
     t0 = time.perf_counter()
@@ -546,7 +547,7 @@ def _write_run_record(path: Path, args, seconds: float) -> None:
     import json
 
     from mechq import __version__
-    from mechq.report import machine_description
+    from mechq.reports.pipeline import machine_description
 
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     path.write_text(json.dumps(dict(command=f"mechq {args.command}", settings=settings,
@@ -563,7 +564,7 @@ def cmd_quantize(args) -> int:
     print(v)
     print(v.meta.get("path"))
     if args.ct_out:
-        from mechq.quant.compressed import write_compressed_tensors
+        from mechq.quant.formats.compressed import write_compressed_tensors
 
         print(write_compressed_tensors(v, args.ct_out, model=model))
     return 0

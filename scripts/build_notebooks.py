@@ -41,9 +41,9 @@ Settings are small so the notebook runs in a few minutes on a laptop CPU; the CL
 """),
     code("""
 import mechq
-from mechq import plots
-from mechq.lens import lens_summary, logit_lens
-from mechq.recall import accuracy, subset_labels, subset_sizes
+from mechq.reports import plots
+from mechq.analysis.lens import lens_summary, logit_lens
+from mechq.analysis.recall import accuracy, subset_labels, subset_sizes
 
 model = mechq.load_model("smollm2-135m", device="cpu")
 facts = mechq.bundled_facts().sample(80, seed=0)
@@ -154,13 +154,13 @@ representation space keep its structure?
 
 Every metric compares a variant with FP on the same prompts at the **last subject token** (where
 facts are extracted) and the **last token** (where the answer is predicted). Definitions are in
-the docstrings of `mechq.components` and `mechq.representation` — the paper publishes no code.
+the docstrings of `mechq.analysis.components` and `mechq.analysis.representation` — the paper publishes no code.
 """),
     code("""
 import mechq
-from mechq import plots
-from mechq.components import component_metrics, component_summary
-from mechq.representation import cka_diagonal, representation_metrics
+from mechq.reports import plots
+from mechq.analysis.components import component_metrics, component_summary
+from mechq.analysis.representation import cka_diagonal, representation_metrics
 
 model = mechq.load_model("smollm2-135m", device="cpu")
 facts = mechq.bundled_facts().sample(48, seed=0)
@@ -183,10 +183,10 @@ Entropy and JSD are averages. Below are the attention patterns of FP, w4 and w2 
 the middle layer, drawn with circuitsvis (rows are query positions, columns keys; click a head to
 enlarge it). The view works offline: circuitsvis's JavaScript bundle is inlined once for all
 three panels. At 4 bits the heads look like FP's; at 2 bits several heads move their weight
-elsewhere (`mechq.attention_view`).
+elsewhere (`mechq.reports.attention`).
 """),
     code("""
-from mechq.attention_view import attention_view
+from mechq.reports.attention import attention_view
 
 view = attention_view(model, facts[0].prompt, [None, w4, w2])
 tv = [float((view.patterns.pattern[i] - view.patterns.pattern[0]).abs().sum(-1).mean() / 2)
@@ -262,12 +262,12 @@ import torch
 from transformer_lens import patching as tl_patching
 
 import mechq
-from mechq import plots
-from mechq import sensitivity as sens
-from mechq.patching import batched_act_patch
-from mechq.patching_sweep import patch_heatmap_frame, patch_sweep
-from mechq.positions import locate_fact
-from mechq.recall import accuracy, subset_labels
+from mechq.reports import plots
+from mechq.analysis import sensitivity as sens
+from mechq.engine.patching import batched_act_patch
+from mechq.analysis.patching import patch_heatmap_frame, patch_sweep
+from mechq.engine.positions import locate_fact
+from mechq.analysis.recall import accuracy, subset_labels
 
 model = mechq.load_model("smollm2-135m", device="cpu")
 facts = mechq.bundled_facts().sample(48, seed=0)
@@ -313,7 +313,7 @@ print("max |mechq - TransformerLens| =", float((ours.flatten() - theirs).abs().m
 For every fact FP answers correctly, every layer, and the *semantic* positions (subject tokens,
 relation tokens, last token). `restored` is the share of the FP-vs-quantized gap in target
 probability that the patch closes, aggregated over prompts of different lengths by position
-name (definition in `mechq.patching`).
+name (definition in `mechq.engine.patching`).
 """),
     code("""
 failure = [f for f in known if label[f.id] == "Failure"][:8]
@@ -408,7 +408,7 @@ Paper §4.3 and Table 1 on SmolLM2-135M-Instruct. Notebooks 01–03 measured *wh
    (recall, answer rank, the logit lens on the Failure facts, attention JSD, FFN sign flips and
    Jaccard, residual CKA, the first-domino curve, signal injection, and each module's weights
    against FP) and calls the variant `healthy`, `signal_degradation`, `computation_collapse` or
-   `format_bug`. Every threshold is a named constant in `mechq.verdict` with the measurement it
+   `format_bug`. Every threshold is a named constant in `mechq.diagnosis.verdict` with the measurement it
    came from in its docstring.
 2. **The repairs** (measured by a script, read here). Early-layer protection (layers 0–1 at 8 bits), protection plus peak-signal
    amplification, and low-rank error compensation (EoRA, rank 32 and 64), each measured on the
@@ -424,11 +424,11 @@ from pathlib import Path
 import pandas as pd
 
 import mechq
-from mechq import plots
+from mechq.reports import plots
 from mechq.quant import faults
-from mechq.repair import repair_summary
-from mechq.verdict import diagnose_many, evidence_table, suspect_modules
-from mechq.weights import weight_signatures
+from mechq.repair.table import repair_summary
+from mechq.diagnosis.verdict import diagnose_many, evidence_table, suspect_modules
+from mechq.analysis.signatures import weight_signatures
 
 model = mechq.load_model("smollm2-135m", device="cpu")
 w4, w2 = mechq.quantize_many(model, [mechq.Request("gptq", bits=4), mechq.Request("gptq", bits=2)])
@@ -544,11 +544,11 @@ from pathlib import Path
 import pandas as pd
 
 import mechq
-from mechq import plots
-from mechq.architectures import Comparison, contrast_table
-from mechq.recall import accuracy
-from mechq.sensitivity import first_domino
-from mechq.verdict import fp_correct_sample
+from mechq.reports import plots
+from mechq.reports.architectures import Comparison, contrast_table
+from mechq.analysis.recall import accuracy
+from mechq.analysis.sensitivity import first_domino
+from mechq.diagnosis.verdict import fp_correct_sample
 
 models = {name: mechq.load_model(name, device="cpu") for name in ("smollm2-135m", "gemma-3-270m")}
 pd.DataFrame([dict(model=name, layers=m.cfg.n_layers, d_model=m.cfg.d_model,
@@ -620,10 +620,10 @@ plots.architecture_bars(c.components, "setting", "Component sensitivity at w2")
 ## 3. Which protection wins, and what `diagnose` recommends
 
 At 3 bits, two protections spend the same budget: the first two layers at 8 bits (the paper's
-early-layer rule) and kurtosis-ranked modules at 8 bits (`mechq.protect.kurtosis_protection`,
+early-layer rule) and kurtosis-ranked modules at 8 bits (`mechq.repair.protect.kurtosis_protection`,
 filling the bits the early-layer rule spends). Each is scored on the held-out half of the facts.
 A protection **wins** only if it gets more of the held-out facts FP knows right than both the
-other protection and the unprotected variant (`mechq.architectures.protection_winner`).
+other protection and the unprotected variant (`mechq.reports.architectures.protection_winner`).
 """),
     code("""
 c.protection[["model", "protection", "variant", "avg_bits", "fp_known_correct", "fp_known_n",

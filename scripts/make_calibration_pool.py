@@ -5,7 +5,7 @@ the FP model at run time (mechq's first default) gave *different tokens on diffe
 a float32 difference in the last bits flips one sampled token and the rest of the sequence
 diverges from there, and GPTQ at 3–4 bits moved by several points with it. Text written to a
 file once is the same everywhere, so mechq samples it here, once, and ships the result in
-``mechq/assets/calibration/``. ``mechq.calibration`` tokenizes it with whichever model it
+``mechq/assets/calibration/``. ``mechq.facts.calibration`` tokenizes it with whichever model it
 calibrates, so it serves every tokenizer (one model's token ids would not).
 
 What it is. ``--docs`` documents of ``--tokens`` tokens each, sampled from the embedded

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 import mechq
-from mechq.cliff import method_comparison
+from mechq.analysis.cliff import method_comparison
 from mechq.quant import faults
 from mechq.quant.variants import swap
-from mechq.recall import FP, accuracy
-from mechq.verdict import diagnose_many
+from mechq.analysis.recall import FP, accuracy
+from mechq.diagnosis.verdict import diagnose_many
 
 OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "awq.json"
 

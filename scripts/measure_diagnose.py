@@ -1,5 +1,5 @@
 """Diagnosis signatures of SmolLM2's GPTQ and RTN variants (w8/w4/w3/w2, g128, calibration
-seed 0, plus GPTQ w4 seeds 1 and 2): the measurements behind mechq.verdict's thresholds.
+seed 0, plus GPTQ w4 seeds 1 and 2): the measurements behind mechq.diagnosis.verdict's thresholds.
 Writes benchmarks/results/diagnose_signatures.json. Variants come from the cache (make demo).
 
     .venv/bin/python scripts/measure_diagnose.py
@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import mechq
-from mechq.verdict import fp_correct_sample, measure
+from mechq.diagnosis.verdict import fp_correct_sample, measure
 
 OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "diagnose_signatures.json"
 

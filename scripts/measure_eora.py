@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 import mechq
-from mechq.lowrank import calibration_grams, eora, weighted_error
+from mechq.repair.eora import calibration_grams, eora, weighted_error
 from mechq.quant import layout
 from mechq.quant.quantize import Request, quantize_many
-from mechq.recall import subset_labels
+from mechq.analysis.recall import subset_labels
 
 OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "eora.json"
 RANKS = (32, 64)

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import mechq
-from mechq import protect as P
-from mechq.recall import subset_labels
+from mechq.repair import protect as P
+from mechq.analysis.recall import subset_labels
 
 OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "protection.json"
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import mechq
-from mechq.recipe import check_recipe, make_recipe
+from mechq.repair.recipe import check_recipe, make_recipe
 
 OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "recipe.json"
 

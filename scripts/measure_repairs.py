@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import mechq
-from mechq.repair import repair_summary, repair_table
+from mechq.repair.table import repair_summary, repair_table
 
 OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "repairs.json"
 

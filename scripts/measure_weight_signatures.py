@@ -1,7 +1,7 @@
 """Weight-space signatures of SmolLM2's GPTQ and RTN variants (w8/w4/w3/w2, g128, calibration
 seed 0) and of the format faults of mechq.quant.faults applied to GPTQ w4 and w2.
 
-The numbers behind the thresholds of mechq.verdict (its docstrings cite this file's output,
+The numbers behind the thresholds of mechq.diagnosis.verdict (its docstrings cite this file's output,
 benchmarks/results/weight_signatures.json). GPTQ variants come from the cache when make demo
 ran before (else about 15 min of GPTQ on 2 cores).
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mechq
 from mechq.quant import faults
-from mechq.weights import SIGNATURES, weight_signatures
+from mechq.analysis.signatures import SIGNATURES, weight_signatures
 
 OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "weight_signatures.json"
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import mechq
-from mechq import amplify as A
-from mechq.forward import decode, last_states
-from mechq.recall import tokenize_facts
+from mechq.repair import amplify as A
+from mechq.engine.forward import decode, last_states
+from mechq.engine.forward import tokenize_facts
 
 
 def test_split_is_fixed_and_disjoint(facts):

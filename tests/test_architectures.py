@@ -1,4 +1,4 @@
-"""The architecture contrast (mechq.architectures, `mechq compare-architectures`) end to end on
+"""The architecture contrast (mechq.reports.architectures, `mechq compare-architectures`) end to end on
 the tiny GPT-2 under two names, with RTN (GPTQ would add eight GPTQModel child processes: the
 fixture took 175 s with GPTQ and 11 s with RTN here, for a path that differs only in the Request's method; GPTQ with `dynamic` rules is
 tested in test_dynamic and test_recipe): the frames, their depth axis, the protections'
@@ -12,11 +12,11 @@ import json
 import pandas as pd
 import pytest
 
-from mechq.architectures import (PROTECTIONS, Comparison, check_settings, compare_one,
+from mechq.reports.architectures import (PROTECTIONS, Comparison, check_settings, compare_one,
                                  contrast_table, protection_requests, protection_winner,
                                  recommendation)
 from mechq.cli import main
-from mechq.protect import estimated_bits
+from mechq.repair.protect import estimated_bits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +34,7 @@ def run(tiny, private_cache, tmp_path_factory):
 
 
 def _tiny_dir():
-    from mechq import models
+    from mechq.models import load as models
 
     return models.resolve_hf_dir(models.TINY).hf_dir
 

@@ -1,12 +1,12 @@
-"""mechq.attention_view: the patterns are TransformerLens's, the page carries circuitsvis once."""
+"""mechq.reports.attention: the patterns are TransformerLens's, the page carries circuitsvis once."""
 
 import re
 
 import pytest
 import torch
 
-from mechq.attention_view import attention_patterns, attention_view, circuitsvis_script
-from mechq.html_report import Report
+from mechq.reports.attention import attention_patterns, attention_view, circuitsvis_script
+from mechq.reports.html import Report
 from mechq.quant.variants import swap
 from mechq.vocab import FP, hook_name
 from tests.conftest import assert_params_equal, snapshot

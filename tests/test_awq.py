@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 import mechq
 from mechq.quant import faults
-from mechq.quant.awq import AWQ_ORDER, load_awq_checkpoint
-from mechq.quant.checkpoint import CheckpointError
+from mechq.quant.formats.awq import AWQ_ORDER
+from mechq.quant.formats.common import CheckpointError
 from mechq.quant.formats import detect_format
 from mechq.quant.quantize import default_group_size
 from mechq.quant.variants import swap
@@ -194,8 +194,8 @@ def test_partial_swap_of_coupled_modules_is_refused(llama, awq):
 def test_awq_read_sequentially_is_a_format_bug(llama, awq):
     """The bug of GPTQModel 7.6's ``dequantize_model`` (nibbles in sequential order): the
     weights lose their correlation with FP, and every module is named."""
-    from mechq.verdict import suspect_modules
-    from mechq.weights import weight_signatures
+    from mechq.diagnosis.verdict import suspect_modules
+    from mechq.analysis.signatures import weight_signatures
 
     broken = faults.awq_order_as_gptq(awq)
     ok = weight_signatures(llama, awq)
@@ -307,7 +307,7 @@ def test_method_comparison_counts():
     """GPTQ vs AWQ fact by fact (paper App. D): a pure function of recall rows."""
     import pandas as pd
 
-    from mechq.cliff import method_comparison
+    from mechq.analysis.cliff import method_comparison
 
     rows = []
     for fid, (fp, a, b) in enumerate([(1, 1, 1), (1, 1, 0), (1, 0, 1), (1, 0, 0), (0, 1, 1)]):

@@ -2,7 +2,7 @@
 
 Tiny seeded Llama- and GPT-2-architecture models are quantized with GPTQModel for every
 bits x sym x desc_act; each checkpoint is loaded back by GPTQModel's pure-torch kernel
-(BACKEND.TORCH, float16) and by :func:`mechq.quant.checkpoint.load_gptq_checkpoint`, and the
+(BACKEND.TORCH, float16) and by :func:`mechq.quant.formats.gptq.load_gptq_checkpoint`, and the
 dequantized weights must be ``torch.equal``.
 """
 
@@ -17,9 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mechq.quant.checkpoint import (
-    CheckpointError,
-    check_architecture,
+from mechq.quant.formats.common import CheckpointError, check_architecture
+from mechq.quant.formats.gptq import (
     load_gptq_checkpoint,
     save_gptq_checkpoint,
 )

@@ -153,7 +153,7 @@ def test_patch_command(tmp_path, capsys):
 def test_sensitivity_command(tmp_path, capsys):
     import mechq
     from mechq.facts import load_fact_source
-    from mechq.recall import accuracy
+    from mechq.analysis.recall import accuracy
 
     args = ["sensitivity", "--model", "tiny-gpt2", "--variants", "rtn-w4g128", "rtn-w2g32",
             "--max-facts", "16", "--analyses", "domino", "single", "components", "injection",

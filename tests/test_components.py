@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import mechq
-from mechq import plots
-from mechq.activations import collect, prompt_positions
-from mechq.components import (
+from mechq.reports import plots
+from mechq.engine.activations import collect, prompt_positions
+from mechq.analysis.components import (
     METRICS, component_metrics, component_summary, cosine, js_divergence, normalized_entropy,
     sign_flip_rate, top_k_count, topk_jaccard,
 )

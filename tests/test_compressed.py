@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mechq
-from mechq import models
+from mechq.models import load as models
 from mechq.quant import layout
-from mechq.quant.checkpoint import CheckpointError
-from mechq.quant.compressed import read_compressed_tensors, write_compressed_tensors
+from mechq.quant.formats.common import CheckpointError
+from mechq.quant.formats.compressed import read_compressed_tensors, write_compressed_tensors
 from mechq.quant.formats import detect_format
 from mechq.quant.variants import swap
 
@@ -215,7 +215,7 @@ def test_reader_does_not_import_compressed_tensors(written):
     import sys
 
     _, path = written(4, GS, False)
-    code = ("import sys; from mechq.quant.compressed import read_compressed_tensors; "
+    code = ("import sys; from mechq.quant.formats.compressed import read_compressed_tensors; "
             f"ck = read_compressed_tensors({str(path)!r}); assert len(ck.modules) == 16; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'compressed_tensors'))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 import mechq
-from mechq import verdict as D
+from mechq.diagnosis import verdict as D
 from mechq.quant import faults
-from mechq.weights import weight_signatures
+from mechq.analysis.signatures import weight_signatures
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 FAULTS = [faults.awq_order_as_gptq, faults.zero_point_off_by_one, faults.permuted_g_idx,

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import mechq
-from mechq import models
+from mechq.models import load as models
 from mechq.quant import dynamic as dyn
 from mechq.quant import layout
-from mechq.quant.checkpoint import CheckpointError, load_gptq_checkpoint
+from mechq.quant.formats.common import CheckpointError
+from mechq.quant.formats.gptq import load_gptq_checkpoint
 from mechq.quant.quantize import CACHE_FORMAT, Request
 from tests.conftest import assert_params_equal, snapshot
 

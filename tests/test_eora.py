@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import mechq
-from mechq.calibration import Calibration, get_calibration
-from mechq.lowrank import (
+from mechq.facts.calibration import Calibration, get_calibration
+from mechq.repair.eora import (
     calibration_grams, eora, lowrank_factors, module_input_sites, module_inputs, weighted_error,
 )
 from mechq.quant import layout

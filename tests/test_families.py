@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from mechq import families
-from mechq.families.gpt2 import GPT2
+from mechq.models import families
+from mechq.models.families.gpt2 import GPT2
 from mechq.quant import layout
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import mechq
-from mechq import families, models
+from mechq.models import load as models
+from mechq.models import families
 from mechq.quant import layout
 from mechq.quant.variants import swap
 from tests.conftest import assert_params_equal, snapshot
@@ -128,7 +129,7 @@ def test_gemma_awq_is_refused_with_the_reason(gemma):
 def test_gemma_patching_matches_one_forward_per_site(gemma, facts):
     """The batched patching engine on Gemma 3 (QK-norm: no KV reuse) against one hooked
     forward per site, FP -> RTN w2, resid_pre, at three layers (every position)."""
-    from mechq import patching
+    from mechq.engine import patching
     from mechq.facts import target_token
     from mechq.vocab import hook_name
 

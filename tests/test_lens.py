@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import mechq
-from mechq.lens import lens_hook_names, lens_summary, logit_lens
-from mechq.recall import evaluate_recall
+from mechq.analysis.lens import lens_hook_names, lens_summary, logit_lens
+from mechq.analysis.recall import evaluate_recall
 
 
 @pytest.mark.parametrize("which", ["tiny", "smol"])

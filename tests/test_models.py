@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mechq
-from mechq import models
+from mechq.models import load as models
 
 PROMPTS = ["The capital of France is", "Water boils at a temperature of", "Tokyo is in"]
 

@@ -62,7 +62,7 @@ def test_installed_wheel_runs_the_report_outside_the_repo(wheel, tmp_path):
     env = dict(os.environ, MECHQ_CACHE=str(tmp_path / "cache"), PYTHONPATH="")
     env.pop("MECHQ_DATA", None)
     probe = subprocess.run(
-        [str(py), "-c", "import mechq, mechq.facts as f, mechq.calibration as c; "
+        [str(py), "-c", "import mechq, mechq.facts as f, mechq.facts.calibration as c; "
          "print(mechq.__file__); print(f.DATA_DIR); print(len(mechq.bundled_facts())); "
          "print(len(c.pool_texts()))"],
         cwd=work, env=env, check=True, capture_output=True, text=True)

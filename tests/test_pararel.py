@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 
 import mechq
-from mechq import pararel as PR
-from mechq import recall as R
-from mechq.recall import evaluate_recall
+from mechq.analysis import paraphrase as PP
+from mechq.facts import pararel as PR
+from mechq.analysis import recall as R
+from mechq.analysis.recall import evaluate_recall
 
 REPO = Path(__file__).resolve().parents[1]
 PARAREL = Path(os.environ.get("MECHQ_PARAREL", REPO.parent / "shared" / "pararel-dev"))
@@ -148,7 +149,7 @@ def test_robustness_summary_thresholds():
         ("w4", "a", "R1", [1, 1, 1]),
         ("w4", "b", "R1", [0, 0, 0]),
     ])
-    s = PR.robustness_summary(df).set_index("variant")
+    s = PP.robustness_summary(df).set_index("variant")
     # shares of a few booleans, in float64: pytest.approx's default rel=1e-6 is ample
     assert s.loc["fp", "n_facts"] == 5 and s.loc["fp", "n_paraphrases"] == 16
     assert s.loc["fp", "any_correct"] == pytest.approx(4 / 5)
@@ -156,7 +157,7 @@ def test_robustness_summary_thresholds():
     assert s.loc["fp", "all_correct"] == pytest.approx(1 / 5)
     assert s.loc["fp", "paraphrase_accuracy"] == pytest.approx(8 / 16)
     assert s.loc["w4", ["any_correct", "majority_correct", "all_correct"]].tolist() == [.5, .5, .5]
-    r = PR.robustness_summary(df, by=["variant", "relation"]).set_index(["variant", "relation"])
+    r = PP.robustness_summary(df, by=["variant", "relation"]).set_index(["variant", "relation"])
     assert r.loc[("fp", "R1"), "any_correct"] == pytest.approx(2 / 3)
     assert r.loc[("fp", "R2"), "majority_correct"] == pytest.approx(1 / 2)
     assert r.loc[("fp", "R2"), "all_correct"] == pytest.approx(1 / 2)
@@ -201,7 +202,7 @@ def test_evaluate_paraphrases_on_smollm2(smol):
     # P103 has 4 patterns, 2 of them wrapped: 40 prompts per variant keeps this fast on CPU.
     pr = PR.load_pararel(PARAREL, "P103", max_facts_per_relation=10, seed=0)
     w2 = mechq.quantize(smol, "rtn", bits=2, group_size=128)
-    df = PR.evaluate_paraphrases(smol, pr, variants=[w2], progress=False)
+    df = PP.evaluate_paraphrases(smol, pr, variants=[w2], progress=False)
     assert len(df) == 10 * 4 * 2
     assert df.groupby("variant")["object_last"].sum().tolist() == [20, 20]
     assert set(df["variant"]) == {"fp", w2.name}
@@ -222,7 +223,7 @@ def test_evaluate_paraphrases_on_smollm2(smol):
     # 2-bit RTN changes the model's answers (probs move by up to 0.34 here).
     fp, q = (df[df.variant == v].set_index(["fact_id", "pattern_index"]) for v in ("fp", w2.name))
     assert (fp["target_prob"] != q.loc[fp.index, "target_prob"]).any()
-    s = PR.robustness_summary(df, by=["variant", "relation"])
+    s = PP.robustness_summary(df, by=["variant", "relation"])
     assert len(s) == 2 and (s["n_facts"] == 10).all()
     assert ((s["all_correct"] <= s["majority_correct"])
             & (s["majority_correct"] <= s["any_correct"])).all()

@@ -6,11 +6,11 @@ import torch
 from transformer_lens import patching as tlp
 
 import mechq
-import mechq.positions
-from mechq import patching
+import mechq.engine.positions
+from mechq.engine import patching
 from mechq.facts import target_token
-from mechq.patching_sweep import COLUMNS, SEMANTIC, by_third, patch_heatmap_frame, patch_sweep
-from mechq.store import Store
+from mechq.analysis.patching import COLUMNS, SEMANTIC, by_third, patch_heatmap_frame, patch_sweep
+from mechq.engine.store import Store
 
 # Patched target probabilities (<= 1, float32) from the batched engine vs one forward per site:
 # KV reuse, replica batches and kernel layouts reorder the sums. Measured |diff| <= 5e-7 on both
@@ -191,7 +191,7 @@ def test_patch_sweep_frame_and_heatmap(tiny, tiny_w2, tiny_facts):
     L = tiny.cfg.n_layers
     for fact in tiny_facts:
         g = df[df["fact_id"] == fact.id]
-        labels = mechq.positions.locate_fact(tiny, fact).labels()
+        labels = mechq.engine.positions.locate_fact(tiny, fact).labels()
         n_sem = sum(lab in SEMANTIC for lab in labels)
         assert len(g) == L * n_sem == g["n_sites"].iloc[0]
         assert set(g["position_label"]) <= set(SEMANTIC)
@@ -215,12 +215,12 @@ def test_patch_sweep_frame_and_heatmap(tiny, tiny_w2, tiny_facts):
     # covers float64 means divided by the FP-baseline gap (>= 7e-3)
     assert hm[hm["layer"] == 0]["restored"].abs().max() < 1e-4
 
-    from mechq.plots import patching_heatmap
+    from mechq.reports.plots import patching_heatmap
 
     fig = patching_heatmap(hm)
     assert len(fig.data) == 1 and fig.data[0].type == "heatmap"
     present = set(hm["position_label"])
-    assert list(fig.data[0].y) == [n for n in mechq.positions.NAMES if n in present]
+    assert list(fig.data[0].y) == [n for n in mechq.engine.positions.NAMES if n in present]
     # Two panels share one colour range: the data's overall range, not each panel's own.
     other = hm.assign(variant="other", restored=hm["restored"] * 0.25)
     fig2 = patching_heatmap(pd.concat([hm, other]))
@@ -283,7 +283,7 @@ def test_patch_sweep_resumes_from_disk(tiny, tiny_w2, tiny_facts, tmp_path, monk
 
 
 def test_store_resumes_and_skips_done_units(tmp_path):
-    """The one resumable CSV store (used by patch_sweep and mechq.sensitivity): typed columns,
+    """The one resumable CSV store (used by patch_sweep and mechq.analysis.sensitivity): typed columns,
     done units, nothing appended by a run that finds everything done, cut-off lines dropped."""
     path = tmp_path / "store.csv"
     types = {"run": str, "unit": int, "item": str, "x": float, "ok": bool}

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mechq.facts import DATA_DIR, Fact, FactSet
-from mechq.positions import Positions, locate, locate_fact, positions_frame, token_spans
+from mechq.engine.positions import Positions, locate, locate_fact, positions_frame, token_spans
 
 # Hand-written facts with awkward subjects: punctuation, apostrophes, several words, the subject
 # at the start, the subject repeated in the template, braces in the template, non-ASCII text.
@@ -161,7 +161,7 @@ def test_word_level_tokenizer(word_tokenizer, use_offsets):
 
 
 def test_tiny_gpt2_if_present():
-    from mechq.models import ASSETS
+    from mechq.models.load import ASSETS
 
     if not (Path(ASSETS) / "tiny-gpt2").exists():
         pytest.skip("mechq/assets/tiny-gpt2 is not built yet")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mechq
-from mechq import protect as P
+from mechq.repair import protect as P
 from mechq.quant import dynamic as dyn
 from mechq.quant import layout
 

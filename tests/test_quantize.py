@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import mechq
-from mechq import calibration, models
+from mechq.models import load as models
+from mechq.facts import calibration
 from mechq.quant import layout, quantize as Q
-from mechq.recall import accuracy, evaluate_recall
+from mechq.analysis.recall import accuracy, evaluate_recall
 
 # The default calibration of SmolLM2 (32 windows of 128 tokens of the bundled text, seed 0):
 # a golden value. It is a pure function of the shipped text, the tokenizer and sha256, so it
@@ -24,7 +25,7 @@ SMOLLM2_FIRST = [1, 359, 9740, 2206, 284, 502, 523, 5619, 1163, 28, 502, 457]
 _DIGEST_SCRIPT = """
 import warnings; warnings.filterwarnings("ignore")
 import mechq, torch
-from mechq.calibration import get_calibration
+from mechq.facts.calibration import get_calibration
 m = mechq.load_model("smollm2-135m", device="cpu")
 c = get_calibration(m)
 print(c.digest, torch.get_num_threads(), c.tokens[0][:12])

@@ -2,11 +2,10 @@
 
 import pandas as pd
 import pytest
-import torch
 
 import mechq
 from mechq import facts as F
-from mechq.recall import accuracy, evaluate_recall
+from mechq.analysis.recall import accuracy, evaluate_recall
 
 
 def test_bundled_facts_shape(facts):

@@ -5,11 +5,11 @@ import json
 import pytest
 
 import mechq
-from mechq import recipe as R
-from mechq.amplify import Amplified, dev_heldout
+from mechq.repair import recipe as R
+from mechq.repair.amplify import Amplified, dev_heldout
 from mechq.quant import dynamic as dyn
 from mechq.quant import layout
-from mechq.quant.checkpoint import load_gptq_checkpoint
+from mechq.quant.formats.gptq import load_gptq_checkpoint
 
 # small GPTQ calibration: the tiny model's runs take seconds
 BASE = mechq.Request("gptq", 2, n_samples=8, seq_len=24)
@@ -32,7 +32,7 @@ def test_candidates_fit_the_budget_and_refuse_a_lower_one(tiny):
         if rules:
             high = {m: dyn.resolve(m, {"bits": 2}, rules)["bits"]
                     for m in layout.modules(tiny.cfg)}
-            assert mechq.protect.estimated_bits(tiny, 2, 128, high) <= 3.7
+            assert mechq.repair.protect.estimated_bits(tiny, 2, 128, high) <= 3.7
     with pytest.raises(ValueError, match="below the base"):
         R.candidates(tiny, BASE, 2.0)
 

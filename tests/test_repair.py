@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 
 import mechq
-from mechq import plots
-from mechq.amplify import dev_heldout
-from mechq.repair import REPAIRS, SUBSETS, repair_summary, repair_table
+from mechq.reports import plots
+from mechq.repair.amplify import dev_heldout
+from mechq.repair.table import REPAIRS, SUBSETS, repair_summary, repair_table
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_diagnose_repair_and_recipe_commands(tmp_path, capsys):
     rc = cli.main(["recipe", "rtn-w2g128", "--model", "tiny-gpt2", "--budget", "3.7",
                    "--out", str(tmp_path / "r.json")])
     assert rc == 0
-    from mechq.recipe import read_recipe
+    from mechq.repair.recipe import read_recipe
 
     assert read_recipe(tmp_path / "r.json")["avg_bits"] <= 3.7
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import mechq
-from mechq import plots
-from mechq.representation import (
+from mechq.reports import plots
+from mechq.analysis.representation import (
     SUBSPACE_METRICS, cka_diagonal, cka_matrix, energy_rank, error_subspace_alignment,
     linear_cka, principal_directions, representation_metrics, subspace_similarity,
 )

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import mechq
-from mechq import sensitivity as sens
+from mechq.analysis import sensitivity as sens
 from mechq.quant.variants import swap
-from mechq.recall import accuracy, evaluate_recall
+from mechq.analysis.recall import accuracy, evaluate_recall
 from tests.conftest import assert_params_equal, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -191,7 +191,7 @@ def test_smol_first_domino_and_injection(smol, smol_w2, facts):
 
 
 def test_plots(tiny, sub, tiny_w2):
-    from mechq import plots
+    from mechq.reports import plots
 
     df = sens.first_domino(tiny, sub, tiny_w2, ks=[-1, 0, 3], progress=False)
     fig = plots.first_domino_curve(accuracy(df, by=["k"]))

@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from mechq.quant.awq import AWQ_ORDER
+from mechq.quant.formats.awq import AWQ_ORDER
 from mechq.quant.packing import PackedLinear, pack_int
 from mechq.quant.variants import Variant
 

@@ -2,7 +2,7 @@
 
 mechq does not re-implement GPTQ: it hands the model's Hugging Face directory and the calibration
 tokens to GPTQModel, lets it quantize layer by layer and save a standard GPTQ checkpoint, and then
-reads that checkpoint back with its *own* dequantizer (:mod:`mechq.quant.checkpoint`).
+reads that checkpoint back with its *own* dequantizer (:mod:`mechq.quant.formats.gptq`).
 
 Each run is a child process (``python gptq_child.py JOB.json``), for three reasons:
 
@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mechq.calibration import Calibration
+from mechq.facts.calibration import Calibration
 
 
 CHILD = Path(__file__).with_name("gptq_child.py")

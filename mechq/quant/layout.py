@@ -6,7 +6,7 @@ Quantizers (GPTQ, RTN) work on the Hugging Face *linear modules* of a model (``q
 weights come from and the HookedTransformer parameter they go into.
 
 Which module feeds which parameter, and the reshapes between them, belong to the model's family
-(:mod:`mechq.families`); this module is the architecture-free interface to them. A module's
+(:mod:`mechq.models.families`); this module is the architecture-free interface to them. A module's
 weight is handled as ``torch.nn.Linear.weight``, shape ``(out_features, in_features)``.
 """
 
@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformerConfig
 
-from mechq.families import NormSite, Site, family_of
+from mechq.models.families import NormSite, Site, family_of
 
 COMPONENTS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 GROUPS: dict[str, tuple[str, ...]] = {

