@@ -38,7 +38,7 @@ def threads_check(model, facts, n_samples: int, seq_len: int) -> dict:
     from mechq.facts.calibration import get_calibration
     from mechq.quant.formats.gptq import load_gptq_checkpoint
     from mechq.quant.gptq import make_job, run_gptq
-    from mechq.quant.quantize import load_quantized
+    from mechq.quant.quantize import load_variant
     from mechq.analysis.recall import accuracy, evaluate_recall
 
     calib = get_calibration(model, None, n_samples=n_samples, seq_len=seq_len, seed=0)
@@ -71,7 +71,7 @@ def threads_check(model, facts, n_samples: int, seq_len: int) -> dict:
                             share=diff / total,
                             first_layer_with_difference=min(
                                 (k for k, v in per_layer.items() if v), default=None))
-        variants = [load_quantized(dirs[n][1], model=model, name=n) for n in names]
+        variants = [load_variant(dirs[n][1], model=model, name=n) for n in names]
         acc = accuracy(evaluate_recall(model, facts, variants, include_fp=False,
                                        progress=False)).set_index("variant")
     res["runs"] = [dict(name=n, threads=dirs[n][0], seconds=round(dirs[n][2], 1),

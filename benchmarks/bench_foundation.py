@@ -61,7 +61,7 @@ def _child(step: str, q) -> None:
         v = mechq.quantize(model, method, bits=4, group_size=128, cache=False)
         res["variant_path"] = v.meta["path"]
     elif step == "dequant_mechq":
-        v = mechq.load_quantized(os.environ["BENCH_CKPT"])
+        v = mechq.load_variant(os.environ["BENCH_CKPT"])
         t0 = time.perf_counter()
         for p in v.modules.values():
             p.dequantize()
@@ -81,7 +81,7 @@ def _child(step: str, q) -> None:
         res["modules"] = len(qls)
     elif step in ("swap_mechq", "swap_state_dict"):
         model = mechq.load_model("smollm2-135m", device="cpu")
-        v = mechq.load_quantized(os.environ["BENCH_CKPT"], model=model)
+        v = mechq.load_variant(os.environ["BENCH_CKPT"], model=model)
         if step == "swap_state_dict":
             # The peer: keep a full dequantized state dict in memory and load it / restore it.
             fp = {k: t.clone() for k, t in model.state_dict().items()}
@@ -105,7 +105,7 @@ def _child(step: str, q) -> None:
         res["repeats"] = 3
     elif step == "memory":
         model = mechq.load_model("smollm2-135m", device="cpu")
-        v = mechq.load_quantized(os.environ["BENCH_CKPT"], model=model)
+        v = mechq.load_variant(os.environ["BENCH_CKPT"], model=model)
         res["variant_packed_bytes"] = v.nbytes
         res["fp32_linear_bytes"] = 4 * v.n_weights
         res["fp16_linear_bytes"] = 2 * v.n_weights

@@ -10,9 +10,6 @@ One definition each, so that a frame written by one analysis can be read by anot
 - :func:`hook_name` — a TransformerLens hook name, built by TransformerLens's own
   ``get_act_name`` (``hook_name("resid_post", 3) == "blocks.3.hook_resid_post"``,
   ``hook_name("pattern", 3) == "blocks.3.attn.hook_pattern"``).
-- :func:`lens_hook_name` — the residual stream *entering* layer ``l`` in the logit-lens
-  convention: ``l = 0`` is the embeddings (``blocks.0.hook_resid_pre``), ``l ≥ 1`` the output of
-  block ``l - 1``.
 """
 from __future__ import annotations
 
@@ -31,8 +28,3 @@ def hook_name(activation: str, layer: int) -> str:
 def hook_template(activation: str) -> str:
     """``hook_name`` with ``{l}`` in place of the layer, for ``template.format(l=layer)``."""
     return get_act_name(activation, 0).replace("blocks.0.", "blocks.{l}.", 1)
-
-
-def lens_hook_name(layer: int) -> str:
-    """The residual stream entering layer ``layer`` (``n_layers``: after the last block)."""
-    return hook_name("resid_pre", 0) if layer == 0 else hook_name("resid_post", layer - 1)

@@ -155,7 +155,7 @@ def test_cache_keys_of_uniform_and_dynamic_variants(tiny, tiny_mixed):
     assert uniform.dynamic is None and uniform.fp_modules == {} and uniform.name == "rtn-w4g128"
     assert Path(tiny_mixed.meta["path"]).name == key(
         dict(fields, dynamic=dyn.canonical(TINY_RULES)))
-    again = mechq.load_quantized(tiny_mixed.meta["path"])  # no model: skipped ones from meta
+    again = mechq.load_variant(tiny_mixed.meta["path"])  # no model: skipped ones from meta
     assert again.module_bits == tiny_mixed.module_bits and again.avg_bits == tiny_mixed.avg_bits
     named = mechq.quantize(tiny, "rtn", bits=4, dynamic=TINY_RULES, name="mine")
     assert named.name == "mine" and named.meta["path"] == tiny_mixed.meta["path"]

@@ -216,11 +216,11 @@ def test_gptq_failure_names_the_log(tiny, tmp_path, monkeypatch):
         gptq.run_gptq(job)
 
 
-def test_load_quantized_checks_the_architecture(tiny, smol):
+def test_load_variant_checks_the_architecture(tiny, smol):
     v = mechq.quantize(tiny, "rtn", bits=4)
     with pytest.raises(ValueError, match="c_attn|architecture|belong"):
-        mechq.load_quantized(v.meta["path"], model=smol)
-    again = mechq.load_quantized(v.meta["path"], model=tiny)
+        mechq.load_variant(v.meta["path"], model=smol)
+    again = mechq.load_variant(v.meta["path"], model=tiny)
     assert again.method == "rtn" and again.bits == 4
     for m in v.modules:
         assert torch.equal(again.weight(m), v.weight(m))

@@ -280,7 +280,7 @@ def quantize_many(
         for tmp in tmps.values():
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    return [load_quantized(out, model=model, name=name) for _, _, _, out, name in plans]
+    return [load_variant(out, model=model, name=name) for _, _, _, out, name in plans]
 
 
 def _write_rtn(model: HookedTransformer, out: Path, r: Request) -> None:
@@ -355,9 +355,6 @@ def load_variant(
         fp_modules={m: tuple(s) for m, s in fp.items()},
         norms=norms,
     )
-
-
-load_quantized = load_variant  # the name it had when mechq read GPTQ only
 
 
 def _awq_norms(ckpt, model: HookedTransformer | None) -> dict:

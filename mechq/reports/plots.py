@@ -13,8 +13,6 @@ import plotly.graph_objects as go
 
 from mechq.vocab import FP
 
-FP_COLOR = "#1f77b4"
-
 
 def variant_order(names) -> list[str]:
     """FP first, then the variants in the order they first appear (the order the analysis was
