@@ -56,7 +56,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"shared reader (mechq)": [], "three parses (transformers)": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        gguf = M.gemma_gguf(tmp)
+        gguf = M.embedded_gguf(M.GEMMA, tmp)
         outs = {}
         for rep in range(2):
             for shared, name in ((True, "shared reader (mechq)"),

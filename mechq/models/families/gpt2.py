@@ -16,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformerConfig
 
-from mechq.models.families.base import Family, NormSite, Site
+from mechq.models.families.base import Embedded, Family, NormSite, Site
 
 _ACT = {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "gelu_fast": "gelu_fast"}
 
@@ -89,4 +89,10 @@ class GPT2(Family):
         return params[parts[0].param].T
 
 
-FAMILY = GPT2()
+#: The 4-layer GPT-2 mechq trains itself on the bundled facts (``scripts/train_tiny_gpt2.py``),
+#: shipped in ``mechq/assets/tiny-gpt2``; the fast tests use it.
+TINY_GPT2 = Embedded(name="tiny-gpt2", architecture="GPT2LMHeadModel",
+                     note="trained by mechq on bundled facts", asset="tiny-gpt2",
+                     install="regenerate it with `python scripts/train_tiny_gpt2.py`")
+
+FAMILY = GPT2(embedded=[TINY_GPT2])

