@@ -17,13 +17,11 @@ from collections.abc import Sequence
 
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
-from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mechq.facts import FactSet
-from mechq.engine.forward import decode, lens_hook_name, last_states
+from mechq.engine.forward import lens_hook_name, last_states, score_states
 from mechq.quant.variants import Variant
 from mechq.analysis.recall import bits_of, variant_runs
 from mechq.engine.forward import tokenize_facts
@@ -33,22 +31,6 @@ from mechq.quant.variants import swap
 def lens_hook_names(n_layers: int) -> list[str]:
     """Hook of lens layer ``l`` for ``l = 0 … n_layers``."""
     return [lens_hook_name(l) for l in range(n_layers + 1)]
-
-
-@torch.no_grad()
-def lens_scores(model: HookedTransformer, resid: Float[Tensor, "n layer d_model"],
-                targets: Int[Tensor, " n"], chunk: int = 16) -> dict[str, Tensor]:
-    """Target prob, rank and top-1 id of the lens read-out of every (prompt, layer) state,
-    ``chunk`` prompts at a time (full-vocabulary logits are ``chunk × layers × vocab``)."""
-    out: dict[str, list[Tensor]] = {"target_prob": [], "target_rank": [], "top1_id": []}
-    for i in range(0, len(resid), chunk):
-        logits = decode(model, resid[i:i + chunk])
-        t = targets[i:i + chunk].to(logits.device)[:, None, None].expand(-1, logits.shape[1], 1)
-        tl = logits.gather(2, t)
-        out["target_prob"].append(logits.softmax(-1).gather(2, t)[..., 0].cpu())
-        out["target_rank"].append((1 + (logits > tl).sum(-1)).cpu())
-        out["top1_id"].append(logits.argmax(-1).cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def logit_lens(
@@ -78,7 +60,8 @@ def logit_lens(
             resid = last_states(model, prompts, list(range(L + 1)),
                                 groups=info["relation"].tolist(), batch_size=batch_size,
                                 on_batch=bar.update)
-            s = lens_scores(model, resid, targets)
+            # the logits of 16 prompts × all layers at a time
+            s = score_states(model, resid, targets, chunk=16)
         n = len(prompts)
         frames.append(pd.DataFrame({
             "variant": name,

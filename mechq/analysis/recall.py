@@ -19,12 +19,10 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
-from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from mechq.engine.forward import decode, last_states, score, tokenize_facts
+from mechq.engine.forward import last_states, score_states, tokenize_facts
 from mechq.facts import FactSet
 from mechq.quant.variants import Variant, VariantSpec, swap
 from mechq.vocab import FP
@@ -167,14 +165,6 @@ def recall_from_lens(model: HookedTransformer, facts: FactSet, lens: pd.DataFram
             correct=top1 == info["target_id"].to_numpy(), target_prob=g["target_prob"].to_numpy(),
             target_rank=g["target_rank"].to_numpy(), top1_id=top1), bits=g["bits"].iloc[0]))
     return pd.concat(frames, ignore_index=True)
-
-
-def score_states(model: HookedTransformer, resid: Float[Tensor, "n d_model"],
-                 targets: Int[Tensor, " n"], chunk: int = 64) -> dict[str, Tensor]:
-    """:func:`mechq.engine.forward.score` of the decoded final residuals, ``chunk`` rows at a time."""
-    parts = [score(decode(model, resid[i:i + chunk]), targets[i:i + chunk])
-             for i in range(0, len(resid), chunk)]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def accuracy(recall: pd.DataFrame, by: str | list[str] = "variant",

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mechq.facts import FactSet
-from mechq.engine.forward import batches, decode, pad_id, score
+from mechq.engine.forward import batches, pad_id, score_states
 from mechq.quant.variants import Variant, swap
 from mechq.analysis.recall import accuracy, score_prompts
 from mechq.engine.forward import tokenize_facts
@@ -246,9 +246,7 @@ def _last_acts(model: HookedTransformer, prep: _Prepared):
 
         resid = model.run_with_hooks(b.tokens.to(dev), fwd_hooks=[(lambda n: n in names, grab)],
                                      stop_at_layer=L)
-        lr = resid[rows, last]
-        logits = decode(model, lr)
-        s = score(logits, b.targets)
+        s = score_states(model, resid[rows, last], b.targets, chunk=len(idx))
         acts[idx] = buf.cpu()
         for k in SCORE_COLS:
             scores[k][idx] = s[k].double()

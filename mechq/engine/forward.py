@@ -22,7 +22,8 @@ Inside :func:`last_states` the weights sit in the layout TransformerLens's kerne
 call (:func:`kernel_layout`): bit-identical results, about 15 % less time on a CPU.
 
 :func:`decode` applies the final norm and unembedding; :func:`score` turns logits into
-correctness, target probability and rank.
+correctness, target probability, rank and top-1 id, and :func:`score_states` does both, chunk by
+chunk, for every fact analysis.
 """
 
 from __future__ import annotations
@@ -222,25 +223,42 @@ def decode(model: HookedTransformer, resid: Float[Tensor, "... d_model"]
     return model.unembed(model.ln_final(x))[:, 0].float().reshape(*resid.shape[:-1], -1)
 
 
-@torch.no_grad()
-def last_logits(model: HookedTransformer, batch: PromptBatch) -> Float[Tensor, "batch vocab"]:
-    """Next-token logits at each prompt's last real position (one batch, no prefix sharing)."""
-    dev = model.cfg.device
-    resid = model(batch.tokens.to(dev), stop_at_layer=model.cfg.n_layers)
-    last = resid[torch.arange(len(batch.lengths)), (batch.lengths - 1).to(dev)]
-    return decode(model, last)
+def score(logits: Float[Tensor, "batch *rest vocab"], targets: Int[Tensor, " batch"] | int
+          ) -> dict[str, Tensor]:
+    """Correctness, target probability, rank (1-based) and top-1 id of every logit vector.
 
-
-def score(logits: Float[Tensor, "batch vocab"], targets: Int[Tensor, " batch"]) -> dict:
-    """Correctness, target probability and rank (1-based) per row."""
-    targets = targets.to(logits.device)
-    tgt = logits.gather(1, targets[:, None])
+    The one definition of these four numbers: ``correct = argmax(z) == t``, ``target_prob =
+    softmax(z)[t]``, ``target_rank = 1 + #{v : z_v > z_t}``. ``targets`` holds one id per row of
+    ``logits`` (shared by the row's further dimensions, e.g. the lens layers), or is one id for
+    all rows. Results have ``logits``'s shape less the vocabulary, on the CPU.
+    """
+    t = torch.as_tensor(targets, device=logits.device)
+    t = t.reshape(t.shape + (1,) * (logits.dim() - 1 - t.dim())).expand(logits.shape[:-1])
+    idx = t[..., None]
+    top1 = logits.argmax(-1)
     return dict(
-        correct=(logits.argmax(-1) == targets).cpu(),
-        target_prob=logits.softmax(-1).gather(1, targets[:, None])[:, 0].cpu(),
-        target_rank=(1 + (logits > tgt).sum(-1)).cpu(),
-        top1_id=logits.argmax(-1).cpu(),
+        correct=(top1 == t).cpu(),
+        target_prob=logits.softmax(-1).gather(-1, idx)[..., 0].cpu(),
+        target_rank=(1 + (logits > logits.gather(-1, idx)).sum(-1)).cpu(),
+        top1_id=top1.cpu(),
     )
+
+
+@torch.no_grad()
+def score_states(model: HookedTransformer, resid: Float[Tensor, "n *rest d_model"],
+                 targets: Int[Tensor, " n"], chunk: int = 64,
+                 read: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """:func:`score` of residual states read out to logits, ``chunk`` rows at a time (the
+    full-vocabulary logits of all rows are never in memory at once).
+
+    ``read`` maps a chunk of states to its logits; the default is :func:`decode`, the model's
+    own read-out. Every fact scorer (recall, the logit lens, sensitivity, amplification) goes
+    through here, so their numbers agree by construction.
+    """
+    read = read if read is not None else (lambda r: decode(model, r))
+    parts = [score(read(resid[i:i + chunk]), targets[i:i + chunk])
+             for i in range(0, len(resid), chunk)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def tokenize_facts(model: HookedTransformer, facts: FactSet

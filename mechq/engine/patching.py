@@ -21,7 +21,7 @@ Modes:
   variant.
 
 The metric is read at the prompt's last position (next-token prediction of the fact's target
-token ``t``, see :mod:`mechq.analysis.recall`): ``target_prob = softmax(z)[t]``,
+token ``t``, scored by :func:`mechq.engine.forward.score`): ``target_prob = softmax(z)[t]``,
 ``target_rank = 1 + #{v : z_v > z_t}``, ``correct = argmax(z) == t``. Each prompt's result also
 carries the unpatched run's numbers (``baseline_*``: the model being patched, without the patch)
 and the FP model's (``fp_*``).
@@ -76,7 +76,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from mechq.models.families import family_of
-from mechq.engine.forward import kernel_layout
+from mechq.engine.forward import kernel_layout, score
 from mechq.quant.variants import Variant, swap
 from mechq.vocab import hook_name
 
@@ -132,12 +132,10 @@ def _decode_apply(model: HookedTransformer, resid: Tensor, fn: Callable, rows: i
 
 
 def _score(logits: Float[Tensor, "batch vocab"], target: int) -> dict[str, Tensor]:
-    t = logits[:, target : target + 1]
-    return dict(
-        prob=logits.softmax(-1)[:, target].cpu(),
-        rank=(1 + (logits > t).sum(-1)).cpu(),
-        correct=(logits.argmax(-1) == target).cpu(),
-    )
+    """:func:`mechq.engine.forward.score` against one target, as ``prob``, ``rank``,
+    ``correct``."""
+    s = score(logits, target)
+    return dict(prob=s["target_prob"], rank=s["target_rank"], correct=s["correct"])
 
 
 @torch.no_grad()

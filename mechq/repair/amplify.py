@@ -39,7 +39,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mechq.facts import FactSet
-from mechq.engine.forward import decode, last_states, score
+from mechq.engine.forward import decode, last_states, score_states
 from mechq.quant.variants import Variant, swap
 from mechq.analysis.recall import bits_of, recall_rows, variant_runs
 from mechq.engine.forward import tokenize_facts
@@ -137,13 +137,18 @@ def amplified_recall(model: HookedTransformer, facts: FactSet, variants: Sequenc
                                 groups=info["relation"].tolist(), batch_size=batch_size)
         for first in firsts:
             for alpha in alphas:
-                parts = [amplified_logits(model, resid[i:i + batch_size], alpha, first)
-                         for i in range(0, len(resid), batch_size)]
-                logits = torch.cat([p[0] for p in parts])
-                cols = {k: t.numpy() for k, t in score(logits, targets).items()}
+                peaks = []
+
+                def read(r, alpha=alpha, first=first, peaks=peaks):
+                    logits, peak = amplified_logits(model, r, alpha, first)
+                    peaks.append(peak)
+                    return logits
+
+                cols = {k: t.numpy() for k, t in
+                        score_states(model, resid, targets, chunk=batch_size, read=read).items()}
                 df = recall_rows(model, info, name, cols, bits=bits_of(v))
                 df["alpha"], df["first"] = alpha, first
-                df["peak_layer"] = torch.cat([p[1] for p in parts]).numpy()
+                df["peak_layer"] = torch.cat(peaks).numpy()
                 frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
