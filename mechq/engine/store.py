@@ -17,16 +17,30 @@ written; a re-run reads the file back and skips the units already done.
   (:func:`complete`).
 
 Without a path the store only collects its frames in memory, so an analysis has one code path.
+
+Results that are one record rather than rows (a measurement script's summary, a run's settings)
+are JSON files written by :func:`write_result` and read by :func:`read_result`: the data plus a
+``provenance`` record (the command, mechq's version, the date and the :func:`machine`), written
+atomically (:func:`atomic_write`: a reader sees the old file or the new one, never a part).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
+import json
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
+import platform
+import secrets
+import sys
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO, Any, NamedTuple
 
 import pandas as pd
+import torch
 
 _DTYPES = {int: "int64", float: "float64", bool: bool}
 
@@ -105,9 +119,8 @@ class Store:
             rows = keep(rows)
         if len(rows) != len(raw) or len(whole) != len(data) or list(raw.columns) != list(
                 self.types):
-            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-            rows.to_csv(tmp, index=False)
-            os.replace(tmp, self.path)
+            with atomic_write(self.path, newline="") as fh:
+                rows.to_csv(fh, index=False)
         return rows
 
     def done(self, unit: str, items: str | Sequence[str], n: int | str) -> set:
@@ -132,3 +145,119 @@ class Store:
         """This run's rows: those read from disk, then those added."""
         parts = [f for f in [self.rows, *self.added] if len(f)]
         return pd.concat(parts, ignore_index=True) if parts else self._empty()
+
+
+# --------------------------------------------------------------------------------------------
+# One-record results: JSON with its provenance
+# --------------------------------------------------------------------------------------------
+
+#: Environment variables that change which CPU code paths torch runs (and so its float
+#: rounding): ATen's vectorized kernels and MKL's BLAS. Recorded by :func:`machine` when set.
+CODE_PATH_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR")
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kw) -> Iterator[IO]:
+    """Open a temporary file next to ``path`` for writing; on leaving the block it is flushed,
+    fsynced and renamed onto ``path`` (``os.replace``, atomic on one file system). If the block
+    raises, the temporary file is removed and ``path`` keeps its old content (or stays absent).
+    ``mode`` is ``"w"`` (text, UTF-8 unless ``encoding`` is given) or ``"wb"``."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "w":
+        open_kw.setdefault("encoding", "utf-8")
+    # a fresh name in the same folder (same file system), created like any file (umask)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, mode.replace("w", "x"), **open_kw) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def machine() -> dict[str, Any]:
+    """The machine a result was computed on: ``cpu`` (the model name in ``/proc/cpuinfo``, else
+    what ``platform`` says), ``cores``, ``torch_threads``, ``torch`` and ``python`` versions,
+    ``gpu`` (only with CUDA) and each of :data:`CODE_PATH_VARIABLES` that is set."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(),
+                           "torch_threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    out.update({k: os.environ[k] for k in CODE_PATH_VARIABLES if os.environ.get(k)})
+    return out
+
+
+def machine_text(m: Mapping[str, Any] | None = None) -> str:
+    """One line for a :func:`machine` record (default: this machine), e.g. ``"AMD EPYC, 2 cores,
+    2 torch threads; torch 2.13.0+cpu, Python 3.11.7"``."""
+    m = machine() if m is None else m
+    extra = "".join(f", {k}={m[k]}" for k in CODE_PATH_VARIABLES if k in m)
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads{gpu}{extra}; "
+            f"torch {m['torch']}, Python {m['python']}")
+
+
+def _mechq_version() -> str:
+    root = sys.modules.get("mechq")  # not imported here: the package root sits above every layer
+    if getattr(root, "__version__", None):
+        return root.__version__
+    try:
+        return importlib.metadata.version("mechq")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def provenance(command: str) -> dict[str, Any]:
+    """Where a result comes from: ``command`` (what to run to make it again), ``mechq`` (the
+    version), ``date`` (UTC, ISO 8601) and ``machine`` (:func:`machine`)."""
+    return {"command": command, "mechq": _mechq_version(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine()}
+
+
+class Result(NamedTuple):
+    """A result file read back: its ``data`` and its ``provenance`` (None for a file written
+    without one)."""
+
+    data: dict[str, Any]
+    provenance: dict[str, Any] | None
+
+
+def write_result(path: str | os.PathLike, data: Mapping[str, Any], *, command: str) -> Path:
+    """Write ``data`` (a JSON object; values JSON cannot hold are written as ``str``) to
+    ``path`` with a ``provenance`` key (:func:`provenance` of ``command``), atomically
+    (:func:`atomic_write`). Returns the path. ``data`` may not have a ``provenance`` key."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a result is a mapping (a JSON object), got {type(data).__name__}.")
+    if "provenance" in data:
+        raise ValueError("'provenance' is written by write_result; rename that key of data.")
+    text = json.dumps({**data, "provenance": provenance(command)}, indent=1, default=str)
+    path = Path(path)
+    with atomic_write(path) as fh:
+        fh.write(text + "\n")
+    return path
+
+
+def read_result(path: str | os.PathLike) -> Result:
+    """Read a JSON result: ``Result(data, provenance)``, ``data`` being what
+    :func:`write_result` was given (keys in their order)."""
+    record = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} holds no JSON object, so no mechq result.")  # noqa: TRY004
+    prov = record.pop("provenance", None)
+    return Result(record, prov)

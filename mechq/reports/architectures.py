@@ -44,6 +44,7 @@ from mechq.analysis.recall import accuracy, evaluate_recall
 from mechq.repair.table import PROTECT_BITS, PROTECT_K
 from mechq.analysis.sensitivity import component_sensitivity, first_domino, single_layer_sweep
 from mechq.diagnosis.verdict import N_FACTS, diagnose_many, fp_correct_sample
+from mechq.engine.store import atomic_write
 from mechq.vocab import FP
 
 CLIFF_BITS = (8, 4, 3, 2)
@@ -82,7 +83,8 @@ class Comparison:
         paths = []
         for key, frame in self.frames().items():
             paths.append(folder / f"architectures_{key}.csv")
-            frame.to_csv(paths[-1], index=False)
+            with atomic_write(paths[-1], newline="") as fh:  # never a half-written frame
+                frame.to_csv(fh, index=False)
         return paths
 
     @classmethod
