@@ -38,10 +38,13 @@ from torch import Tensor
 from mechq.quant.formats.common import (
     Checkpoint,
     CheckpointError,
-    architecture_of,
+    check_dtypes,
+    check_module_tensors,
+    check_shapes,
     module_parts,
     read_quant_config,
     read_tensors,
+    tensor_error,
 )
 from mechq.quant.packing import SCALE_DTYPES, PackedLinear, unpack_int
 
@@ -91,14 +94,9 @@ def normalize_awq_config(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 def _build(name: str, t: dict[str, Tensor], origin: dict[str, str], group_size: int
            ) -> PackedLinear:
-    def err(part: str, msg: str) -> CheckpointError:
-        return CheckpointError(f"{origin[f'{name}.{part}']}: tensor '{name}.{part}' {msg}")
-
-    for part in ("qweight", "qzeros"):
-        if t[part].dtype != torch.int32:
-            raise err(part, f"has dtype {t[part].dtype}, expected torch.int32")
-    if t["scales"].dtype not in SCALE_DTYPES:
-        raise err("scales", f"has dtype {t['scales'].dtype}, expected bfloat16 or float16")
+    err = tensor_error(name, origin)
+    check_dtypes(t, err, ("qweight", "qzeros"), (torch.int32,), "torch.int32")
+    check_dtypes(t, err, ("scales",), SCALE_DTYPES, "bfloat16 or float16")
     for part in AWQ_TENSORS:
         if t[part].ndim != 2:
             raise err(part, f"has shape {tuple(t[part].shape)}, expected 2 dimensions")
@@ -112,11 +110,8 @@ def _build(name: str, t: dict[str, Tensor], origin: dict[str, str], group_size: 
         raise err("scales", f"has {n_out} output channels, not a multiple of 8")
     if "bias" in t:
         expected["bias"] = (n_out,)
-    for part, shape in expected.items():
-        if tuple(t[part].shape) != shape:
-            raise err(part, f"has shape {tuple(t[part].shape)}, expected {shape} (in_features="
-                            f"{n_in} from qweight, out_features={n_out} from scales, "
-                            f"group_size={group_size}; AWQ GEMM layout)")
+    check_shapes(t, err, expected, f"in_features={n_in} from qweight, out_features={n_out} "
+                                   f"from scales, group_size={group_size}; AWQ GEMM layout")
     codes = _unpack_awq(t["qweight"], n_out)
     zeros = _unpack_awq(t["qzeros"], n_out)
     return PackedLinear.from_codes(
@@ -144,26 +139,15 @@ def load_awq_checkpoint(path: str | os.PathLike) -> Checkpoint:
     modules: dict[str, PackedLinear] = {}
     claimed: set[str] = set()
     for name, parts in module_parts(tensors, AWQ_TENSORS).items():
-        missing = [p for p in AWQ_TENSORS if p not in parts]
-        if missing:
-            have = next(p for p in AWQ_TENSORS if p in parts)
-            raise CheckpointError(
-                f"{origin[f'{name}.{have}']}: quantized module '{name}' has {sorted(parts)} "
-                f"but no {', '.join(repr(f'{name}.{p}') for p in missing)}")
-        extra = sorted(k for k in tensors if k.startswith(f"{name}.")
-                       and k[len(name) + 1:] not in parts)
-        if extra:
-            raise CheckpointError(f"{origin[extra[0]]}: unexpected tensor '{extra[0]}' in "
-                                  f"quantized module '{name}' (an AWQ module holds only "
-                                  f"{', '.join(AWQ_TENSORS)} and bias)")
+        check_module_tensors(name, parts, tensors, origin, AWQ_TENSORS, parts,
+                             extra_note=f"an AWQ module holds only {', '.join(AWQ_TENSORS)} "
+                                        "and bias")
         modules[name] = _build(name, parts, origin, qc["group_size"])
         claimed.update(f"{name}.{p}" for p in parts)
     if not modules:
         raise CheckpointError(f"{root}: no quantized modules found (no '<module>.qweight' "
                               "tensors)")
-    return Checkpoint(path=root, quant_config=qc, modules=modules,
-                          other={k: v for k, v in tensors.items() if k not in claimed},
-                          hf_config=hf_config, architecture=architecture_of(hf_config))
+    return Checkpoint.assemble(root, qc, modules, tensors, claimed, hf_config)
 
 
 #: (producer, consumer) components whose scales AWQ folds from one into the other when their

@@ -9,11 +9,12 @@ reading, the quantization-config lookup and the fit check against a model are wr
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from torch import Tensor
 
@@ -49,6 +50,17 @@ class Checkpoint:
     other: dict[str, Tensor] = field(default_factory=dict)
     hf_config: dict[str, Any] | None = None
     architecture: str | None = None
+
+    @classmethod
+    def assemble(cls, root: Path, quant_config: dict[str, Any], modules: dict[str, PackedLinear],
+                 tensors: Mapping[str, Tensor], claimed: Iterable[str],
+                 hf_config: dict[str, Any] | None) -> Checkpoint:
+        """What a format's reader returns: its ``modules``, every tensor no module ``claimed``
+        as ``other``, and the architecture named by ``hf_config``."""
+        claimed = set(claimed)
+        return cls(path=root, quant_config=quant_config, modules=modules,
+                   other={k: v for k, v in tensors.items() if k not in claimed},
+                   hf_config=hf_config, architecture=architecture_of(hf_config))
 
     @property
     def bits(self) -> int:
@@ -102,10 +114,56 @@ def read_quant_config(root: Path) -> tuple[dict[str, Any] | None, dict[str, Any]
 
 
 def architecture_of(hf_config: dict[str, Any] | None) -> str | None:
-    """The first of ``config.json``'s ``architectures`` (``"LlamaForCausalLM"``), if any."""
+    """The first of ``config.json``'s ``architectures`` (the Hugging Face architecture name
+    :mod:`mechq.models.families` knows its family by), if any."""
     if hf_config and hf_config.get("architectures"):
         return str(hf_config["architectures"][0])
     return None
+
+
+def tensor_error(name: str, origin: Mapping[str, str]) -> Callable[[str, str], CheckpointError]:
+    """``err(part, msg)``: the error for module ``name``'s tensor ``part``, naming its file."""
+    def err(part: str, msg: str) -> CheckpointError:
+        return CheckpointError(f"{origin[f'{name}.{part}']}: tensor '{name}.{part}' {msg}")
+
+    return err
+
+
+def check_dtypes(t: Mapping[str, Tensor], err: Callable[[str, str], CheckpointError],
+                 parts: Iterable[str], allowed: Collection[torch.dtype], expected: str) -> None:
+    """Raise ``err`` for the first of ``parts`` whose dtype is not ``allowed`` (``expected``
+    says what is, in the message)."""
+    for part in parts:
+        if t[part].dtype not in allowed:
+            raise err(part, f"has dtype {t[part].dtype}, expected {expected}")
+
+
+def check_shapes(t: Mapping[str, Tensor], err: Callable[[str, str], CheckpointError],
+                 expected: Mapping[str, tuple[int, ...]], why: str) -> None:
+    """Raise ``err`` for the first tensor whose shape is not ``expected`` (``why``: where the
+    expected shapes come from, in the message)."""
+    for part, shape in expected.items():
+        if tuple(t[part].shape) != shape:
+            raise err(part, f"has shape {tuple(t[part].shape)}, expected {shape} ({why})")
+
+
+def check_module_tensors(name: str, parts: Mapping[str, Tensor], tensors: Mapping[str, Tensor],
+                         origin: Mapping[str, str], need: Sequence[str], allowed: Collection[str],
+                         *, missing_note: str = "", extra_note: str) -> None:
+    """Raise :class:`CheckpointError` when quantized module ``name`` (its tensors: ``parts``)
+    lacks one of ``need`` (``missing_note`` ends the message), or when the file holds a
+    ``<name>.<part>`` whose part is not ``allowed`` (``extra_note``: what a module holds)."""
+    missing = [p for p in need if p not in parts]
+    if missing:
+        have = next(p for p in need if p in parts)
+        raise CheckpointError(
+            f"{origin[f'{name}.{have}']}: quantized module '{name}' has {sorted(parts)} but no "
+            f"{', '.join(repr(f'{name}.{p}') for p in missing)}{missing_note}")
+    extra = sorted(k for k in tensors if k.startswith(f"{name}.")
+                   and k[len(name) + 1:] not in allowed)
+    if extra:
+        raise CheckpointError(f"{origin[extra[0]]}: unexpected tensor '{extra[0]}' in quantized "
+                              f"module '{name}' ({extra_note})")
 
 
 def module_parts(tensors: dict[str, Tensor], packed: tuple[str, ...]) -> dict[str, dict[str, Tensor]]:

@@ -103,9 +103,11 @@ from mechq.quant.formats.common import (
     WEIGHTS_FILE,
     Checkpoint,
     CheckpointError,
-    architecture_of,
+    check_dtypes,
+    check_module_tensors,
     read_json,
     read_tensors,
+    tensor_error,
 )
 from mechq.quant.packing import SCALE_DTYPES, PackedLinear, packed_length, unpack_int
 from mechq.vocab import SUPPORTED_BITS
@@ -435,9 +437,7 @@ def _group_of(name: str, raw: Mapping[str, Any]) -> str | None:
 def _build(name: str, t: dict[str, Tensor], origin: dict[str, str], cfg: Mapping[str, Any]
            ) -> PackedLinear:
     """One module's tensors -> a PackedLinear (GPTQ layout, v2 zero points), validated."""
-    def err(part: str, msg: str) -> CheckpointError:
-        return CheckpointError(f"{origin[f'{name}.{part}']}: tensor '{name}.{part}' {msg}")
-
+    err = tensor_error(name, origin)
     bits, gs = cfg["bits"], cfg["group_size"]
     shape = t["weight_shape"]
     if shape.is_floating_point() or shape.ndim != 1 or shape.numel() != 2 or \
@@ -446,12 +446,10 @@ def _build(name: str, t: dict[str, Tensor], origin: dict[str, str], cfg: Mapping
                                   "positive integers (out_features, in_features)")
     n_out, n_in = (int(v) for v in shape)
     n_groups = 1 if gs == -1 else -(-n_in // gs)
-    for part in ("weight_packed", "weight_zero_point"):
-        if part in t and t[part].dtype != torch.int32:
-            raise err(part, f"has dtype {t[part].dtype}, expected torch.int32 (packed codes)")
-    if t["weight_scale"].dtype not in SCALE_DTYPES:
-        raise err("weight_scale", f"has dtype {t['weight_scale'].dtype}, expected one of "
-                                  f"{', '.join(map(str, SCALE_DTYPES))}")
+    check_dtypes(t, err, [p for p in ("weight_packed", "weight_zero_point") if p in t],
+                 (torch.int32,), "torch.int32 (packed codes)")
+    check_dtypes(t, err, ("weight_scale",), SCALE_DTYPES,
+                 f"one of {', '.join(map(str, SCALE_DTYPES))}")
     expected = {"weight_packed": (n_out, packed_length(n_in, bits)),
                 "weight_scale": (n_out, n_groups)}
     if "weight_zero_point" in t:
@@ -542,20 +540,13 @@ def read_compressed_tensors(path: str | os.PathLike) -> Checkpoint:
                                   "lists it under 'ignore' (unquantized)")
         cfg = groups[group]
         need = [*REQUIRED, *([] if cfg["sym"] else ["weight_zero_point"])]
-        missing = [p for p in need if p not in parts]
-        if missing:
-            raise CheckpointError(
-                f"{first}: quantized module '{name}' has {sorted(parts)} but no "
-                f"{', '.join(repr(f'{name}.{p}') for p in missing)} (config group {group!r}: "
-                f"{'symmetric' if cfg['sym'] else 'asymmetric'} {cfg['bits']}-bit)")
         allowed = {*need, "weight_g_idx", "bias"}
-        extra = sorted(k for k in tensors if k.startswith(f"{name}.")
-                       and k[len(name) + 1:] not in allowed)
-        if extra:
-            raise CheckpointError(
-                f"{origin[extra[0]]}: unexpected tensor '{extra[0]}' in quantized module "
-                f"'{name}' (config group {group!r} is {'symmetric' if cfg['sym'] else 'asymmetric'}"
-                f" weight-only; a module holds {', '.join(sorted(allowed))})")
+        kind = "symmetric" if cfg["sym"] else "asymmetric"
+        check_module_tensors(
+            name, parts, tensors, origin, need, allowed,
+            missing_note=f" (config group {group!r}: {kind} {cfg['bits']}-bit)",
+            extra_note=f"config group {group!r} is {kind} weight-only; a module holds "
+                       f"{', '.join(sorted(allowed))}")
         modules[name] = _build(name, parts, origin, cfg)
         module_group[name] = group
         claimed.update(f"{name}.{p}" for p in parts)
@@ -574,11 +565,4 @@ def read_compressed_tensors(path: str | os.PathLike) -> Checkpoint:
         strategy=base["strategy"], actorder=base["actorder"],
         desc_act=bool(base["actorder"]) or g_idx_used, version=raw.get("version"),
         raw=dict(raw))
-    return Checkpoint(
-        path=root,
-        quant_config=quant_config,
-        modules=modules,
-        other={k: v for k, v in tensors.items() if k not in claimed},
-        hf_config=hf_config,
-        architecture=architecture_of(hf_config),
-    )
+    return Checkpoint.assemble(root, quant_config, modules, tensors, claimed, hf_config)

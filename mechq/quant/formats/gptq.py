@@ -33,7 +33,8 @@ from torch import Tensor
 from mechq.quant import dynamic as dyn
 from mechq.quant.formats.common import (
     HF_CONFIG_FILE, INDEX_FILE, QUANT_CONFIG_FILE, WEIGHTS_FILE, Checkpoint, CheckpointError,
-    architecture_of, module_parts, read_quant_config, read_tensors,
+    check_dtypes, check_module_tensors, check_shapes, module_parts, read_quant_config,
+    read_tensors, tensor_error,
 )
 from mechq.quant.packing import PackedLinear, packed_length
 from mechq.vocab import SUPPORTED_BITS
@@ -144,14 +145,9 @@ def _build_module(
     group_size: int,
     zero_offset: int,
 ) -> PackedLinear:
-    def err(part: str, msg: str) -> CheckpointError:
-        return CheckpointError(f"{origin[f'{name}.{part}']}: tensor '{name}.{part}' {msg}")
-
-    for part in ("qweight", "qzeros"):
-        if t[part].dtype != torch.int32:
-            raise err(part, f"has dtype {t[part].dtype}, expected torch.int32 (pack_dtype int32)")
-    if t["g_idx"].dtype not in (torch.int32, torch.int64, torch.int16):
-        raise err("g_idx", f"has dtype {t['g_idx'].dtype}, expected an integer type")
+    err = tensor_error(name, origin)
+    check_dtypes(t, err, ("qweight", "qzeros"), (torch.int32,), "torch.int32 (pack_dtype int32)")
+    check_dtypes(t, err, ("g_idx",), (torch.int32, torch.int64, torch.int16), "an integer type")
     if not t["scales"].is_floating_point():
         raise err("scales", f"has dtype {t['scales'].dtype}, expected float16")
     for part, ndim in (("qweight", 2), ("qzeros", 2), ("scales", 2), ("g_idx", 1)):
@@ -167,14 +163,8 @@ def _build_module(
     }
     if "bias" in t:
         expected["bias"] = (n_out,)
-    for part, shape in expected.items():
-        if tuple(t[part].shape) != shape:
-            raise err(
-                part,
-                f"has shape {tuple(t[part].shape)}, expected {shape} "
-                f"(in_features={n_in} from g_idx, out_features={n_out} from qweight, bits={bits}, "
-                f"group_size={group_size})",
-            )
+    check_shapes(t, err, expected, f"in_features={n_in} from g_idx, out_features={n_out} from "
+                                   f"qweight, bits={bits}, group_size={group_size}")
     g_idx = t["g_idx"].to(torch.int32)
     if n_in and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
         raise err(
@@ -213,23 +203,13 @@ def load_gptq_checkpoint(path: str | os.PathLike) -> Checkpoint:
     modules: dict[str, PackedLinear] = {}
     claimed: set[str] = set()
     for name, parts in module_parts(tensors, PACKED_TENSORS).items():
-        missing = [p for p in PACKED_TENSORS if p not in parts]
-        if missing:
-            have = next(p for p in PACKED_TENSORS if p in parts)
-            hint = ("; no module has a g_idx, so these look like AWQ tensors under a GPTQ "
-                    "config (quant_method 'awq' reads them)" if missing == ["g_idx"] and not any(
-                        k.endswith(".g_idx") for k in tensors) else "")
-            raise CheckpointError(
-                f"{origin[f'{name}.{have}']}: quantized module '{name}' has "
-                f"{sorted(parts)} but no {', '.join(repr(f'{name}.{p}') for p in missing)}{hint}"
-            )
-        extra = sorted(k for k in tensors if k.startswith(f"{name}.")
-                       and k[len(name) + 1:] not in parts)
-        if extra:
-            raise CheckpointError(
-                f"{origin[extra[0]]}: unexpected tensor '{extra[0]}' in quantized module "
-                f"'{name}' (a GPTQ module holds only {', '.join(PACKED_TENSORS)} and bias)"
-            )
+        awq_like = ([p for p in PACKED_TENSORS if p not in parts] == ["g_idx"]
+                    and not any(k.endswith(".g_idx") for k in tensors))
+        check_module_tensors(
+            name, parts, tensors, origin, PACKED_TENSORS, parts,
+            missing_note="; no module has a g_idx, so these look like AWQ tensors under a GPTQ "
+                         "config (quant_method 'awq' reads them)" if awq_like else "",
+            extra_note=f"a GPTQ module holds only {', '.join(PACKED_TENSORS)} and bias")
         cfg = module_config(name, qc, source)
         if cfg is None:
             raise CheckpointError(
@@ -244,14 +224,7 @@ def load_gptq_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(
             f"{root}: no quantized modules found in {files} (no '<module>.qweight' tensors)"
         )
-    return Checkpoint(
-        path=root,
-        quant_config=qc,
-        modules=modules,
-        other={k: v for k, v in tensors.items() if k not in claimed},
-        hf_config=hf_config,
-        architecture=architecture_of(hf_config),
-    )
+    return Checkpoint.assemble(root, qc, modules, tensors, claimed, hf_config)
 
 
 def save_gptq_checkpoint(
