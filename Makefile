@@ -43,7 +43,7 @@ $(GEMMA): $(STAMP)
 install-gemma: $(GEMMA)
 
 demo: $(STAMP) $(if $(filter gemma-3-270m,$(MODEL)),$(GEMMA))
-	$(BIN)/mechq report --model $(MODEL) --calib-seeds 3 --seed-bits 4 --out figures
+	$(BIN)/mechq report --model $(MODEL) --calib-seeds 3 --seed-bits 4 --out demo
 
 test: $(STAMP) $(GEMMA)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 tests notebooks

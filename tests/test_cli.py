@@ -1,12 +1,15 @@
 """The mechq CLI end to end on the tiny model (RTN variants: no GPTQ run)."""
 
-import argparse
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from mechq import cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small forwards of the tiny model
 
 
 def _self_contained(path):
@@ -32,8 +35,8 @@ def test_cliff_writes_table_and_figures(tmp_path, capsys):
 
 
 def test_recall_and_lens_commands(tmp_path, capsys):
-    args = ["--model", "tiny-gpt2", "--variants", "rtn-w4g128", "rtn-w2g32",
-            "--max-facts", "40", "--out", str(tmp_path)]
+    args = ["rtn-w4g128", "rtn-w2g32", "--model", "tiny-gpt2", "--max-facts", "40",
+            "--out", str(tmp_path)]
     assert cli.main(["recall", *args]) == 0
     assert "subsets (reference rtn-w4g128)" in capsys.readouterr().out
     sizes = pd.read_csv(tmp_path / "subsets.csv")
@@ -47,15 +50,55 @@ def test_recall_and_lens_commands(tmp_path, capsys):
     _self_contained(tmp_path / "logit_lens.html")
 
 
-def test_variant_names_parse():
-    assert cli.parse_variant("gptq-w4g128") == dict(method="gptq", bits=4, group_size=128,
-                                                    sym=True, desc_act=False, seed=0)
-    assert cli.parse_variant("rtn-w2-asym") == dict(method="rtn", bits=2, group_size=128,
-                                                    sym=False, desc_act=False, seed=0)
-    assert cli.parse_variant("gptq-w3g64-act")["desc_act"] is True
-    assert cli.parse_variant("gptq-w4g128-s2")["seed"] == 2
-    with pytest.raises(argparse.ArgumentTypeError, match="METHOD-wBITS"):
-        cli.parse_variant("awq-4bit")
+def test_variant_names_parse(tmp_path):
+    from mechq.quant.quantize import Request
+
+    assert Request.parse("gptq-w4g128") == Request("gptq", 4, 128, sym=True, desc_act=False,
+                                                   seed=0)
+    assert Request.parse("rtn-w2-asym") == Request("rtn", 2, 128, sym=False, desc_act=False,
+                                                   seed=0)
+    assert Request.parse("gptq-w3g64-act").desc_act is True
+    assert Request.parse("gptq-w4g128-s2").seed == 2
+    assert Request.parse("awq-w4").group_size is None  # the model's default, set later
+    assert Request.parse("gptq-w4", calibration="sampled", n_samples=8).n_samples == 8
+    with pytest.raises(ValueError, match="METHOD-wBITS"):
+        Request.parse("awq-4bit")
+    # the CLI turns it into a one-line message, before any model is loaded
+    with pytest.raises(SystemExit, match="^mechq recall: bad variant 'awq-4bit': use METHOD"):
+        cli.main(["recall", "rtn-w4g128", "awq-4bit", "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+
+
+def test_commands_take_variants_positionally_and_out():
+    ap = cli.build_parser()
+    for cmd in ("recall", "lens", "components", "representation", "patch", "sensitivity"):
+        args = ap.parse_args([cmd, "--model", "tiny-gpt2", "rtn-w4g128", "gptq-w2g32-s1"])
+        assert args.variants == ["rtn-w4g128", "gptq-w2g32-s1"] and args.out is None
+        assert ap.parse_args([cmd]).variants == ["gptq-w4g128", "gptq-w2g128"]
+    for cmd in ("diagnose", "recipe", "quantize"):
+        extra = ["--budget", "4.3"] if cmd == "recipe" else []
+        args = ap.parse_args([cmd, "rtn-w4g128", "--out", "x", *extra])
+        assert args.variant == "rtn-w4g128" and args.out == "x"
+    for cmd in ("report", "cliff", "compare-architectures"):
+        assert ap.parse_args([cmd]).out is None  # main makes it mechq-<command>
+    with pytest.raises(SystemExit):  # --variants is gone: variants are positional
+        ap.parse_args(["recall", "--variants", "rtn-w4g128"])
+
+
+def test_quantize_writes_its_checkpoint_into_out(tmp_path, monkeypatch, capsys):
+    """`mechq quantize` copies the cached checkpoint into --out, by default mechq-quantize/."""
+    import mechq
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["quantize", "rtn-w4g64", "--model", "tiny-gpt2"]) == 0
+    out = tmp_path / "mechq-quantize"
+    assert f"wrote {Path('mechq-quantize')}" in capsys.readouterr().out
+    model = mechq.load_model("tiny-gpt2", device="cpu")
+    back, cached = mechq.load_variant(out, model=model), mechq.quantize(model, "rtn", 4, 64)
+    assert back.name == cached.name == "rtn-w4g64" and Path(cached.meta["path"]) != out
+    assert all(torch.equal(back.modules[m].dequantize(), p.dequantize())
+               for m, p in cached.modules.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mechq-quantize"]
 
 
 def test_report_is_one_offline_file(tmp_path):
@@ -105,8 +148,7 @@ def test_report_with_calibration_seeds(tmp_path, capsys, monkeypatch):
 
 
 def test_components_and_representation_commands(tmp_path, capsys):
-    args = ["--model", "tiny-gpt2", "--variants", "rtn-w2g32", "--max-facts", "24",
-            "--out", str(tmp_path)]
+    args = ["rtn-w2g32", "--model", "tiny-gpt2", "--max-facts", "24", "--out", str(tmp_path)]
     assert cli.main(["components", *args]) == 0
     summ = pd.read_csv(tmp_path / "components_summary.csv")
     fp_cos = summ[(summ.variant == "fp") & (summ.metric == "value_cosine")]["mean"]
@@ -122,7 +164,7 @@ def test_components_and_representation_commands(tmp_path, capsys):
 
 
 def test_patch_command(tmp_path, capsys):
-    args = ["patch", "--model", "tiny-gpt2", "--variants", "rtn-w2g32", "--max-facts", "12",
+    args = ["patch", "rtn-w2g32", "--model", "tiny-gpt2", "--max-facts", "12",
             "--subset", "all", "--activations", "resid_post", "--out", str(tmp_path)]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
@@ -155,7 +197,7 @@ def test_sensitivity_command(tmp_path, capsys):
     from mechq.facts import load_fact_source
     from mechq.analysis.recall import accuracy
 
-    args = ["sensitivity", "--model", "tiny-gpt2", "--variants", "rtn-w4g128", "rtn-w2g32",
+    args = ["sensitivity", "rtn-w4g128", "rtn-w2g32", "--model", "tiny-gpt2",
             "--max-facts", "16", "--analyses", "domino", "single", "components", "injection",
             "--injection-ks", "0", "2", "4", "--out", str(tmp_path)]
     assert cli.main(args) == 0
@@ -202,8 +244,8 @@ def test_sensitivity_command(tmp_path, capsys):
 def test_analysis_commands_refuse_empty_subsets(tmp_path):
     # The tiny model keeps every fact at 4 bits: the Failure subset is empty.
     with pytest.raises(SystemExit, match="no facts in subset 'failure'"):
-        cli.main(["sensitivity", "--model", "tiny-gpt2", "--variants", "rtn-w4g128",
-                  "--max-facts", "8", "--subset", "failure", "--out", str(tmp_path)])
+        cli.main(["sensitivity", "rtn-w4g128", "--model", "tiny-gpt2", "--max-facts", "8",
+                  "--subset", "failure", "--out", str(tmp_path)])
 
 
 def test_import_is_quiet():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -52,6 +53,7 @@ def calibration_size(method: str) -> tuple[int, int]:
     """``(n_samples, seq_len)`` a method uses by default."""
     return (AWQ_N_SAMPLES, AWQ_SEQ_LEN) if method == "awq" else (N_SAMPLES, SEQ_LEN)
 CACHE_FORMAT = 2  # 2: keyed by the calibration digest; GPTQ in float32 in a one-thread child
+NAME = re.compile(r"^(gptq|rtn|awq)-w(\d+)(?:g(-?\d+))?((?:-asym|-act)*)(?:-s(\d+))?$")
 
 
 def variant_name(method: str, bits: int, group_size: int, sym: bool = True,
@@ -82,6 +84,24 @@ class Request:
     seq_len: int | None = None
     name: str | None = None
     dynamic: dict | None = None
+
+    @classmethod
+    def parse(cls, name: str, **kw) -> Request:
+        """The request a variant name stands for (as :func:`variant_name` writes it):
+        ``gptq-w4g128-asym-s1`` is GPTQ, 4 bits, group size 128, asymmetric, calibration seed 1.
+        Without ``gGROUP`` the group size is 128 for GPTQ / RTN and ``None`` (the model's
+        default) for AWQ. ``kw``: the other fields (calibration, n_samples, seq_len ...).
+        Raises ValueError for a name of another form."""
+        m = NAME.match(name)
+        if not m:
+            raise ValueError(
+                f"bad variant {name!r}: use METHOD-wBITS[gGROUP][-asym][-act][-sSEED], e.g. "
+                "gptq-w4g128, gptq-w4g128-s1 (calibration seed 1) or awq-w4g64, or a path to a "
+                "GPTQ, AWQ or compressed-tensors checkpoint directory")
+        method, bits, gs, flags, seed = m.groups()
+        group_size = int(gs) if gs else (None if method == "awq" else 128)
+        return cls(method, int(bits), group_size, sym="-asym" not in flags,
+                   desc_act="-act" in flags, seed=int(seed or 0), **kw)
 
     def __post_init__(self) -> None:
         n, length = calibration_size(self.method)

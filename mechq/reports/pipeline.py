@@ -5,20 +5,19 @@ calibration seeds), measures recall on a fact set, gives each width's verdict wi
 (:mod:`mechq.diagnosis.verdict`), runs the logit lens on the Robust and
 Failure facts, and writes one offline HTML report, the figures, the CSV frames and
 ``summary.md`` (the cliff table with its calibration spread, how long the run took and on what
-machine). It prints one line per stage; long stages show a progress bar.
+machine). It runs as a list of named stages (load, quantize, recall, diagnose, figures, contrast,
+write), each a function of a shared :class:`_Job`; it prints one line per stage, numbered over
+the stages that run; long stages show a progress bar.
 """
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from mechq.facts import FactSet
 
@@ -35,74 +34,47 @@ class ReportResult:
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
-def matmul_gflops(seconds: float = 0.5) -> float:
-    """Measured float32 matmul throughput of this machine (GFLOP/s, 1024² × 1024² products on
-    the CPU), so that timings from different machines can be compared."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e9
+@dataclass
+class _Job:
+    """What the stages of :func:`report` share: its settings, then what each stage adds."""
 
-
-def machine_description() -> str:
-    """CPU model, core count, torch thread count and float32 matmul throughput (or the GPU)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"{matmul_gflops():.0f} GFLOP/s float32 matmul{gpu}; "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
-
-
-def architecture_section(rep, c, setting: str, number: str = "") -> pd.DataFrame:
-    """Add the architecture contrast (:class:`mechq.reports.architectures.Comparison` ``c``) to the
-    :class:`~mechq.reports.html.Report` ``rep``: the contrast table, the cliff, first-domino,
-    single-layer and component figures, the protections and the verdicts. ``setting`` says how it
-    was measured; ``number`` prefixes the headings. Returns the contrast table."""
-    from mechq.reports import plots
-    from mechq.reports.architectures import contrast_table
-
-    table = contrast_table(c)
-    pre = f"{number} " if number else ""
-    rep.heading(f"{pre}The architecture contrast, measured (paper Fig. 10, Fig. 22)")
-    rep.text(setting + " Models of 135M-270M parameters, not the paper's 8B: the contrast is "
-             "a property of these models first.", note=True)
-    rep.table(table)
-    rep.figure(plots.architecture_bars(c.cliff, "variant", "The cliff: recall per bit width"))
-    rep.figure(plots.architecture_curves(c.domino, title="First domino: layers 0…k quantized "
-                                                         "(paper Fig. 10)"))
-    rep.figure(plots.architecture_curves(c.single, title="Single layer quantized (paper Fig. 22)",
-                                         xaxis_title="layer depth, (l + 1) / L"))
-    rep.figure(plots.architecture_bars(c.components, "setting", "Component sensitivity"))
-    rep.heading(f"{pre}Protection at the same bit budget")
-    rep.table(c.protection)
-    rep.heading(f"{pre}What diagnose says, and recommends")
-    rep.table(c.verdicts)
-    return table
-
-
-def architecture_setting(method: str, sweep_bits: int, protect_bits: int, n_facts: int) -> str:
-    """The sentence that says how a comparison was measured."""
-    how = ("GPTQ g128 with the default calibration" if method == "gptq"
-           else f"{method.upper()} g128 (no calibration)")
-    return (f"{how}. Sweeps at {sweep_bits} bits on up to {n_facts} facts each FP model knows; "
-            f"protections at {protect_bits} bits, accuracy on the held-out half of the facts.")
+    model: object  # a name or a loaded model; the HookedTransformer after the load stage
+    facts: object  # a FactSet or a fact source; the FactSet after the load stage
+    out: Path
+    method: str
+    bits: tuple[int, ...]
+    group_size: int
+    seeds: int
+    seed_bits: Sequence[int] | None
+    calib: dict  # calibration, n_samples, seq_len
+    max_facts: int | None
+    batch_size: int
+    device: str | None
+    progress: bool
+    verbose: bool
+    others: dict  # compare_with as {name: model or None}
+    echo: Callable[[str], None]
+    name: str
+    awq: bool
+    t0: float = field(default_factory=time.perf_counter)
+    variants: list = field(default_factory=list)
+    ref: object = None  # the 4-bit and 2-bit variants of seed 0: the logit lens's
+    low: object = None
+    calib_source: str | None = None
+    lens: pd.DataFrame | None = None
+    cliff: object = None  # CliffOutputs
+    rep: object = None  # the Report
+    machine: str = ""
+    verdicts: pd.DataFrame | None = None
+    frames: dict = field(default_factory=dict)
+    result: ReportResult | None = None
 
 
 def report(
     model="smollm2-135m",
     facts: FactSet | str = "bundled",
     *,
-    out: str | Path = "figures",
+    out: str | Path = "mechq-report",
     method: str = "gptq",
     bits: Sequence[int] = (8, 4, 3, 2),
     group_size: int = 128,
@@ -135,222 +107,264 @@ def report(
     models) adds the architecture contrast of this model with those
     (:func:`mechq.reports.architectures.compare_architectures`, with this report's method, bits and
     calibration; it needs 2 and 3 among ``bits``): a section of the report and
-    ``architectures_*.csv``. ``echo`` receives the one-line stage messages (default: print to
-    stdout).
+    ``architectures_*.csv``. ``echo`` receives the one-line stage messages, numbered
+    ``[i/n]`` over the stages this call runs (default: print to stdout).
     """
-    from mechq.models import load as models
-    from mechq.reports import plots
-    from mechq.analysis.cliff import cliff_requests, summary_markdown
-    from mechq.reports.pages import write_cliff
-    from mechq.facts import load_fact_source
-    from mechq.reports.html import Report
-    from mechq.analysis.lens import lens_summary, logit_lens
-    from mechq.quant.quantize import quantize_many
-    from mechq.analysis.recall import (FP, evaluate_recall, recall_from_lens, subset_labels,
-                              subset_sizes)
-    from mechq.diagnosis.verdict import N_FACTS, diagnose_many, evidence_table
+    from mechq.models.load import source_of
 
-    echo = echo or (lambda s: print(s, flush=True))
-    t0 = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    n_stages = (6 if diagnose else 5) + (compare_with is not None)
-    if compare_with is not None:
+    name = model if isinstance(model, str) else source_of(model).name
+    others = {compare_with: None} if isinstance(compare_with, str) else dict(compare_with or {})
+    if others:  # checked before any work
         from mechq.reports.architectures import check_settings
 
-        check_settings(tuple(bits), 2, 3, method)  # before any work
+        check_settings(tuple(bits), 2, 3, method)
+        if name in others:
+            raise ValueError(f"compare_with names the report's own model {name!r}.")
+    job = _Job(model, facts, Path(out), method, tuple(bits), group_size, seeds, seed_bits,
+               dict(calibration=calibration, n_samples=n_samples, seq_len=seq_len), max_facts,
+               batch_size, device, progress, verbose, others,
+               echo or (lambda s: print(s, flush=True)), name, awq)
+    stages = [_load, _quantize, _recall, *([_diagnose] if diagnose else []), _figures,
+              *([_contrast] if others else []), _write]
+    for i, run in enumerate(stages, 1):
+        run(job, lambda text, i=i: job.echo(f"[{i}/{len(stages)}] {text}"))
+    return job.result
 
-    def stage(i: int, text: str) -> None:
-        echo(f"[{i}/{n_stages}] {text}")
 
-    name = model if isinstance(model, str) else models.source_of(model).name
-    if isinstance(model, str):
-        model = models.load_model(model, device=device)
-    fs = facts if isinstance(facts, FactSet) else load_fact_source(facts, max_facts)
-    if isinstance(facts, FactSet) and max_facts:
-        fs = fs.sample(max_facts)
-    if len(fs) == 0:
+def _load(job: _Job, stage: Callable[[str], None]) -> None:
+    """The model (unless given loaded) and the facts."""
+    from mechq.facts import load_fact_source
+    from mechq.models.load import load_model
+
+    if isinstance(job.model, str):
+        job.model = load_model(job.model, device=job.device)
+    if isinstance(job.facts, FactSet):
+        job.facts = job.facts.sample(job.max_facts) if job.max_facts else job.facts
+    else:
+        job.facts = load_fact_source(job.facts, job.max_facts)
+    if len(job.facts) == 0:
         raise ValueError("report needs at least one fact.")
-    stage(1, f"model {name}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; "
-             f"{len(fs)} facts ({fs.name}) ({time.perf_counter() - t0:.0f} s)")
+    job.out.mkdir(parents=True, exist_ok=True)
+    cfg = job.model.cfg
+    stage(f"model {job.name}: {cfg.n_layers} layers, d_model {cfg.d_model}; {len(job.facts)} "
+          f"facts ({job.facts.name}) ({time.perf_counter() - job.t0:.0f} s)")
 
-    requests = cliff_requests(method, bits, group_size, seeds, seed_bits=seed_bits,
-                              calibration=calibration, n_samples=n_samples, seq_len=seq_len)
-    if awq:
-        from mechq.quant.quantize import Request
 
-        size = {k: v for k, v in dict(n_samples=n_samples, seq_len=seq_len).items() if v}
-        requests.append(Request("awq", 4, None, calibration=calibration, **size))
+def _quantize(job: _Job, stage: Callable[[str], None]) -> None:
+    """Every width's variants (one per calibration seed), and AWQ w4 if asked."""
+    from mechq.analysis.cliff import cliff_requests
+    from mechq.quant.quantize import Request, quantize_many
+
+    requests = cliff_requests(job.method, job.bits, job.group_size, job.seeds,
+                              seed_bits=job.seed_bits, **job.calib)
+    if job.awq:
+        requests.append(Request("awq", 4, None, **job.calib))
     t = time.perf_counter()
+    seed_bits = "/".join(map(str, job.seed_bits or ()))
+    per_width = (f"{job.seeds} calibration seeds" + (
+        f" at w{seed_bits}, 1 at the others" if job.seed_bits is not None else " per width")
+        if job.seeds > 1 and job.method == "gptq" else "1 variant per width")
+    stage(f"quantize: {job.method.upper()} w{'/'.join(map(str, job.bits))} g{job.group_size}, "
+          f"{per_width}" + (" + AWQ w4" if job.awq else ""))
+    job.variants = quantize_many(
+        job.model, requests, progress=job.progress, verbose=job.verbose,
+        on_start=lambda n, logs: job.echo(f"      {n} GPTQ runs (GPTQModel's output goes to "
+                                          f"{logs}/)"))
+    job.calib_source = next((v.meta.get("calibration_source") for v in job.variants
+                             if v.meta.get("calibration_source")), None)
+    job.echo(f"      {len(job.variants)} variants ready ({time.perf_counter() - t:.0f} s)")
+    first = [v for v in job.variants if not v.meta.get("seed") and v.method == job.method]
+    job.ref = next((v for v in first if v.bits == 4), None)
+    job.low = next((v for v in first if v.bits == 2), None)
 
-    def started(n_runs: int, logs: str) -> None:
-        echo(f"      {n_runs} GPTQ runs (GPTQModel's output goes to {logs}/)")
 
-    per_width = (f"{seeds} calibration seeds" + (
-        f" at w{'/'.join(map(str, seed_bits))}, 1 at the others" if seed_bits is not None
-        else " per width") if seeds > 1 and method == "gptq" else "1 variant per width")
-    stage(2, f"quantize: {method.upper()} w{'/'.join(map(str, bits))} g{group_size}, {per_width}"
-             + (" + AWQ w4" if awq else ""))
-    variants = quantize_many(model, requests, progress=progress, on_start=started,
-                             verbose=verbose)
-    calib = next((v.meta.get("calibration_source") for v in variants
-                  if v.meta.get("calibration_source")), None)
-    echo(f"      {len(variants)} variants ready ({time.perf_counter() - t:.0f} s)")
+def _recall(job: _Job, stage: Callable[[str], None]) -> None:
+    """Recall of every variant, the logit lens of FP and the seed-0 w4 and w2 variants (its last
+    layer is their recall, so they run once), the cliff's files; opens the report."""
+    from mechq.analysis.lens import logit_lens
+    from mechq.analysis.recall import FP, evaluate_recall, recall_from_lens
+    from mechq.reports.html import Report
+    from mechq.reports.pages import machine_description, write_cliff
 
-    # FP, the 4-bit and the 2-bit variant (seed 0) get the logit lens; its last layer is their
-    # recall, so they run once. The other variants run recall only.
-    ref = next((v for v in variants if v.bits == 4 and not v.meta.get("seed")
-                and v.method == method), None)
-    low = next((v for v in variants if v.bits == 2 and not v.meta.get("seed")
-                and v.method == method), None)
-    awq_variant = next((v for v in variants if v.method == "awq"), None)
-    lens_variants = [v for v in (ref, low) if v is not None] if ref is not None else []
-    others = [v for v in variants if all(v is not w for w in lens_variants)]
-    n_lens = len(lens_variants) + 1 if lens_variants else 0
-    stage(3, f"recall: {len(fs)} facts × {len(variants) + 1} variants"
-             + (f", the logit lens for {n_lens} of them" if n_lens else ""))
-    lens = None
+    lensed = [v for v in (job.ref, job.low) if v is not None] if job.ref is not None else []
+    others = [v for v in job.variants if all(v is not w for w in lensed)]
+    fs, n_lens = job.facts, len(lensed) + 1 if lensed else 0
+    stage(f"recall: {len(fs)} facts × {len(job.variants) + 1} variants"
+          + (f", the logit lens for {n_lens} of them" if n_lens else ""))
     parts = []
-    if lens_variants:
-        lens = logit_lens(model, fs, lens_variants, batch_size=batch_size, progress=progress)
-        parts.append(recall_from_lens(model, fs, lens))
-    if others or not lens_variants:
-        parts.append(evaluate_recall(model, fs, others, include_fp=not lens_variants,
-                                     batch_size=batch_size, progress=progress))
-    order = [FP] + [v.name for v in variants]
+    if lensed:
+        job.lens = logit_lens(job.model, fs, lensed, batch_size=job.batch_size,
+                              progress=job.progress)
+        parts.append(recall_from_lens(job.model, fs, job.lens))
+    if others or not lensed:
+        parts.append(evaluate_recall(job.model, fs, others, include_fp=not lensed,
+                                     batch_size=job.batch_size, progress=job.progress))
+    order = {n: i for i, n in enumerate([FP] + [v.name for v in job.variants])}
     recall = pd.concat(parts, ignore_index=True)
-    recall = (recall.assign(_o=recall["variant"].map({n: i for i, n in enumerate(order)}))
-              .sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True))
-    res = write_cliff(recall, variants, out, title=f"Performance cliff — {name}")
-    recall, per_variant, table, seed0 = res.recall, res.per_variant, res.table, res.seed0
-    cliff_fig, rank_fig = res.cliff_fig, res.rank_fig
+    recall = (recall.assign(_o=recall["variant"].map(order)).sort_values("_o", kind="stable")
+              .drop(columns="_o").reset_index(drop=True))
+    job.cliff = write_cliff(recall, job.variants, job.out,
+                            title=f"Performance cliff — {job.name}")
+    job.frames["accuracy"] = job.cliff.per_variant
+    job.machine = machine_description()
+    job.rep = Report(f"mechq report — {job.name}")
+    job.rep.text(f"{len(fs)} facts ({fs.name}); {job.method.upper()} group size "
+                 f"{job.group_size}; calibration: {job.calib_source or 'none (RTN)'}"
+                 + (f", seeds 0–{job.seeds - 1} (the seed range is the red bar)"
+                    if job.seeds > 1 else "") + ". Machine: " + job.machine + ".", note=True)
 
-    frames = {"accuracy": per_variant}
-    machine = machine_description()
-    rep = Report(f"mechq report — {name}")
-    rep.text(f"{len(fs)} facts ({fs.name}); {method.upper()} group size {group_size}; "
-             f"calibration: {calib or 'none (RTN)'}"
-             + (f", seeds 0–{seeds - 1} (the seed range is the red bar)" if seeds > 1 else "")
-             + ". Machine: " + machine + ".", note=True)
-    verdicts = None
-    if diagnose:
-        first_seed = [v for v in variants if not v.meta.get("seed")]
-        stage(4, f"diagnose: verdicts for {', '.join(v.name for v in first_seed)} on "
-                 f"up to {min(N_FACTS, len(fs))} FP-correct facts")
-        t = time.perf_counter()
-        diags = diagnose_many(model, first_seed, fs, batch_size=min(batch_size, 32))
-        evidence = evidence_table(diags)
-        evidence.to_csv(out / "evidence.csv", index=False)
-        verdicts = pd.DataFrame([dict(variant=d.variant, verdict=d.verdict, reason=d.reason)
+
+def _diagnose(job: _Job, stage: Callable[[str], None]) -> None:
+    """The verdict on each width's seed-0 variant with its evidence, and the attention of FP,
+    w4 and w2 on one fact."""
+    from mechq.diagnosis.verdict import N_FACTS, diagnose_many, evidence_table
+
+    first_seed = [v for v in job.variants if not v.meta.get("seed")]
+    stage(f"diagnose: verdicts for {', '.join(v.name for v in first_seed)} on up to "
+          f"{min(N_FACTS, len(job.facts))} FP-correct facts")
+    t = time.perf_counter()
+    diags = diagnose_many(job.model, first_seed, job.facts, batch_size=min(job.batch_size, 32))
+    evidence = evidence_table(diags)
+    evidence.to_csv(job.out / "evidence.csv", index=False)
+    job.verdicts = pd.DataFrame([dict(variant=d.variant, verdict=d.verdict, reason=d.reason)
                                  for d in diags])
-        frames["verdicts"], frames["evidence"] = verdicts, evidence
-        echo("      " + "; ".join(f"{d.variant}: {d.verdict.replace('_', ' ')}"
-                                   for d in diags) + f" ({time.perf_counter() - t:.0f} s)")
-        rep.heading("0. Verdict (paper §4.3): healthy, signal degradation, computation "
+    job.frames["verdicts"], job.frames["evidence"] = job.verdicts, evidence
+    job.echo("      " + "; ".join(f"{d.variant}: {d.verdict.replace('_', ' ')}" for d in diags)
+             + f" ({time.perf_counter() - t:.0f} s)")
+    job.rep.heading("0. Verdict (paper §4.3): healthy, signal degradation, computation "
                     "collapse, or a format bug")
-        rep.text("Each signature is measured on the same FP-correct facts; thresholds are named "
+    job.rep.text("Each signature is measured on the same FP-correct facts; thresholds are named "
                  "constants in mechq.diagnosis.verdict, with the measurements they come from.")
-        rep.table(verdicts)
-        rep.table(evidence)
-        shown = [v for v in (ref, low) if v is not None]
-        if shown:
-            from mechq.reports.attention import attention_view
+    job.rep.table(job.verdicts)
+    job.rep.table(evidence)
+    if job.ref is not None or job.low is not None:
+        _attention(job)
 
-            label = subset_labels(recall, reference=ref.name) if ref is not None else {}
-            fact = next((f for f in fs if label.get(f.id) == "Failure"), None) or next(
-                (f for f in fs if label.get(f.id) == "Robust"), fs[0])
-            view = attention_view(model, fact.prompt, [None, *shown])
-            rep.text(f"Attention of FP and {', '.join(v.name for v in shown)} on one fact "
-                     f"({fact.subject} → {fact.object}"
-                     + (f", a Failure fact of {ref.name}" if label.get(fact.id) == "Failure"
-                        else "") + f"), layer {view.patterns.layer} (circuitsvis).")
-            rep.attention(view)
+
+def _attention(job: _Job) -> None:
+    """circuitsvis view of FP, w4 and w2 on one fact: a Failure fact of w4 if there is one."""
+    from mechq.analysis.recall import subset_labels
+    from mechq.reports.attention import attention_view
+
+    shown, ref = [v for v in (job.ref, job.low) if v is not None], job.ref
+    label = subset_labels(job.cliff.recall, reference=ref.name) if ref is not None else {}
+    fact = next((f for f in job.facts if label.get(f.id) == "Failure"), None) or next(
+        (f for f in job.facts if label.get(f.id) == "Robust"), job.facts[0])
+    view = attention_view(job.model, fact.prompt, [None, *shown])
+    job.rep.text(f"Attention of FP and {', '.join(v.name for v in shown)} on one fact "
+                 f"({fact.subject} → {fact.object}"
+                 + (f", a Failure fact of {ref.name}" if label.get(fact.id) == "Failure" else "")
+                 + f"), layer {view.patterns.layer} (circuitsvis).")
+    job.rep.attention(view)
+
+
+def _figures(job: _Job, stage: Callable[[str], None]) -> None:
+    """The cliff, GPTQ vs AWQ, answer ranks, and the logit lens split into Robust / Failure."""
+    from mechq.reports import plots
+
+    stage(f"figures; logit lens split into Robust / Failure against {job.ref.name}"
+          if job.lens is not None else
+          "figures (no logit lens: it needs a 4-bit variant to define Robust / Failure)")
+    rep, cliff = job.rep, job.cliff
     rep.heading("1. Performance cliff (paper Fig. 1)")
-    rep.table(table)
-    rep.figure(cliff_fig)
-    if awq_variant is not None and ref is not None:
+    rep.table(cliff.table)
+    rep.figure(cliff.cliff_fig)
+    awq = next((v for v in job.variants if v.method == "awq"), None)
+    if awq is not None and job.ref is not None:
         from mechq.analysis.cliff import method_comparison
 
-        comp = method_comparison(recall, ref.name, awq_variant.name)
-        comp.to_csv(out / "gptq_vs_awq.csv", index=False)
-        frames["gptq_vs_awq"] = comp
-        rep.heading(f"1b. {ref.name} vs {awq_variant.name} (paper App. D)")
-        rep.text(f"Both at 4 bits on the same calibration; {awq_variant.name} uses group size "
-                 f"{awq_variant.group_size} because AWQ's groups must divide every input width "
+        comp = method_comparison(cliff.recall, job.ref.name, awq.name)
+        comp.to_csv(job.out / "gptq_vs_awq.csv", index=False)
+        job.frames["gptq_vs_awq"] = comp
+        rep.heading(f"1b. {job.ref.name} vs {awq.name} (paper App. D)")
+        rep.text(f"Both at 4 bits on the same calibration; {awq.name} uses group size "
+                 f"{awq.group_size} because AWQ's groups must divide every input width "
                  "(mechq.quant.quantize.default_group_size). Counts are over the facts FP gets "
                  "right.")
         rep.table(comp)
     rep.heading("2. Answer rank (paper Fig. 2)")
-    rep.figure(rank_fig)
-    rep.figure(plots.top_predictions_figure(plots.top_predictions(seed0, k=6)))
+    rep.figure(cliff.rank_fig)
+    rep.figure(plots.top_predictions_figure(plots.top_predictions(cliff.seed0, k=6)))
+    if job.lens is not None:
+        _lens_section(job)
 
-    if lens is not None:
-        stage(n_stages - 1, f"figures; logit lens split into Robust / Failure against {ref.name}")
-        sizes = subset_sizes(recall, reference=ref.name)
-        sizes.to_csv(out / "subsets.csv", index=False)
-        lens["subset"] = lens["fact_id"].map(subset_labels(recall, reference=ref.name,
-                                                           fp_wrong=None))
-        lens.to_csv(out / "lens.csv.gz", index=False)
-        summ = lens_summary(lens.dropna(subset=["subset"]), ["subset", "variant", "layer"])
-        summ.to_csv(out / "lens_summary.csv", index=False)
-        frames["lens_summary"] = summ
-        fig = plots.lens_curves(summ, "subset", title=f"Logit lens — {name}")
-        plots.save_html(fig, out / "logit_lens.html")
-        rep.heading("3. Logit lens, Robust vs Failure (paper Fig. 3)")
-        rep.text(f"Subsets against {ref.name}: Robust = FP and {ref.name} correct, Failure = FP "
-                 f"correct, {ref.name} wrong.")
-        rep.table(sizes[sizes.relation == "all"])
-        rep.figure(fig)
-        L = model.cfg.n_layers
-        rep.table(summ[summ.layer.isin([L // 2, 2 * L // 3, L - 2, L])][
-            ["subset", "variant", "layer", "mean_prob", "median_rank", "top1_share", "n"]])
-    else:
-        stage(n_stages - 1, "figures (no logit lens: it needs a 4-bit variant to define Robust / Failure)")
 
-    if compare_with is not None:
-        from mechq.reports.architectures import compare_architectures
+def _lens_section(job: _Job) -> None:
+    """subsets.csv, lens.csv.gz, lens_summary.csv, logit_lens.html and section 3."""
+    from mechq.analysis.lens import lens_summary
+    from mechq.analysis.recall import subset_labels, subset_sizes
+    from mechq.reports import plots
 
-        others = ({compare_with: None} if isinstance(compare_with, str) else dict(compare_with))
-        if name in others:
-            raise ValueError(f"compare_with names the report's own model {name!r}.")
-        stage(n_stages - 1, f"architecture contrast: {name} vs {', '.join(others)}")
-        t = time.perf_counter()
-        loaded = {name: model, **{k: m if m is not None else models.load_model(k, device=device)
-                                  for k, m in others.items()}}
-        calib_kw = ({k: v for k, v in dict(calibration=calibration, n_samples=n_samples,
-                                           seq_len=seq_len).items() if v is not None}
-                    if method == "gptq" else {})
-        comp = compare_architectures(loaded, fs, bits=bits, method=method,
-                                     batch_size=min(batch_size, 32), progress=progress,
-                                     **calib_kw)
-        comp.save(out)
-        contrast = architecture_section(
-            rep, comp, architecture_setting(method, 2, 3, N_FACTS), number="4.")
-        contrast.to_csv(out / "architectures_contrast.csv", index=False)
-        frames["architectures_contrast"] = contrast
-        echo("      winners: " + "; ".join(f"{k}: {w or 'neither'}"
+    ref, recall, lens = job.ref.name, job.cliff.recall, job.lens
+    sizes = subset_sizes(recall, reference=ref)
+    sizes.to_csv(job.out / "subsets.csv", index=False)
+    lens["subset"] = lens["fact_id"].map(subset_labels(recall, reference=ref, fp_wrong=None))
+    lens.to_csv(job.out / "lens.csv.gz", index=False)
+    summ = lens_summary(lens.dropna(subset=["subset"]), ["subset", "variant", "layer"])
+    summ.to_csv(job.out / "lens_summary.csv", index=False)
+    job.frames["lens_summary"] = summ
+    fig = plots.lens_curves(summ, "subset", title=f"Logit lens — {job.name}")
+    plots.save_html(fig, job.out / "logit_lens.html")
+    job.rep.heading("3. Logit lens, Robust vs Failure (paper Fig. 3)")
+    job.rep.text(f"Subsets against {ref}: Robust = FP and {ref} correct, Failure = FP correct, "
+                 f"{ref} wrong.")
+    job.rep.table(sizes[sizes.relation == "all"])
+    job.rep.figure(fig)
+    L = job.model.cfg.n_layers
+    job.rep.table(summ[summ.layer.isin([L // 2, 2 * L // 3, L - 2, L])][
+        ["subset", "variant", "layer", "mean_prob", "median_rank", "top1_share", "n"]])
+
+
+def _contrast(job: _Job, stage: Callable[[str], None]) -> None:
+    """The architecture contrast with ``compare_with``: architectures_*.csv and section 4."""
+    from mechq.diagnosis.verdict import N_FACTS
+    from mechq.models.load import load_model
+    from mechq.reports.architectures import compare_architectures
+    from mechq.reports.pages import architecture_section, architecture_setting
+
+    stage(f"architecture contrast: {job.name} vs {', '.join(job.others)}")
+    t = time.perf_counter()
+    loaded = {job.name: job.model, **{k: m if m is not None else load_model(k, device=job.device)
+                                      for k, m in job.others.items()}}
+    calib = ({k: v for k, v in job.calib.items() if v is not None} if job.method == "gptq"
+             else {})
+    comp = compare_architectures(loaded, job.facts, bits=job.bits, method=job.method,
+                                 batch_size=min(job.batch_size, 32), progress=job.progress,
+                                 **calib)
+    comp.save(job.out)
+    contrast = architecture_section(job.rep, comp, architecture_setting(job.method, 2, 3, N_FACTS),
+                                    number="4.")
+    contrast.to_csv(job.out / "architectures_contrast.csv", index=False)
+    job.frames["architectures_contrast"] = contrast
+    job.echo("      winners: " + "; ".join(f"{k}: {w or 'neither'}"
                                           for k, w in comp.winners.items())
              + f" ({time.perf_counter() - t:.0f} s)")
 
-    seconds = time.perf_counter() - t0
+
+def _write(job: _Job, stage: Callable[[str], None]) -> None:
+    """summary.md (the cliff table, the verdicts, how long it took on what) and report.html."""
+    from mechq.analysis.cliff import summary_markdown
+
+    seconds = time.perf_counter() - job.t0
+    fs, verdicts = job.facts, job.verdicts
     summary = "\n".join([
-        f"# mechq report — {name}",
+        f"# mechq report — {job.name}",
         "",
-        f"{len(fs)} facts ({fs.name}), first-token recall. {method.upper()} g{group_size}, "
-        f"calibration {calib or 'none'}"
-        + (f", seeds 0–{seeds - 1}" if seeds > 1 and method == "gptq" else "") + ".",
+        f"{len(fs)} facts ({fs.name}), first-token recall. {job.method.upper()} "
+        f"g{job.group_size}, calibration {job.calib_source or 'none'}"
+        + (f", seeds 0–{job.seeds - 1}" if job.seeds > 1 and job.method == "gptq" else "") + ".",
         "",
-        summary_markdown(table),
+        summary_markdown(job.cliff.table),
         "",
         *(["Verdicts (mechq.diagnosis.verdict): " + "; ".join(
             f"{r.variant} **{r.verdict.replace('_', ' ')}**" for r in verdicts.itertuples()) + ".",
            ""] if verdicts is not None else []),
-        f"Run took {seconds / 60:.1f} min on {machine}.",
+        f"Run took {seconds / 60:.1f} min on {job.machine}.",
         "",
     ])
-    (out / "summary.md").write_text(summary, encoding="utf-8")
-    path = rep.write(out / "report.html")
-    stage(n_stages, f"wrote {path}, summary.md, figures and CSV frames in {out}/ "
-             f"({seconds:.0f} s in all)")
-    return ReportResult(out, recall, table, summary, seconds, frames)
-
+    (job.out / "summary.md").write_text(summary, encoding="utf-8")
+    path = job.rep.write(job.out / "report.html")
+    stage(f"wrote {path}, summary.md, figures and CSV frames in {job.out}/ "
+          f"({seconds:.0f} s in all)")
+    job.result = ReportResult(job.out, job.cliff.recall, job.cliff.table, summary, seconds,
+                              job.frames)
