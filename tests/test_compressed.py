@@ -459,11 +459,12 @@ def test_old_three_bit_packing_is_named(written, tmp_path):
 
 
 def test_cli_ct_out(tiny, written, private_cache, tmp_path, capsys):
-    """`mechq quantize VARIANT --ct-out DIR` writes a checkpoint that reads back as the variant."""
+    """`mechq quantize VARIANT --ct --out DIR` writes a checkpoint that reads back as the
+    variant."""
     from mechq.cli import main
 
     out = tmp_path / "cli-ct"
-    assert main(["quantize", "rtn-w4g64", "--model", "tiny-gpt2", "--ct-out", str(out)]) == 0
+    assert main(["quantize", "rtn-w4g64", "--model", "tiny-gpt2", "--ct", "--out", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
     v, _ = written(4, GS, True)  # the name without -asym is symmetric
     back = mechq.load_variant(out, model=tiny)

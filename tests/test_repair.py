@@ -76,11 +76,11 @@ def test_diagnose_repair_and_recipe_commands(tmp_path, capsys):
     assert "Repairs" in (tmp_path / "diagnose.html").read_text()
     assert "% of Failure back" in capsys.readouterr().out
     rc = cli.main(["recipe", "rtn-w2g128", "--model", "tiny-gpt2", "--budget", "3.7",
-                   "--out", str(tmp_path / "r.json")])
+                   "--out", str(tmp_path / "r")])
     assert rc == 0
     from mechq.repair.recipe import read_recipe
 
-    assert read_recipe(tmp_path / "r.json")["avg_bits"] <= 3.7
+    assert read_recipe(tmp_path / "r" / "recipe.json")["avg_bits"] <= 3.7
 
 
 def test_commands_refuse_bad_input(tmp_path, tiny):

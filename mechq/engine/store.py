@@ -152,8 +152,8 @@ class Store:
 # --------------------------------------------------------------------------------------------
 
 #: Environment variables that change which CPU code paths torch runs (and so its float
-#: rounding): ATen's vectorized kernels and MKL's BLAS. Recorded by :func:`machine` when set.
-CODE_PATH_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR")
+#: rounding): ATen's vectorized kernels, MKL's BLAS, oneDNN. Recorded by :func:`machine` when set.
+CODE_PATH_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
 
 
 @contextmanager
