@@ -521,3 +521,46 @@ def architecture_bars(frame: pd.DataFrame, x: str, title: str | None = None) -> 
     fig.update_layout(title=title, barmode="group", yaxis_title="accuracy",
                       yaxis_range=[0, 1.02], template="plotly_white")
     return fig
+
+
+def evidence_heatmap(evidence: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """The verdicts' evidence side by side (:func:`mechq.diagnosis.verdict.evidence_table`): one
+    row per signature, one column per variant, a cell coloured when its value crosses the
+    signature's threshold (red: towards collapse, purple: towards a format bug, green: healthy
+    recall) and labelled with the value. Column titles carry each variant's verdict."""
+    table = evidence.set_index("signature")
+    verdicts = table.loc["verdict"]
+    rows = table.drop(index="verdict")
+    rows = rows[rows["threshold"].astype(str).str.strip().replace("", "nan").astype(float)
+                .notna()]
+    variants = [c for c in table.columns if c not in ("threshold", "crossing supports",
+                                                      "section")]
+    colour = {"computation_collapse": 1.0, "format_bug": 2.0, "healthy": 3.0}
+    z, text = [], []
+    for sig, r in rows.iterrows():
+        t = float(r["threshold"])
+        below = sig.startswith(("FFN top-1", "residual CKA", "recall, only", "signal injection",
+                                "weight cosine"))
+        healthy = r["crossing supports"] == "healthy"
+        zs, ts = [], []
+        for v in variants:
+            x = float(r[v])
+            crossed = x >= t if healthy else (x < t if below else x > t)
+            zs.append(colour[r["crossing supports"]] if crossed else 0.0)
+            ts.append(f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}")
+        z.append(zs)
+        text.append(ts)
+    labels = [f"{s} ({'≥' if rows.loc[s, 'crossing supports'] == 'healthy' else 'vs'} "
+              f"{float(rows.loc[s, 'threshold']):g})" for s in rows.index]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"{v}<br><b>{verdicts[v]}</b>" for v in variants], y=labels, text=text,
+        texttemplate="%{text}", zmin=0, zmax=3, showscale=False,
+        colorscale=[[0, "#f4f4f4"], [0.25, "#f4f4f4"], [0.25, "#e4572e"], [0.5, "#e4572e"],
+                    [0.5, "#8e5cc9"], [0.75, "#8e5cc9"], [0.75, "#59a14f"], [1, "#59a14f"]],
+        hovertemplate="%{y}<br>%{x}: %{text}<extra></extra>", xgap=2, ygap=2))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title or "The verdict's evidence: a coloured cell crosses its "
+                                     "threshold (red: collapse, purple: format bug, green: "
+                                     "healthy)", template="plotly_white",
+                      height=70 + 34 * len(rows), margin=dict(l=20, r=20, t=60, b=20))
+    return fig

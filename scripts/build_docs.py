@@ -1,0 +1,348 @@
+"""Write README.md and docs/*.md from their templates and the results files they cite.
+
+Every number on those pages comes from a results file under benchmarks/results/ (written by the
+command the page names) or from mechq's own code (a threshold, a default), through a Jinja2
+template in docs/templates/. Nothing measured is typed into a template: ``--check`` also lists
+numbers written into a template's prose outside ``{{ … }}`` (see :func:`stray_numbers`).
+
+    .venv/bin/python scripts/build_docs.py           # rewrite README.md and docs/*.md
+    .venv/bin/python scripts/build_docs.py --check   # exit 1 if a page differs from its
+                                                     # template + results, or a number is typed
+
+docs/api.md is generated from ``mechq.__all__``: one line per public name, its docstring's first
+sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import re
+import sys
+from functools import cached_property
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TEMPLATES = ROOT / "docs" / "templates"
+#: output page -> template
+PAGES = {"README.md": "README.md"} | {
+    f"docs/{p.name}": p.name for p in sorted(TEMPLATES.glob("*.md")) if p.name != "README.md"}
+
+
+class Results:
+    """``results.NAME`` is benchmarks/results/NAME.json (or the folder NAME/ as a mapping of its
+    files: ``.json`` parsed, ``.csv`` as a DataFrame), read once."""
+
+    def __init__(self, root: Path = RESULTS):
+        self._root = root
+        self._cache: dict[str, object] = {}
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._cache:
+            self._cache[name] = self._read(name)
+        return self._cache[name]
+
+    def _read(self, name: str):
+        path = self._root / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        folder = self._root / name
+        if folder.is_dir():
+            return {p.stem: (json.loads(p.read_text()) if p.suffix == ".json"
+                             else pd.read_csv(p)) for p in sorted(folder.iterdir())
+                    if p.suffix in (".json", ".csv")}
+        raise FileNotFoundError(f"no results file {path} or folder {folder}")
+
+
+# ---- filters: how numbers are written ------------------------------------------------------
+
+
+def pct(x, digits: int = 1) -> str:
+    """0.4801 -> '48.0 %'."""
+    return "—" if _missing(x) else f"{100 * float(x):.{digits}f} %"
+
+
+def pts(x, digits: int = 1) -> str:
+    """A difference of shares in percentage points: 0.034 -> '3.4 points'."""
+    return f"{100 * float(x):.{digits}f} points"
+
+
+def num(x, digits: int = 2) -> str:
+    """A plain number with thin grouping of thousands: 18698 -> '18 698', 0.1234 -> '0.12'."""
+    if _missing(x):
+        return "—"
+    x = float(x)
+    if x == int(x) and abs(x) >= 1000 or digits == 0:
+        return f"{x:,.0f}".replace(",", " ")
+    return f"{x:.{digits}f}"
+
+
+def rank(x) -> str:
+    """An answer rank: an integer (median ranks of even counts keep their .5)."""
+    if _missing(x):
+        return "—"
+    x = float(x)
+    return num(x, 0) if x == int(x) else f"{x:.1f}"
+
+
+def minutes(seconds) -> str:
+    return f"{float(seconds) / 60:.1f} min"
+
+
+def secs(seconds, digits: int = 0) -> str:
+    return f"{float(seconds):.{digits}f} s"
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(pct=pct, pts=pts, num=num, rank=rank, minutes=minutes, secs=secs)
+    return env
+
+
+class Context:
+    """What templates see: ``results`` (the files), ``mechq`` (its code's constants) and a few
+    values derived from several files."""
+
+    def __init__(self):
+        self.results = Results()
+
+    @cached_property
+    def code(self) -> dict:
+        """Constants of mechq's code that pages cite (thresholds, defaults)."""
+        from mechq import vocab
+        from mechq.diagnosis import verdict
+        from mechq.facts import calibration
+        from mechq.quant import quantize
+        from mechq.repair import table
+
+        return dict(verdict=verdict, calibration=calibration, vocab=vocab, quantize=quantize,
+                    repair=table,
+                    bits="/".join(map(str, vocab.SUPPORTED_BITS)))
+
+    @cached_property
+    def architectures(self) -> dict[str, dict]:
+        """Per model, the contrast's headline values from benchmarks/results/architectures/."""
+        a = self.results.architectures
+        out = {}
+        for model, cliff in a["architectures_cliff"].groupby("model", sort=False):
+            dom = a["architectures_domino"].query("model == @model")
+            single = a["architectures_single"].query("model == @model").sort_values("accuracy")
+            comp = a["architectures_components"].query("model == @model").set_index("setting")
+            prot = a["architectures_protection"].query("model == @model").set_index("protection")
+            verd = a["architectures_verdicts"].query("model == @model").set_index("bits")
+            zero = dom[(dom.k >= 0) & (dom.accuracy == 0)]
+            out[model] = dict(
+                recall={("fp" if pd.isna(r.bits) else f"w{int(r.bits)}"): r.accuracy
+                        for r in cliff.itertuples()},
+                n_layers=int(dom.k.max()) + 1, n_facts=int(dom.n.iloc[0]),
+                domino0=float(dom.loc[dom.k == 0, "accuracy"].iloc[0]),
+                zero_k=int(zero.k.min()) if len(zero) else None,
+                zero_depth=float(zero.depth.min()) if len(zero) else None,
+                worst=single.head(3)[["layer", "accuracy"]].to_dict("records"),
+                mildest=single.tail(1)[["layer", "accuracy"]].to_dict("records")[0],
+                components={s: float(comp.loc[s, "accuracy"]) for s in ("Q+K", "V", "O")},
+                protection={k: dict(correct=int(r.fp_known_correct), n=int(r.fp_known_n),
+                                    bits=float(r.avg_bits)) for k, r in prot.iterrows()},
+                winner=a["architectures_contrast"].set_index("model").loc[model,
+                                                                          "protection winner"],
+                verdicts={f"w{int(b)}": v.replace("_", " ") for b, v in verd["verdict"].items()},
+                recommendation={f"w{int(b)}": r for b, r in verd["recommendation"].items()})
+        return out
+
+    @cached_property
+    def demo(self) -> dict:
+        """benchmarks/results/demo/: the cliff table's rows with each width's verdict and the
+        recall range over emulated CPUs (spread.json), and the run's record."""
+        from mechq.engine.store import machine_text
+
+        demo = self.results.demo
+        run = demo["run"]
+        cliff = demo["cliff"]
+        verdicts = demo["evidence"].set_index("signature").loc["verdict"]
+        per_bits = self.spread["bits"]
+        rows = []
+        for r in cliff.itertuples():
+            fp = r.variant == "fp"
+            b = None if fp else int(r.bits)
+            if fp:
+                seeds = "—"
+            elif r.seeds > 1:
+                seeds = f"{pct(r.seed_min)}–{pct(r.seed_max)} ({r.seeds} seeds)"
+            else:
+                seeds = "1 seed"
+            cpus = ("same" if fp else f"{pct(per_bits[b]['min'])}–{pct(per_bits[b]['max'])}"
+                    if b in per_bits else "not measured")
+            verdict = "" if fp else next((v for k, v in verdicts.items()
+                                          if k.startswith(r.variant)), "")
+            rows.append(dict(name="FP" if fp else r.variant, avg_bits=r.avg_bits,
+                             accuracy=r.accuracy, seeds=seeds, ci_low=r.ci_low,
+                             ci_high=r.ci_high, cpus=cpus, median_rank=r.median_rank,
+                             verdict=str(verdict).replace("_", " ")))
+        return dict(rows=rows, run=run, machine=machine_text(run["provenance"]["machine"]))
+
+    @cached_property
+    def calibration_sizes(self) -> list[dict]:
+        """benchmarks/results/calibration.json: per calibration size, the three seeds' recall,
+        their mean and range, and GPTQ's seconds per variant (the runs alone, else all)."""
+        runs = pd.DataFrame(self.results.calibration["runs"])
+        out = []
+        for (n, L), g in runs.groupby(["n_samples", "seq_len"], sort=True):
+            alone = g[g.run.str.startswith("alone")]
+            out.append(dict(n_samples=int(n), seq_len=int(L), tokens=int(g.tokens.iloc[0]),
+                            seeds=g.sort_values("seed").accuracy.tolist(),
+                            mean=float(g.accuracy.mean()),
+                            range=float(g.accuracy.max() - g.accuracy.min()),
+                            seconds=float((alone if len(alone) else g).gptq_seconds.mean()),
+                            default=(int(n), int(L)) == (self.code["calibration"].N_SAMPLES,
+                                                         self.code["calibration"].SEQ_LEN)))
+        return out
+
+    @cached_property
+    def repairs(self) -> dict:
+        """benchmarks/results/repairs.json as one row per (base, subset): the subset's size and
+        each repair's accuracy; and each repair's average bits per base."""
+        t = pd.DataFrame(self.results.repairs["table"])
+        repairs = list(dict.fromkeys(t.repair))
+        rows = []
+        for (base, subset), g in t.groupby(["base", "subset"], sort=False):
+            acc = g.set_index("repair")["accuracy"]
+            rows.append(dict(base=base, subset=subset, n=int(g.n.iloc[0]),
+                             acc=[acc.get(r) for r in repairs]))
+        bits = t.drop_duplicates(["base", "repair"]).pivot(index="base", columns="repair",
+                                                          values="avg_bits")
+        return dict(repairs=repairs, rows=rows,
+                    bits={b: [float(bits.loc[b, r]) for r in repairs] for b in bits.index},
+                    alphas={b: c["alpha"] for b, c in self.results.repairs["choices"].items()})
+
+    @cached_property
+    def spread(self) -> dict:
+        """benchmarks/results/spread.json per bit width: the recall under each CPU setting, its
+        range over the settings that emulate other CPUs, and the deterministic setting's codes."""
+        from mechq.engine.store import machine_text
+
+        s = self.results.spread
+        rows = pd.DataFrame(s["rows"])
+        cpus = rows[~rows.setting.str.startswith("compatible")]
+        compat = rows[rows.setting.str.startswith("compatible")]
+        per_bits = {}
+        for b, g in cpus.groupby("bits"):
+            c = compat[compat.bits == b]
+            per_bits[int(b)] = dict(
+                min=float(g.accuracy.min()), max=float(g.accuracy.max()),
+                range=float(g.accuracy.max() - g.accuracy.min()),
+                native=float(g.loc[g.setting == "native", "accuracy"].iloc[0]),
+                settings=dict(zip(g.setting, g.accuracy)),
+                max_code_diff=float(g.code_diff_vs_native.max()),
+                compatible=dict(zip(c.setting, c.accuracy)),
+                compatible_code_diff=(float(c.code_diff_vs_compatible.max())
+                                      if len(c) and c.code_diff_vs_compatible.notna().any()
+                                      else None))
+        seconds = rows.groupby("setting").gptq_seconds.mean().to_dict()
+        return dict(bits=per_bits, settings=list(dict.fromkeys(rows.setting)),
+                    env={r.setting: {k: getattr(r, k) for k in
+                                     ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+                                     if getattr(r, k, "")}
+                         for r in rows.drop_duplicates("setting").itertuples()},
+                    seconds=seconds, fp=s["fp"], n=s["facts"],
+                    machine=machine_text(s["provenance"]["machine"]),
+                    max_range=max(v["range"] for v in per_bits.values()))
+
+    def as_dict(self) -> dict:
+        return dict(results=self.results, code=self.code, ctx=self)
+
+
+def api_page() -> str:
+    """docs/api.md: each public name of ``mechq`` with the first sentence of its docstring."""
+    import mechq
+
+    lines = ["# mechq's public API", "",
+             "What `import mechq` gives, one line each (generated from `mechq.__all__` and the "
+             "docstrings by `scripts/build_docs.py`). Everything else is reachable through its "
+             "layer (`mechq.analysis`, `mechq.repair`, …; see ARCHITECTURE.md).", "",
+             "| name | what it is |", "|---|---|"]
+    for name in mechq.__all__:
+        obj = getattr(mechq, name)
+        doc = (getattr(obj, "__doc__", None) or "").strip()
+        first = re.split(r"(?<=\.)\s", " ".join(doc.split()), maxsplit=1)[0] if doc else ""
+        if not first:
+            raise ValueError(f"mechq.{name} has no docstring: every public name needs one.")
+        cell = first.replace("|", "\\|")
+        lines.append(f"| `mechq.{name}` | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def render() -> dict[str, str]:
+    """Every generated page: path relative to the repository -> text."""
+    env = environment()
+    ctx = Context().as_dict()
+    pages = {out: env.get_template(t).render(**ctx) for out, t in PAGES.items()}
+    pages["docs/api.md"] = api_page()
+    return pages
+
+
+#: numbers in prose that are names, not measurements: §3.1, Fig. 10, Table 2, w4, 2-bit, g128,
+#: SmolLM2-135M, Gemma 3, P36, arXiv ids, file names, "Layer 1", ordinals of a list.
+_NAMES = re.compile(
+    r"(GPT|Gemma|Llama|Qwen|Mistral|SmolLM)[- ]?\d+(\.\d+)?(-\d+[BM])?|seeds? \d+(, \d+)*|\b95 ?%|\d+\.x\b|<\d+|§\s?\d+(\.\d+)*|(Fig(ure)?s?|Table|App(endix)?|[Ss]ection|[Ll]ayer|[Ss]tage|[Nn]otebook)"
+    r"\.?\s\d+([–-]\d+)?|\b[wWgGrPAsk]\d+\b|\b\d+-bit\b|\b\d+ bits?\b|[A-Za-z]+\d+[A-Za-z0-9-]*"
+    r"|\d+[A-Za-z]+[A-Za-z0-9]*|\d{4}\.\d{4,5}|\b\d+\.\s|\b0\d_|#\d+")
+_NUMBER = re.compile(r"(?<![\w.])\d+([.,]\d+)*(\s?%)?")
+
+
+def stray_numbers(template: str) -> list[str]:
+    """Numbers typed into a template's prose: outside ``{{ }}`` / ``{% %}``, code spans and
+    blocks, links' targets, and outside the names of :data:`_NAMES`."""
+    text = re.sub(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", " ", template, flags=re.S)
+    text = re.sub(r"```.*?```", " ", text, flags=re.S)
+    text = re.sub(r"`[^`\n]*`", " ", text)
+    text = re.sub(r"\]\([^)]*\)|<[^>\n]*>", " ", text)
+    text = _NAMES.sub(" ", text)
+    return [m.group(0) for m in _NUMBER.finditer(text)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true",
+                    help="compare instead of writing; exit 1 on any difference")
+    args = ap.parse_args()
+    pages = render()
+    bad = []
+    for rel, text in pages.items():
+        path = ROOT / rel
+        if args.check:
+            old = path.read_text() if path.exists() else ""
+            if old != text:
+                diff = "".join(difflib.unified_diff(old.splitlines(True), text.splitlines(True),
+                                                    f"{rel} (committed)", f"{rel} (generated)"))
+                bad.append(f"{rel} differs from its template and results:\n{diff[:3000]}")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    for t in sorted(TEMPLATES.glob("*.md")):
+        typed = stray_numbers(t.read_text())
+        if typed:
+            bad.append(f"{t.relative_to(ROOT)}: numbers typed into the prose (take them from a "
+                       f"results file): {typed[:12]}")
+    for b in bad:
+        print(b, file=sys.stderr)
+    if not args.check:
+        print(f"wrote {', '.join(pages)}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Draw the README's figures as PNGs from the results files (figures/*.png).
+
+- figures/cliff.png: the performance cliff of the demo (benchmarks/results/demo/);
+- figures/evidence.png: the demo's verdicts with their evidence;
+- figures/patching.png: activation patching FP -> GPTQ w4 / w2 (benchmarks/results/analyses/).
+
+Needs the static extra and a Chromium (mechq.reports.static).
+
+    .venv/bin/python scripts/draw_figures.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from mechq.reports import plots, static
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+FIGURES = ROOT / "figures"
+
+
+def main() -> None:
+    demo = RESULTS / "demo"
+    cliff = pd.read_csv(demo / "cliff.csv")
+    fig = plots.performance_cliff(cliff, pd.read_csv(demo / "accuracy_by_relation.csv"),
+                                  title="The performance cliff: SmolLM2-135M, GPTQ g128, "
+                                        "bundled facts",
+                                  seeds=pd.read_csv(demo / "accuracy.csv"))
+    static.write_png(fig, FIGURES / "cliff.png", 900, 450)
+    evidence = pd.read_csv(demo / "evidence.csv")
+    fig = plots.evidence_heatmap(evidence)
+    static.write_png(fig, FIGURES / "evidence.png", 900, fig.layout.height or 500)
+    heat = pd.read_csv(RESULTS / "analyses" / "patching_heatmap.csv")
+    heat = heat[(heat["mode"] == "fp_to_variant") & (heat["activation"] == "resid_pre")]
+    fig = plots.patching_heatmap(heat, value="restored",
+                                 title="Patching one FP activation (resid_pre) into the "
+                                       "quantized run: share of the answer restored")
+    static.write_png(fig, FIGURES / "patching.png", 900, fig.layout.height or 600)
+    print(f"wrote {', '.join(str(p.relative_to(ROOT)) for p in sorted(FIGURES.glob('*.png')))}")
+
+
+if __name__ == "__main__":
+    main()
