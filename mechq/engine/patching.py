@@ -529,10 +529,7 @@ def patch_sites(
     mode: str = "fp_to_variant",
     layers: Iterable[int] | None = None,
     positions: Iterable[int] | None = None,
-    max_batch: int = 512,
-    memory_mb: float | int | None = 1024.0,
-    kv_reuse: bool = True,
-    skip_identical: bool = True,
+    **engine,
 ) -> dict[str, Tensor | float | int | bool]:
     """Patch every (layer, position) of one token sequence; grids of shape ``[layer, pos]``.
 
@@ -540,11 +537,10 @@ def patch_sites(
     (no fact needed). Returns ``target_prob``, ``target_rank``, ``correct`` (each
     ``[len(layers), len(positions)]``), ``baseline_prob/rank/correct`` and
     ``fp_prob/rank/correct`` (Python scalars), ``layers`` and ``positions``. Swaps ``variant``
-    in and out itself. ``kv_reuse`` / ``skip_identical`` switch off the engine's two shortcuts
-    (see the module docstring); results do not change.
+    in and out itself. ``engine`` takes :func:`patch_prompts`' options (``max_batch``,
+    ``memory_mb``; ``kv_reuse`` / ``skip_identical`` switch off the engine's two shortcuts, see
+    the module docstring, and results do not change).
     """
     positions = None if positions is None else list(positions)
     return patch_prompts(model, [Prompt(tokens, target_id, positions)], variant,
-                         activation=activation, mode=mode, layers=layers, max_batch=max_batch,
-                         memory_mb=memory_mb, kv_reuse=kv_reuse,
-                         skip_identical=skip_identical)[0]
+                         activation=activation, mode=mode, layers=layers, **engine)[0]
