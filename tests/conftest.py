@@ -81,3 +81,15 @@ def snapshot(model):
 def assert_params_equal(model, snap):
     for n, p in model.named_parameters():
         assert torch.equal(p, snap[n]), f"{n} differs from its snapshot"
+
+
+#: fixtures that load the 135M-parameter models or run GPTQModel on them: a test that uses one is
+#: ``slow`` (left out of ``make test-fast``, still run by ``make test``).
+SLOW_FIXTURES = {"smol", "smol_gptq", "gemma", "gemma_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or "test_gemma" in item.nodeid
+                or "[smol" in item.nodeid or "-smol" in item.nodeid):
+            item.add_marker(pytest.mark.slow)
