@@ -43,6 +43,7 @@ from mechq.analysis.representation import representation_metrics  # noqa: E402
 from mechq.analysis.patching import patch_sweep  # noqa: E402
 from mechq.facts.pararel import load_pararel  # noqa: E402
 from mechq.analysis.cliff import cliff_table  # noqa: E402
+from mechq.analysis.kld import kld_stats  # noqa: E402
 from mechq.reports.pipeline import report  # noqa: E402
 from mechq.diagnosis.verdict import diagnose  # noqa: E402
 from mechq.repair.eora import eora  # noqa: E402
@@ -52,7 +53,7 @@ from mechq.repair.recipe import make_recipe  # noqa: E402
 __version__ = "0.1.0"
 __all__ = [
     "Fact", "FactSet", "Request", "Variant", "accuracy", "bundled_facts", "cliff_table",
-    "component_metrics", "diagnose", "eora", "evaluate_recall", "load_facts", "load_model",
+    "component_metrics", "diagnose", "eora", "evaluate_recall", "kld_stats", "load_facts", "load_model",
     "load_pararel", "load_variant", "logit_lens", "make_recipe", "patch_sweep", "quantize", "quantize_many",
     "repair_table", "report", "representation_metrics", "subset_labels", "subsets", "swap", "target_report",
     "write_compressed_tensors",

@@ -72,8 +72,11 @@ def variant_table(variants: Sequence[Variant]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def cliff_table(recall: pd.DataFrame, variants: Sequence[Variant]) -> pd.DataFrame:
-    """Per configuration: mean accuracy over seeds, the seed range, the facts' 95 % CI, ranks."""
+def cliff_table(recall: pd.DataFrame, variants: Sequence[Variant],
+                kld: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per configuration: mean accuracy over seeds, the seed range, the facts' 95 % CI, ranks;
+    with ``kld`` (:func:`mechq.analysis.kld.kld_stats`, one row per variant) also the mean over
+    seeds of the held-out KL divergence (mean and 99th percentile) and the same-top-1 rate."""
     info = variant_table(variants).set_index("variant")
     per = accuracy(recall).set_index("variant").join(info, how="left")
     rec = recall.assign(config=recall["variant"].map(info["config"]))
@@ -90,7 +93,13 @@ def cliff_table(recall: pd.DataFrame, variants: Sequence[Variant]) -> pd.DataFra
             mean_correct=float(g["n_correct"].mean()),
             median_rank=float(r["target_rank"].median()),
             mean_target_prob=float(r["target_prob"].mean())))
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if kld is not None:
+        cols = ["kld_mean", "kld_p99", "same_top1"]
+        k = kld.assign(config=kld["variant"].map(info["config"])).groupby("config")[cols].mean()
+        table = table.join(k, on="variant")
+        table.loc[table["variant"] == FP, cols] = [0.0, 0.0, 1.0]
+    return table
 
 
 def method_comparison(recall: pd.DataFrame, a: str, b: str, fp: str = FP) -> pd.DataFrame:
@@ -124,9 +133,11 @@ def method_comparison(recall: pd.DataFrame, a: str, b: str, fp: str = FP) -> pd.
 
 def summary_markdown(table: pd.DataFrame, fp_label: str = "FP") -> str:
     """The cliff table as Markdown (what the demo writes to ``summary.md``)."""
+    kld = "kld_mean" in table.columns
     lines = ["| variant | avg bits/weight | accuracy | calibration seeds: range | "
-             "95 % CI (facts) | median answer rank | mean target prob |",
-             "|---|---|---|---|---|---|---|"]
+             "95 % CI (facts) | median answer rank | mean target prob |"
+             + (" mean KLD (nats) | same top-1 |" if kld else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if kld else "")]
     for r in table.itertuples():
         name = fp_label if r.variant == FP else r.variant
         spread = (f"{r.seed_min:.1%}–{r.seed_max:.1%} ({r.seeds} seeds)" if r.seeds > 1
@@ -135,7 +146,8 @@ def summary_markdown(table: pd.DataFrame, fp_label: str = "FP") -> str:
         lines.append(
             f"| {name} | {r.avg_bits:.2f} | **{r.accuracy:.1%}** ({r.mean_correct:.0f}/{r.n}) | "
             f"{spread} | {r.ci_low:.1%}–{r.ci_high:.1%} | {_rank(r.median_rank)} | "
-            f"{r.mean_target_prob:.3f} |")
+            f"{r.mean_target_prob:.3f} |"
+            + (f" {r.kld_mean:.3f} | {r.same_top1:.1%} |" if kld else ""))
     return "\n".join(lines)
 
 
