@@ -15,11 +15,17 @@ facts, and the share of integer codes that differ from the native setting's (and
 benchmarks/results/spread.json (about 40 minutes on 2 cores).
 
     .venv/bin/python scripts/measure_spread.py [--bits 8 4 3 2] [--settings native avx2 ...]
+
+``--reuse DIR`` scores the GPTQ checkpoints an earlier run of this script left in its work folder
+(``DIR/<setting>/variants/*``) instead of quantizing again: the codes are the same GPTQ outputs,
+made under the same settings, and the results file records the folder and each checkpoint's own
+GPTQ seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -67,6 +73,21 @@ def quantize_under(model, setting: str, bits: list[int], cache: Path) -> tuple[l
                 os.environ[k] = v
 
 
+def reuse_from(folder: Path, model, bits: list[int]) -> list:
+    """The GPTQ checkpoints an earlier run quantized under one setting, read back as variants."""
+    found = {}
+    for meta in sorted(folder.glob("variants/*/mechq_variant.json")):
+        info = json.loads(meta.read_text())
+        if info.get("method") == "gptq" and info.get("bits") in bits:
+            v = mechq.load_variant(meta.parent, model, name=info["name"])
+            v.meta.setdefault("seconds", info.get("seconds", float("nan")))
+            found[info["bits"]] = v
+    missing = sorted(set(bits) - set(found))
+    if missing:
+        raise SystemExit(f"{folder} holds no GPTQ checkpoint for bits {missing}")
+    return [found[b] for b in bits]
+
+
 def code_difference(a, b) -> float:
     """Share of integer codes that differ between two variants of the same settings."""
     diff = total = 0
@@ -82,6 +103,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="score the checkpoints an earlier run left in this work folder")
     args = ap.parse_args()
     if "native" not in args.settings:
         args.settings.insert(0, "native")
@@ -97,7 +120,10 @@ def main() -> None:
     for setting in args.settings:
         print(f"{setting}: quantizing w{'/'.join(map(str, args.bits))} with "
               f"{SETTINGS[setting] or 'no override'}", flush=True)
-        variants, seconds = quantize_under(model, setting, args.bits, work / setting)
+        if args.reuse:
+            variants, seconds = reuse_from(args.reuse / setting, model, args.bits), float("nan")
+        else:
+            variants, seconds = quantize_under(model, setting, args.bits, work / setting)
         made[setting] = {v.bits: v for v in variants}
         renamed = [(f"{setting}:{v.name}", v) for v in variants]
         recall = mechq.evaluate_recall(model, facts, renamed, include_fp=fp is None,
@@ -124,7 +150,8 @@ def main() -> None:
         model="smollm2-135m", facts=len(facts), method="gptq", group_size=128,
         calibration="bundled default (32 x 128 tokens, seed 0)",
         fp=dict(accuracy=float(fp["accuracy"]), n_correct=int(fp["n_correct"]), n=int(fp["n"])),
-        evaluation_threads=torch.get_num_threads(), rows=rows),
+        evaluation_threads=torch.get_num_threads(), rows=rows,
+        reused=str(args.reuse) if args.reuse else None),
         command="python scripts/measure_spread.py " + " ".join(
             f"--{k} {' '.join(map(str, v))}" for k, v in
             dict(bits=args.bits, settings=args.settings).items()))

@@ -139,14 +139,16 @@ def test_rtn_mixed_bits(tiny, tiny_mixed):
 
 
 def test_cache_keys_of_uniform_and_dynamic_variants(tiny, tiny_mixed):
-    """A uniform variant's directory is the hash of exactly the fields it had before per-module
-    bits existed (so its cached checkpoints stay valid); rules add one field."""
+    """A uniform variant's directory is the hash of exactly its documented fields (the model,
+    its config and its weights' digest, the quantizer's settings, the calibration, the CPU code
+    path, the cache format); per-module rules add one field."""
     uniform = mechq.quantize(tiny, "rtn", bits=4, group_size=128)
     src = models.source_of(tiny)
     fields = dict(model=src.name,
                   config=hashlib.sha256((src.hf_dir / "config.json").read_bytes()).hexdigest()[:16],
+                  weights=models.weights_digest(tiny),
                   method="rtn", bits=4, group_size=128, sym=True, desc_act=False,
-                  calibration=None, format=CACHE_FORMAT)
+                  calibration=None, format=CACHE_FORMAT, code_path={})
 
     def key(f):
         return hashlib.sha256(json.dumps(f, sort_keys=True).encode()).hexdigest()[:20]

@@ -42,6 +42,8 @@ from typing import IO, Any, NamedTuple
 import pandas as pd
 import torch
 
+from mechq.vocab import CODE_PATH_VARIABLES
+
 _DTYPES = {int: "int64", float: "float64", bool: bool}
 
 
@@ -151,9 +153,6 @@ class Store:
 # One-record results: JSON with its provenance
 # --------------------------------------------------------------------------------------------
 
-#: Environment variables that change which CPU code paths torch runs (and so its float
-#: rounding): ATen's vectorized kernels, MKL's BLAS, oneDNN. Recorded by :func:`machine` when set.
-CODE_PATH_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
 
 
 @contextmanager

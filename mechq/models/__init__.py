@@ -7,9 +7,9 @@ Face directory into a ``HookedTransformer`` whose weights are exactly the Huggin
 
 from mechq.models.load import (
     EMBEDDED, GEMMA, TINY, ModelLoadError, ModelSource, cache_dir, default_device, load_hf,
-    load_model, register_source, resolve_hf_dir, source_of,
+    load_model, register_source, resolve_hf_dir, source_of, weights_digest,
 )
 
 __all__ = ["EMBEDDED", "GEMMA", "TINY", "ModelLoadError", "ModelSource", "cache_dir",
            "default_device", "load_hf", "load_model", "register_source", "resolve_hf_dir",
-           "source_of"]
+           "source_of", "weights_digest"]

@@ -24,6 +24,7 @@ Sources understood by :func:`load_model`:
 from __future__ import annotations
 
 import importlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -31,7 +32,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager, nullcontext
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,12 +57,15 @@ class ModelSource:
     """Where a loaded model came from: the Hugging Face directory holding its FP weights.
 
     Quantizers (GPTQModel) read ``hf_dir``; checkpoints are checked against ``architecture``.
+    ``weights`` is :func:`weights_digest` of the model as loaded (what ``hf_dir`` holds), so a
+    quantizer that reads ``hf_dir`` can tell whether the model was edited in memory since.
     """
 
     name: str
     hf_dir: Path
     architecture: str
     note: str = ""
+    weights: str = ""
 
 
 def cache_dir() -> Path:
@@ -282,9 +286,20 @@ def load_model(
     model.to(device, print_details=False)
     model.eval()
     model.requires_grad_(False)
-    register_source(model, src)
+    register_source(model, replace(src, weights=weights_digest(model)))
     del hf
     return model
+
+
+def weights_digest(model: HookedTransformer) -> str:
+    """A digest (BLAKE2b, 16 hex digits) of every parameter's name, shape, dtype and bytes: the
+    same for the same weights on any machine, different after any edit."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, p in model.named_parameters():
+        t = p.detach().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

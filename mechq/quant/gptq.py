@@ -66,16 +66,18 @@ class GPTQJob:
     log: str = ""
     extra: dict = field(default_factory=dict)
     method: str = "gptq"
+    env: dict = field(default_factory=dict)  # environment variables set in the child
 
 
 def make_job(hf_dir: str | Path, out_dir: str | Path, calibration: Calibration, *, bits: int,
              group_size: int, sym: bool, desc_act: bool, device: str = "cpu",
              threads: int = 1, dynamic: dict | None = None, log: str | Path = "",
-             method: str = "gptq") -> GPTQJob:
+             method: str = "gptq", env: dict | None = None) -> GPTQJob:
     out_dir = Path(out_dir)
     return GPTQJob(str(hf_dir), str(out_dir), calibration.tokens, bits, group_size, sym, desc_act,
                    device=device, dtype=_dtype(method, device), threads=threads,
-                   dynamic=dynamic, log=str(log or out_dir.with_suffix(".log")), method=method)
+                   dynamic=dynamic, log=str(log or out_dir.with_suffix(".log")), method=method,
+                   env=dict(env or {}))
 
 
 def _dtype(method: str, device: str) -> str:
@@ -103,7 +105,7 @@ def run_gptq(job: GPTQJob, verbose: bool = False) -> Path:
         OMP_NUM_THREADS=str(job.threads), MKL_NUM_THREADS=str(job.threads),
         # GPTQModel's loader asks its CPU pool for 2 workers and refuses a pool of 1.
         GPTQMODEL_CPU_WORKERS=str(max(2, job.threads)),
-        TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **job.env,
     )
     cmd = [sys.executable, str(CHILD), str(spec)]
     with log.open("w") as fh:

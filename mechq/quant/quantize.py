@@ -42,7 +42,7 @@ from mechq.quant.formats.gptq import save_gptq_checkpoint
 from mechq.quant.gptq import make_job, run_gptq_jobs
 from mechq.quant.rtn import rtn_quantize_weight
 from mechq.quant.variants import Variant
-from mechq.vocab import SUPPORTED_BITS
+from mechq.vocab import CODE_PATH_VARIABLES, SUPPORTED_BITS
 
 METHODS = ("gptq", "rtn", "awq")
 CALIBRATED = ("gptq", "awq")  # methods that run GPTQModel on calibration tokens
@@ -52,18 +52,26 @@ AWQ_GROUP_SIZES = (128, 64, 32, 16)
 def calibration_size(method: str) -> tuple[int, int]:
     """``(n_samples, seq_len)`` a method uses by default."""
     return (AWQ_N_SAMPLES, AWQ_SEQ_LEN) if method == "awq" else (N_SAMPLES, SEQ_LEN)
-CACHE_FORMAT = 2  # 2: keyed by the calibration digest; GPTQ in float32 in a one-thread child
-NAME = re.compile(r"^(gptq|rtn|awq)-w(\d+)(?:g(-?\d+))?((?:-asym|-act)*)(?:-s(\d+))?$")
+CACHE_FORMAT = 3  # 3: keyed by the quantized weights' digest and the CPU code path too
+NAME = re.compile(r"^(gptq|rtn|awq)-w(\d+)(?:g(-?\d+))?((?:-asym|-act|-det)*)(?:-s(\d+))?$")
+#: The environment of a deterministic GPTQ / AWQ run: ATen, MKL and oneDNN all forced onto their
+#: baseline x86 code paths, so that none of them picks kernels by the CPU's instruction set.
+#: On one machine, this setting is what emulating other CPUs cannot move; whether two physical
+#: CPUs then give identical codes was not checked (docs/calibration.md says what was).
+DETERMINISTIC_ENV = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default",
+                     "ONEDNN_MAX_CPU_ISA": "SSE41"}
 
 
 def variant_name(method: str, bits: int, group_size: int, sym: bool = True,
-                 desc_act: bool = False, seed: int = 0, dynamic: dyn.Dynamic | None = None) -> str:
-    """``gptq-w4g128``, with ``-asym`` / ``-act`` suffixes for non-default choices, ``-dyn`` and
-    the first 6 hex digits of :func:`mechq.quant.dynamic.digest` for per-module rules
+                 desc_act: bool = False, seed: int = 0, dynamic: dyn.Dynamic | None = None,
+                 deterministic: bool = False) -> str:
+    """``gptq-w4g128``, with ``-asym`` / ``-act`` / ``-det`` suffixes for non-default choices,
+    ``-dyn`` and the first 6 hex digits of :func:`mechq.quant.dynamic.digest` for per-module rules
     (``gptq-w4g128-dyn3f9a1c``), and ``-s1`` for calibration seed 1 (seed 0 is the default and
     has no suffix)."""
     g = "" if group_size in (-1, 0) else f"g{group_size}"
     return (f"{method}-w{bits}{g}" + ("" if sym else "-asym") + ("-act" if desc_act else "")
+            + ("-det" if deterministic else "")
             + (f"-dyn{dyn.digest(dynamic)[:6]}" if dynamic else "")
             + (f"-s{seed}" if seed else ""))
 
@@ -71,7 +79,9 @@ def variant_name(method: str, bits: int, group_size: int, sym: bool = True,
 @dataclass
 class Request:
     """One variant to make: what :func:`quantize` takes, as data. ``dynamic``: per-module rules
-    in GPTQModel's syntax (:mod:`mechq.quant.dynamic`), ``None`` for one setting everywhere."""
+    in GPTQModel's syntax (:mod:`mechq.quant.dynamic`), ``None`` for one setting everywhere.
+    ``deterministic``: run GPTQ / AWQ on the baseline x86 code paths
+    (:data:`DETERMINISTIC_ENV`), which no CPU-dependent kernel choice can move."""
 
     method: str = "gptq"
     bits: int = 4
@@ -84,6 +94,7 @@ class Request:
     seq_len: int | None = None
     name: str | None = None
     dynamic: dict | None = None
+    deterministic: bool = False
 
     @classmethod
     def parse(cls, name: str, **kw) -> Request:
@@ -101,7 +112,8 @@ class Request:
         method, bits, gs, flags, seed = m.groups()
         group_size = int(gs) if gs else (None if method == "awq" else 128)
         return cls(method, int(bits), group_size, sym="-asym" not in flags,
-                   desc_act="-act" in flags, seed=int(seed or 0), **kw)
+                   desc_act="-act" in flags, seed=int(seed or 0),
+                   deterministic="-det" in flags, **kw)
 
     def __post_init__(self) -> None:
         n, length = calibration_size(self.method)
@@ -165,6 +177,7 @@ def quantize(
     cache: bool = True,
     name: str | None = None,
     dynamic: dyn.Dynamic | None = None,
+    deterministic: bool = False,
 ) -> Variant:
     """Quantize ``model``'s linear layers and return the variant (not swapped in).
 
@@ -180,12 +193,26 @@ def quantize(
     ``{r"+:.*\\.layers\\.(0|1)\\..*": {"bits": 8}, r"-:.*lm_head": {}}``: the first two layers at
     8 bits, the rest at ``bits``, and modules a ``-:`` rule matches left in full precision. RTN
     honours ``bits``, ``group_size`` and ``sym`` per module; GPTQ hands the rules to GPTQModel.
+
+    ``deterministic`` runs GPTQ / AWQ on the baseline x86 code paths
+    (:data:`DETERMINISTIC_ENV`), which no CPU-dependent kernel choice can move.
     """
     if group_size is None:
         group_size = default_group_size(model, method)
     req = Request(method, bits, group_size, sym, desc_act, calibration, seed, n_samples, seq_len,
-                  name, dict(dynamic) if dynamic else None)
+                  name, dict(dynamic) if dynamic else None, deterministic)
     return quantize_many(model, [req], cache=cache, progress=False)[0]
+
+
+def code_path(r: Request) -> dict[str, str]:
+    """The CPU code-path settings a variant is made under (part of its cache key): for GPTQ and
+    AWQ, :data:`DETERMINISTIC_ENV` when deterministic, else whichever of
+    :data:`mechq.vocab.CODE_PATH_VARIABLES` the environment sets; RTN rounds the same anywhere."""
+    if r.method not in CALIBRATED:
+        return {}
+    if r.deterministic:
+        return dict(DETERMINISTIC_ENV)
+    return {k: os.environ[k] for k in CODE_PATH_VARIABLES if os.environ.get(k)}
 
 
 def quantize_many(
@@ -224,6 +251,12 @@ def quantize_many(
     src = models.source_of(model)
     device = str(model.cfg.device).split(":")[0]
     config_hash = hashlib.sha256((src.hf_dir / "config.json").read_bytes()).hexdigest()[:16]
+    weights = models.weights_digest(model)
+    if src.weights and weights != src.weights and any(r.method in CALIBRATED for r in requests):
+        raise ValueError(
+            f"the model's weights changed in memory since it was loaded, but GPTQModel quantizes "
+            f"the weights in {src.hf_dir}: save the edited model as a Hugging Face directory and "
+            "load that, or quantize with method='rtn' (which reads the weights in memory).")
     root = models.cache_dir() / "variants"
     root.mkdir(parents=True, exist_ok=True)
 
@@ -232,14 +265,16 @@ def quantize_many(
         calib = (get_calibration(model, r.calibration, n_samples=r.n_samples,
                                  seq_len=r.seq_len, seed=r.seed) if r.method in CALIBRATED
                  else None)
-        fields = dict(model=src.name, config=config_hash, method=r.method, bits=r.bits,
-                      group_size=r.group_size, sym=r.sym, desc_act=r.desc_act,
-                      calibration=calib.digest if calib else None, format=CACHE_FORMAT)
-        if r.dynamic:  # only then: a uniform variant keeps the key it always had
+        fields = dict(model=src.name, config=config_hash, weights=weights, method=r.method,
+                      bits=r.bits, group_size=r.group_size, sym=r.sym, desc_act=r.desc_act,
+                      calibration=calib.digest if calib else None, format=CACHE_FORMAT,
+                      code_path=code_path(r))
+        if r.dynamic:
             fields["dynamic"] = dyn.canonical(r.dynamic)
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
         name = r.name or variant_name(r.method, r.bits, r.group_size, r.sym, r.desc_act,
-                                      r.seed if r.method in CALIBRATED else 0, r.dynamic)
+                                      r.seed if r.method in CALIBRATED else 0, r.dynamic,
+                                      r.deterministic and r.method in CALIBRATED)
         plans.append((r, calib, fields, root / key, name))
 
     todo = [p for p in plans if not (cache and (p[3] / META_FILE).exists())]
@@ -262,7 +297,7 @@ def quantize_many(
             jobs.append(make_job(src.hf_dir, tmp, calib, bits=r.bits, group_size=r.group_size,
                                  sym=r.sym, desc_act=r.desc_act, device=device,
                                  dynamic=r.dynamic, log=logs / f"{name}-{out.name}.log",
-                                 method=r.method))
+                                 method=r.method, env=code_path(r)))
         finished = {}
 
         def done(job, seconds):
