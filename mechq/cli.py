@@ -257,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--injection-low", help="precision of the other layers (default: last variant)")
     p.add_argument("--injection-ks", type=int, nargs="*", help="k (default: 0, L/10 ... L)")
     p = command("diagnose", cmd_diagnose, "healthy / signal degradation / computation collapse "
-                "/ format bug, with evidence (§4.3)", *common, one, keys=("n_facts", "batch_size"))
-    p.add_argument("--n-facts", type=int, default=64, help="FP-correct facts sampled")
+                "/ format bug / reference mismatch, with evidence (§4.3)", *common, one,
+                keys=("n_facts", "batch_size"))
+    p.add_argument("--n-facts", type=int, default=128, help="FP-correct facts (fewer if unknown)")
     p.add_argument("--repair", action="store_true", help="also measure the repairs (protection, "
                    "+ amplification, EoRA r32/r64) on held-out facts: repairs.csv")
     p = command("recipe", cmd_recipe, "best protection repair within a bit budget, as a "

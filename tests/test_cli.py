@@ -114,9 +114,10 @@ def test_report_is_one_offline_file(tmp_path):
     assert html.count("var CircuitsVis=") == 1 and html.count("CircuitsVis.render(") == 3
     assert html.index("CircuitsVis.render(") < html.index("Performance cliff")
     assert (tmp_path / "lens_summary.csv").exists()
-    evidence = pd.read_csv(tmp_path / "evidence.csv")
-    assert list(evidence.columns[1:3]) == ["rtn-w4g128", "rtn-w2g128"]
-    assert evidence.iloc[0]["signature"] == "verdict"
+    evidence = pd.read_csv(tmp_path / "evidence.csv")  # tidy: one row per variant x signature
+    assert list(evidence["variant"].unique()) == ["rtn-w4g128", "rtn-w2g128"]
+    assert {"value", "ci_low", "ci_high", "threshold", "verdict", "borderline"} <= set(
+        evidence.columns)
     summary = (tmp_path / "summary.md").read_text()
     assert "| rtn-w4g128 |" in summary and "Run took" in summary and "Verdicts" in summary
     assert "none (no calibration)" in summary  # RTN has no calibration to vary
@@ -277,7 +278,8 @@ def test_diagnose_command(tmp_path, capsys):
     assert rc == 0
     assert "verdict: healthy" in capsys.readouterr().out
     ev = pd.read_csv(tmp_path / "evidence.csv")
-    assert len(ev) == 12 and {"signature", "value", "threshold", "supports"} <= set(ev.columns)
+    assert len(ev) == 11 and {"signature", "value", "ci_low", "ci_high", "threshold",
+                              "supports"} <= set(ev.columns)
     assert len(pd.read_csv(tmp_path / "weight_signatures.csv")) == 16  # 4 layers x 4 modules
     html = _self_contained(tmp_path / "diagnose.html")
     assert html.count("var CircuitsVis=") == 1 and html.count("CircuitsVis.render(") == 2

@@ -10,6 +10,14 @@ scale ``s`` from the module's group), all ``(out, in)``:
 - ``step_error``: the median over elements of ``|Ŵ − W| / s``: the error in quantization steps.
   Rounding puts it near 0.25 steps; GPTQ's error feedback moves it up, but a weight stays within
   a step or two of its grid point.
+- ``error_corr``: the Pearson correlation over elements between the error's size ``|Ŵ − W|``
+  and the weight's ``|W|``. Rounding, GPTQ's feedback and quantizing other FP weights leave
+  errors whose size does not depend on the weight's (near 0); a weight read with another
+  group's scale is ``W`` times a wrong factor, an error that grows with ``|W|``.
+- ``beyond_half``: the share of elements with ``|Ŵ − W| / s > ½``: weights further from their
+  FP value than rounding to the nearest grid point allows. Round-to-nearest puts (almost) none
+  there; GPTQ's error feedback puts some (it rounds ``W`` plus the error it carries forward);
+  weights quantized from *other* FP weights put many, in every module.
 - ``step_bias``: the median over (group, output) cells of ``|mean_group(Ŵ − W)| / s``: how far a
   whole group is shifted, in steps. Rounding errors of a group average out; a zero point off by
   one shifts every weight of the group by one step (``step_bias ≈ 1``).
@@ -31,11 +39,11 @@ from mechq.quant import layout
 from mechq.quant.packing import PackedLinear
 from mechq.quant.variants import Variant
 
-SIGNATURES = ("cosine", "rel_error", "step_error", "step_bias")
+SIGNATURES = ("cosine", "error_corr", "rel_error", "step_error", "beyond_half", "step_bias")
 
 
 def module_signature(w_fp: Float[Tensor, "out in"], packed: PackedLinear) -> dict[str, float]:
-    """The four signatures (module docstring) of one packed module against its FP weight."""
+    """The signatures (module docstring) of one packed module against its FP weight."""
     w_fp = w_fp.detach().float().cpu()
     packed = packed.to("cpu")
     w_q = packed.weight(torch.float32)
@@ -51,10 +59,15 @@ def module_signature(w_fp: Float[Tensor, "out in"], packed: PackedLinear) -> dic
     counts = torch.bincount(g, minlength=n_groups).clamp_min(1).float()
     group_step = packed.scales.float().T.abs().clamp_min(1e-12)  # (out, groups)
     bias = (sums / counts).abs() / group_step
+    e, w = err.flatten().abs().double(), w_fp.flatten().abs().double()
+    e, w = e - e.mean(), w - w.mean()
+    corr = (e @ w) / (e.norm() * w.norm()).clamp_min(1e-300)
     return dict(
         cosine=float(cos),
+        error_corr=float(corr),
         rel_error=float(err.norm() / w_fp.norm().clamp_min(1e-12)),
         step_error=float((err.abs() / step).median()),
+        beyond_half=float((err.abs() / step > 0.5).float().mean()),
         step_bias=float(bias[:, counts > 0].median()) if n_groups else float("nan"),
     )
 

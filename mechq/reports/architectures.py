@@ -216,6 +216,7 @@ def compare_one(name: str, model: HookedTransformer, facts: FactSet | None = Non
     diags = diagnose_many(model, list(cliff_vs.values()), facts, n_facts=n_facts,
                           batch_size=batch_size)
     verdicts = pd.DataFrame([dict(variant=d.variant, bits=float(b), verdict=d.verdict,
+                                  borderline=d.borderline or "",
                                   reason=d.reason,
                                   recommendation=recommendation(d.verdict, winner))
                              for b, d in zip(bits, diags)])

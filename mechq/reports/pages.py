@@ -97,17 +97,20 @@ class CliffOutputs:
 
 
 def write_cliff(recall: pd.DataFrame, variants: Sequence[Variant], out: Path,
-                title: str) -> CliffOutputs:
+                title: str, kld: pd.DataFrame | None = None) -> CliffOutputs:
     """The cliff's frames and figures from recall rows, written to ``out``: recall.csv,
     accuracy.csv, cliff.csv, performance_cliff.html and answer_rank.html (shared by
-    :func:`cliff_page` and :func:`mechq.report`)."""
+    :func:`cliff_page` and :func:`mechq.report`); with ``kld`` (held-out KL divergence per
+    variant) also kld.csv, and the cliff table gains its columns."""
     info = variant_table(variants)
     recall = recall.merge(info[["variant", "config", "bits", "seed"]], on="variant", how="left")
     recall.to_csv(out / "recall.csv", index=False)
     per_variant = accuracy(recall).merge(info, on="variant", how="left")
     per_variant.to_csv(out / "accuracy.csv", index=False)
-    table = cliff_table(recall, variants)
+    table = cliff_table(recall, variants, kld)
     table.to_csv(out / "cliff.csv", index=False)
+    if kld is not None:
+        kld.to_csv(out / "kld.csv", index=False)
     seed0 = recall[recall["seed"].fillna(0) == 0]
     cliff_fig = plots.performance_cliff(
         table, accuracy(seed0, ["config", "relation"]).rename(columns={"config": "variant"}),
@@ -217,12 +220,17 @@ def analysis_facts(model: HookedTransformer, facts: FactSet, variants: Sequence[
 
 def cliff_page(model: HookedTransformer, facts: FactSet, variants: Sequence[Variant], out: Path,
                *, batch_size: int = 32) -> Page:
-    """Recall of FP and ``variants`` (``mechq cliff``, paper Fig. 1): :func:`write_cliff`'s files;
-    the summary is the cliff table and the kinds of target tokens."""
+    """Recall of FP and ``variants`` (``mechq cliff``, paper Fig. 1) and their KL divergence from
+    FP on the held-out text: :func:`write_cliff`'s files; the summary is the cliff table and the
+    kinds of target tokens."""
+    from mechq.analysis.kld import kld_stats
+    from mechq.diagnosis.evidence import KLD_TOKENS
+
     recall = evaluate_recall(model, facts, variants, batch_size=batch_size)
+    kld = kld_stats(model, variants, max_tokens=KLD_TOKENS)
     v = variants[0]
     res = write_cliff(recall, variants, out, title=f"Performance cliff — {_name(model)}, "
-                      f"{v.method.upper()} g{v.group_size}, {len(facts)} facts")
+                      f"{v.method.upper()} g{v.group_size}, {len(facts)} facts", kld=kld)
     kinds = res.recall[res.recall.variant == "fp"]["target_kind"].value_counts().to_dict()
     return Page(out / "performance_cliff.html",
                 f"{summary_markdown(res.table)}\n\ntarget tokens: {kinds} (column target_kind "
@@ -455,30 +463,41 @@ def _repair_section(rep: Report, model: HookedTransformer, base: Request, facts:
 
 
 def diagnose_page(model: HookedTransformer, variant: Variant, facts: FactSet, out: Path, *,
-                  n_facts: int = 64, batch_size: int = 32, repair: Request | None = None) -> Page:
+                  n_facts: int = 128, batch_size: int = 32,
+                  repair: Request | None = None) -> Page:
     """The verdict on ``variant`` with its evidence and the frames behind it (§4.3):
     evidence.csv, weight_signatures.csv, diagnose.html; with ``repair`` (the variant's request)
     also the repairs (protection, + amplification, EoRA) in repairs.csv and the page."""
-    from mechq.analysis.lens import lens_summary
-    from mechq.diagnosis.verdict import STEP_ERROR, diagnose
+    from mechq.analysis.lens import logit_lens, lens_summary
+    from mechq.diagnosis.verdict import STEP_ERROR, diagnose, evidence_long, evidence_table
 
     d = diagnose(model, variant, facts, n_facts=n_facts, batch_size=batch_size)
-    d.evidence.to_csv(out / "evidence.csv", index=False)
+    evidence = evidence_long([d])
+    evidence.to_csv(out / "evidence.csv", index=False)
     d.weights.to_csv(out / "weight_signatures.csv", index=False)
+    d.frames["facts"].to_csv(out / "evidence_per_fact.csv", index=False)
     rep = Report(f"mechq diagnose — {variant.name} on {_name(model)}")
-    rep.heading(f"Verdict: {d.verdict.replace('_', ' ')}")
+    rep.heading(f"Verdict: {d.verdict.replace('_', ' ')}"
+                + (" (borderline)" if d.borderline else ""))
     rep.text(d.reason)
-    rep.table(d.evidence)
+    if d.borderline:
+        rep.text(f"Borderline: {d.borderline}.", note=True)
+    rep.text(f"Next step: {d.next_step}.")
+    rep.figure(plots.evidence_heatmap(evidence))
+    rep.table(evidence_table([d]))
     rep.heading("Weight space: each module's error in quantization steps")
     rep.figure(plots.weight_signature_lines(d.weights, threshold=STEP_ERROR))
-    lens = d.frames["lens"]
+    lens = logit_lens(model, d.sample, [variant], batch_size=batch_size, progress=False)
     rep.heading("Logit lens on the facts diagnosed (FP vs the variant)")
     rep.figure(plots.lens_curves(lens_summary(lens), None, title="Logit lens"))
     _attention_section(rep, model, facts, variant, lens)
-    parts = [f"verdict: {d.verdict} — {d.reason}", _text(d.evidence, index=False)]
+    parts = [f"verdict: {d.verdict}" + (f" (borderline: {d.borderline})" if d.borderline
+                                         else "") + f" — {d.reason}",
+             f"next step: {d.next_step}", _text(evidence_table([d]), index=False),
+             "worst modules:\n" + _text(d.worst_modules, index=False)]
     if repair is not None:
         parts.insert(0, _repair_section(rep, model, repair, facts, out, batch_size))
-    return Page(rep.write(out / "diagnose.html"), "\n\n".join(parts), {"evidence": d.evidence})
+    return Page(rep.write(out / "diagnose.html"), "\n\n".join(parts), {"evidence": evidence})
 
 
 def recipe_page(model: HookedTransformer, base: Request, facts: FactSet, out: Path, *,

@@ -203,8 +203,17 @@ def _recall(job: _Job, stage: Callable[[str], None]) -> None:
     recall = pd.concat(parts, ignore_index=True)
     recall = (recall.assign(_o=recall["variant"].map(order)).sort_values("_o", kind="stable")
               .drop(columns="_o").reset_index(drop=True))
+    from mechq.analysis.kld import kld_stats
+    from mechq.diagnosis.evidence import KLD_TOKENS
+
+    t = time.perf_counter()
+    kld = kld_stats(job.model, job.variants, max_tokens=KLD_TOKENS, progress=job.progress)
+    job.echo(f"      held-out KL divergence: {len(job.variants)} variants on "
+             f"{int(kld['n_tokens'].iloc[0]) if len(kld) else 0} tokens "
+             f"({time.perf_counter() - t:.0f} s)")
+    job.frames["kld"] = kld
     job.cliff = write_cliff(recall, job.variants, job.out,
-                            title=f"Performance cliff — {job.name}")
+                            title=f"Performance cliff — {job.name}", kld=kld)
     job.frames["accuracy"] = job.cliff.per_variant
     job.machine = machine_description()
     job.rep = Report(f"mechq report — {job.name}")
@@ -217,26 +226,32 @@ def _recall(job: _Job, stage: Callable[[str], None]) -> None:
 def _diagnose(job: _Job, stage: Callable[[str], None]) -> None:
     """The verdict on each width's seed-0 variant with its evidence, and the attention of FP,
     w4 and w2 on one fact."""
-    from mechq.diagnosis.verdict import N_FACTS, diagnose_many, evidence_table
+    from mechq.diagnosis.verdict import N_FACTS, diagnose_many, evidence_long, evidence_table
+    from mechq.reports import plots
 
     first_seed = [v for v in job.variants if not v.meta.get("seed")]
     stage(f"diagnose: verdicts for {', '.join(v.name for v in first_seed)} on up to "
           f"{min(N_FACTS, len(job.facts))} FP-correct facts")
     t = time.perf_counter()
     diags = diagnose_many(job.model, first_seed, job.facts, batch_size=min(job.batch_size, 32))
-    evidence = evidence_table(diags)
+    evidence = evidence_long(diags)
     evidence.to_csv(job.out / "evidence.csv", index=False)
-    job.verdicts = pd.DataFrame([dict(variant=d.variant, verdict=d.verdict, reason=d.reason)
-                                 for d in diags])
+    job.verdicts = pd.DataFrame([dict(variant=d.variant, verdict=d.verdict,
+                                      borderline=d.borderline or "", reason=d.reason,
+                                      next_step=d.next_step) for d in diags])
     job.frames["verdicts"], job.frames["evidence"] = job.verdicts, evidence
     job.echo("      " + "; ".join(f"{d.variant}: {d.verdict.replace('_', ' ')}" for d in diags)
              + f" ({time.perf_counter() - t:.0f} s)")
     job.rep.heading("0. Verdict (paper §4.3): healthy, signal degradation, computation "
-                    "collapse, or a format bug")
-    job.rep.text("Each signature is measured on the same FP-correct facts; thresholds are named "
-                 "constants in mechq.diagnosis.verdict, with the measurements they come from.")
+                    "collapse, a format bug, or a reference mismatch")
+    job.rep.text("Each signature is measured on the same FP-correct facts (and held-out text "
+                 "for the KL divergence), with a bootstrap 95 % interval; thresholds are named "
+                 "constants in mechq.diagnosis.verdict (docs/diagnose.md says where each was "
+                 "fit). A verdict is borderline when an interval straddles a threshold that "
+                 "could change it.")
     job.rep.table(job.verdicts)
-    job.rep.table(evidence)
+    job.rep.figure(plots.evidence_heatmap(evidence))
+    job.rep.table(evidence_table(diags))
     if job.ref is not None or job.low is not None:
         _attention(job)
 

@@ -524,43 +524,59 @@ def architecture_bars(frame: pd.DataFrame, x: str, title: str | None = None) -> 
 
 
 def evidence_heatmap(evidence: pd.DataFrame, title: str | None = None) -> go.Figure:
-    """The verdicts' evidence side by side (:func:`mechq.diagnosis.verdict.evidence_table`): one
-    row per signature, one column per variant, a cell coloured when its value crosses the
-    signature's threshold (red: towards collapse, purple: towards a format bug, green: healthy
-    recall) and labelled with the value. Column titles carry each variant's verdict."""
-    table = evidence.set_index("signature")
-    verdicts = table.loc["verdict"]
-    rows = table.drop(index="verdict")
-    rows = rows[rows["threshold"].astype(str).str.strip().replace("", "nan").astype(float)
-                .notna()]
-    variants = [c for c in table.columns if c not in ("threshold", "crossing supports",
-                                                      "section")]
-    colour = {"computation_collapse": 1.0, "format_bug": 2.0, "healthy": 3.0}
+    """The verdicts' evidence side by side, from :func:`mechq.diagnosis.verdict.evidence_long`:
+    one row per signature with a threshold, one column per variant. A cell is red when its 95 %
+    interval lies wholly beyond the threshold on the side that supports computation collapse,
+    orange when it lies wholly on the "not healthy" side (recall, KLD), yellow when the
+    interval straddles the threshold, and grey otherwise; the label is the value and its
+    interval. Column titles carry each variant's verdict."""
+    from mechq.diagnosis.verdict import RULES
+
+    ev = evidence[evidence["threshold"].notna()]
+    variants = list(dict.fromkeys(ev["variant"]))
+    sigs = list(dict.fromkeys(ev["signature"]))
+    cell = ev.set_index(["signature", "variant"])
     z, text = [], []
-    for sig, r in rows.iterrows():
-        t = float(r["threshold"])
-        below = sig.startswith(("FFN top-1", "residual CKA", "recall, only", "signal injection",
-                                "weight cosine"))
-        healthy = r["crossing supports"] == "healthy"
+    for sig in sigs:
         zs, ts = [], []
         for v in variants:
-            x = float(r[v])
-            crossed = x >= t if healthy else (x < t if below else x > t)
-            zs.append(colour[r["crossing supports"]] if crossed else 0.0)
-            ts.append(f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}")
+            r = cell.loc[(sig, v)]
+            if r["value"] != r["value"]:
+                zs.append(0.0)
+                ts.append("not measured")
+                continue
+            crossed = r["crossed"] if r["crossed"] in (True, False) else None
+            zs.append(2.0 if crossed is None else
+                      (3.0 if r["supports"] == "not healthy" else 1.0) if crossed else 0.0)
+            ts.append(_short(r["value"]) + (f" [{_short(r['ci_low'])}, {_short(r['ci_high'])}]"
+                                            if r["ci_low"] != r["ci_high"] else ""))
         z.append(zs)
         text.append(ts)
-    labels = [f"{s} ({'≥' if rows.loc[s, 'crossing supports'] == 'healthy' else 'vs'} "
-              f"{float(rows.loc[s, 'threshold']):g})" for s in rows.index]
+    thr = ev.drop_duplicates("signature").set_index("signature")["threshold"]
+    sign = {"below": "<", "above": ">"}
+    labels = [f"{s} ({sign[RULES[s][0]]} {thr[s]:g})" for s in sigs]
+    heads = ev.drop_duplicates("variant").set_index("variant")
+    cols = [f"{v}<br><b>{heads.loc[v, 'verdict'].replace('_', ' ')}</b>"
+            + ("<br>borderline" if heads.loc[v, "borderline"] else "") for v in variants]
     fig = go.Figure(go.Heatmap(
-        z=z, x=[f"{v}<br><b>{verdicts[v]}</b>" for v in variants], y=labels, text=text,
-        texttemplate="%{text}", zmin=0, zmax=3, showscale=False,
+        z=z, x=cols, y=labels, text=text, texttemplate="%{text}", zmin=0, zmax=3,
+        showscale=False,
         colorscale=[[0, "#f4f4f4"], [0.25, "#f4f4f4"], [0.25, "#e4572e"], [0.5, "#e4572e"],
-                    [0.5, "#8e5cc9"], [0.75, "#8e5cc9"], [0.75, "#59a14f"], [1, "#59a14f"]],
+                    [0.5, "#f2d16b"], [0.75, "#f2d16b"], [0.75, "#f28e2b"], [1, "#f28e2b"]],
         hovertemplate="%{y}<br>%{x}: %{text}<extra></extra>", xgap=2, ygap=2))
     fig.update_yaxes(autorange="reversed")
-    fig.update_layout(title=title or "The verdict's evidence: a coloured cell crosses its "
-                                     "threshold (red: collapse, purple: format bug, green: "
-                                     "healthy)", template="plotly_white",
-                      height=70 + 34 * len(rows), margin=dict(l=20, r=20, t=60, b=20))
+    fig.update_layout(title=title or "The verdict's evidence with 95 % intervals (red: beyond "
+                                     "the collapse threshold, orange: not healthy, yellow: "
+                                     "straddles its threshold)",
+                      template="plotly_white", height=90 + 34 * len(sigs),
+                      margin=dict(l=20, r=20, t=60, b=20))
     return fig
+
+
+def _short(x: float) -> str:
+    """A compact label for a signature value."""
+    if x != x:
+        return "—"
+    if x != 0 and abs(x) < 0.01:
+        return f"{x:.1e}"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
