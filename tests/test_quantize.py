@@ -113,6 +113,24 @@ def test_cache_key_holds_the_calibration_digest(tiny, tmp_path, monkeypatch):
     assert len(made) == 2  # same tokens: a cache hit
 
 
+def test_cache_key_holds_the_weights(tmp_path, monkeypatch):
+    """RTN of a model edited in memory is a variant of the edited weights, not the cached one of
+    the unedited model; GPTQ (which quantizes the files on disk) refuses the edited model."""
+    monkeypatch.setenv("MECHQ_CACHE", str(tmp_path))
+    model = mechq.load_model("tiny-gpt2", device="cpu")  # a private copy: edited below
+    before = mechq.quantize(model, "rtn", bits=4)
+    with torch.no_grad():
+        model.blocks[0].mlp.W_in.mul_(1.5)
+    after = mechq.quantize(model, "rtn", bits=4)
+    assert after.meta["path"] != before.meta["path"]
+    module = next(m for m in after.modules if ".0.mlp.c_fc" in m)
+    # the edited rows are 1.5x larger: so are their dequantized weights (up to rounding)
+    ratio = after.weight(module).norm() / before.weight(module).norm()
+    assert ratio.item() == pytest.approx(1.5, rel=0.01)
+    with pytest.raises(ValueError, match="changed in memory"):
+        mechq.quantize(model, "gptq", bits=4)
+
+
 @pytest.mark.slow
 def test_gptq_on_tiny_gpt2_and_cache(tiny, facts, tmp_path, monkeypatch):
     monkeypatch.setenv("MECHQ_CACHE", str(tmp_path))
