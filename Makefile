@@ -60,6 +60,7 @@ docs: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_foundation.py
 	$(BIN)/python benchmarks/bench_kld.py
+	$(BIN)/python benchmarks/bench_diagnose.py
 	$(BIN)/python benchmarks/bench_patching.py --extra-fact instrument-010
 
 clean:

@@ -43,8 +43,12 @@ class Results:
         self._root = root
         self._cache: dict[str, object] = {}
 
+    def has(self, name: str) -> bool:
+        """Whether NAME.json or the folder NAME/ exists (a page may say a result is pending)."""
+        return (self._root / f"{name}.json").exists() or (self._root / name).is_dir()
+
     def __getattr__(self, name: str):
-        if name.startswith("_"):
+        if name.startswith("_") or name == "has":
             raise AttributeError(name)
         if name not in self._cache:
             self._cache[name] = self._read(name)
@@ -125,12 +129,19 @@ class Context:
         """Constants of mechq's code that pages cite (thresholds, defaults)."""
         from mechq import vocab
         from mechq.diagnosis import verdict
+        from mechq.models import families as fam
         from mechq.facts import calibration
         from mechq.quant import quantize
         from mechq.repair import table
 
-        return dict(verdict=verdict, calibration=calibration, vocab=vocab, quantize=quantize,
-                    repair=table,
+        from mechq.diagnosis import evidence
+
+        return dict(verdict=verdict, evidence=evidence, signatures=evidence.SIGNATURES,
+                    calibration=calibration, vocab=vocab, quantize=quantize,
+                    repair=table, families=[
+                        dict(name=f.name, architectures=list(f.architectures),
+                             embedded=[e.name for e in f.embedded])
+                        for f in dict.fromkeys(map(fam.for_architecture, fam.architectures()))],
                     bits="/".join(map(str, vocab.SUPPORTED_BITS)))
 
     @cached_property
@@ -172,7 +183,9 @@ class Context:
         demo = self.results.demo
         run = demo["run"]
         cliff = demo["cliff"]
-        verdicts = demo["evidence"].set_index("signature").loc["verdict"]
+        ev = demo["evidence"].drop_duplicates("variant").set_index("variant")
+        verdicts = {v: r.verdict + (" (borderline)" if isinstance(r.borderline, str)
+                                    and r.borderline else "") for v, r in ev.iterrows()}
         per_bits = self.spread["bits"]
         rows = []
         for r in cliff.itertuples():
@@ -191,8 +204,68 @@ class Context:
             rows.append(dict(name="FP" if fp else r.variant, avg_bits=r.avg_bits,
                              accuracy=r.accuracy, seeds=seeds, ci_low=r.ci_low,
                              ci_high=r.ci_high, cpus=cpus, median_rank=r.median_rank,
+                             kld=getattr(r, "kld_mean", float("nan")),
+                             same_top1=getattr(r, "same_top1", float("nan")),
                              verdict=str(verdict).replace("_", " ")))
         return dict(rows=rows, run=run, machine=machine_text(run["provenance"]["machine"]))
+
+    @cached_property
+    def demo_evidence(self) -> dict:
+        """The demo's evidence (benchmarks/results/demo/evidence.csv, one row per variant and
+        signature) as a table: one row per signature, one column per variant, each cell the value
+        and its 95 % interval as the docs write them."""
+        from mechq.diagnosis.verdict import format_value
+
+        ev = self.results.demo["evidence"]
+        variants = list(dict.fromkeys(ev["variant"]))
+        cell = ev.set_index(["signature", "variant"])
+        rows = []
+        for sig in dict.fromkeys(ev["signature"]):
+            vals = []
+            for v in variants:
+                r = cell.loc[(sig, v)]
+                text = format_value(sig, r["value"], r["ci_low"], r["ci_high"])
+                vals.append(f"**{text}**" if r["crossed"] is True or r["crossed"] == "True"
+                            else text)
+            thr = cell.loc[(sig, variants[0]), "threshold"]
+            rows.append(dict(signature=sig, values=vals,
+                             threshold="" if pd.isna(thr) else format_value(sig, float(thr))))
+        head = ev.drop_duplicates("variant").set_index("variant")
+        return dict(variants=variants, rows=rows,
+                    verdicts=[str(head.loc[v, "verdict"]).replace("_", " ") for v in variants],
+                    borderline=[head.loc[v, "borderline"] if isinstance(head.loc[v, "borderline"],
+                                                                         str) else ""
+                                for v in variants],
+                    n_facts=int(ev["n_facts"].iloc[0]))
+
+    @cached_property
+    def honest_step_error(self) -> float:
+        """The largest weight error in steps of any module of an honest variant."""
+        w = self.results.weight_signatures
+        return max(v["step_error"]["max"] for k, v in w.items()
+                   if isinstance(v, dict) and "step_error" in v and k.count("-") == 1)
+
+    @cached_property
+    def weight_cases(self) -> list[dict]:
+        """Every case of benchmarks/results/weight_signatures.json with the median module's
+        error, the largest share beyond half a step, and the weight-space verdict."""
+        w = self.results.weight_signatures
+        return [dict(name=k, step_error=v["step_error"]["median"],
+                     beyond_half_median=v["beyond_half"]["median"],
+                     beyond_half_max=v["beyond_half"]["max"],
+                     error_corr=v["error_corr"]["median"], cosine=v["cosine"]["min"],
+                     verdict=(v["weight_verdict"] or "none").replace("_", " "))
+                for k, v in w.items() if isinstance(v, dict) and "step_error" in v]
+
+    @cached_property
+    def fault_signatures(self) -> dict:
+        """Per reader fault applied to GPTQ w4: worst-module weight error and cosine."""
+        w = self.results.weight_signatures
+        names = {"awq-order": "AWQ order read as GPTQ", "zero-offset": "zero points off by one",
+                 "g-idx": "a permuted g_idx", "transposed": "transposed codes"}
+        return {label: dict(step_error=w[f"gptq-w4g128-{k}"]["step_error"]["max"],
+                            cosine=w[f"gptq-w4g128-{k}"]["cosine"]["min"])
+                for k, label in names.items()}
 
     @cached_property
     def calibration_sizes(self) -> list[dict]:
@@ -258,8 +331,65 @@ class Context:
                                      if getattr(r, k, "")}
                          for r in rows.drop_duplicates("setting").itertuples()},
                     seconds=seconds, fp=s["fp"], n=s["facts"],
+                    code_diff=rows[rows.bits == 4].set_index("setting")
+                    .code_diff_vs_native.to_dict(),
                     machine=machine_text(s["provenance"]["machine"]),
                     max_range=max(v["range"] for v in per_bits.values()))
+
+    @cached_property
+    def lens_layers(self) -> list[int]:
+        """The lens layers the analyses page shows: every fifth, and the last."""
+        layers = sorted(self.results.demo["lens_summary"]["layer"].unique())
+        return [int(l) for l in layers if l % 5 == 0 or l == layers[-1]]
+
+    @cached_property
+    def lens_rows(self) -> list[dict]:
+        """The demo's median answer rank per (subset, variant) at :attr:`lens_layers`."""
+        lens = self.results.demo["lens_summary"]
+        lens = lens[lens["layer"].isin(self.lens_layers)]
+        rows = []
+        for (subset, variant), g in lens.groupby(["subset", "variant"], sort=False):
+            ranks = g.set_index("layer")["median_rank"]
+            rows.append(dict(subset=subset, variant=variant,
+                             ranks=[float(ranks.get(l, float("nan"))) for l in self.lens_layers]))
+        return rows
+
+    @cached_property
+    def validation(self) -> dict | None:
+        """benchmarks/results/validation/: the held-out confusion tables (None before the run).
+        ``held``: per case that some fit did not see, its expected verdict and the verdict under
+        the thresholds fit on the other family; ``counts``: outcome counts per fit;
+        ``shipped``: every case under the shipped thresholds; ``thresholds``: each fit."""
+        if not self.results.has("validation"):
+            return None
+        val = self.results.validation
+        conf, cases = val["confusion"], val["cases"]
+        truth = cases.set_index(["model", "case"])
+        fits = {k: v for k, v in val["thresholds"].items() if k != "provenance"}
+
+        def row(r):
+            t = truth.loc[(r.model, r.case)]
+            return dict(model=r.model, case=r.case, kind=r.kind, expected=r.expected,
+                        verdict=r.verdict, outcome=r.outcome, margin=r.margin,
+                        borderline=r.borderline if isinstance(r.borderline, str) else "",
+                        kept=t.get("kept"), repaired=t.get("repaired"),
+                        fit=r.fit.removeprefix("fit on "))
+
+        held = conf[conf.held_out & (conf.fit != "shipped")]
+        counts = {f.removeprefix("fit on "): g.outcome.value_counts().to_dict()
+                  for f, g in held.groupby("fit", sort=False)}
+        names = [s for s in fits["shipped"] if s != "collapse_votes"]
+        return dict(held=[row(r) for r in held.itertuples()], counts=counts,
+                    shipped=[row(r) for r in conf[conf.fit == "shipped"].itertuples()],
+                    thresholds=fits, names=names, n_cases=len(cases),
+                    no_truth=cases[cases.expected.isna()][["model", "case"]].to_dict("records"),
+                    provenance=val["thresholds"]["provenance"])
+
+    def machine(self, result: dict) -> str:
+        """The machine a results file was measured on, in words."""
+        from mechq.engine.store import machine_text
+
+        return machine_text(result["provenance"]["machine"])
 
     def as_dict(self) -> dict:
         return dict(results=self.results, code=self.code, ctx=self)

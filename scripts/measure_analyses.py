@@ -115,7 +115,8 @@ def main() -> None:
     run = dict(model="smollm2-135m", variants=[w4.name, w2.name],
                calibration=w4.meta.get("calibration_source"),
                robust=sum(v == "Robust" for v in labels.values()),
-               failure=sum(v == "Failure" for v in labels.values()), seconds={})
+               failure=sum(v == "Failure" for v in labels.values()), seconds={},
+               skipped=list(args.skip))
     parts = {
         "pararel": lambda: pararel_part(model, [w4, w2], args.out),
         "components": lambda: components_part(model, known.sample(args.facts, seed=0),
@@ -134,7 +135,8 @@ def main() -> None:
         run["seconds"][name] = round(time.perf_counter() - t0, 1)
         print(f"{name}: {run['seconds'][name]:.0f} s", flush=True)
     write_result(args.out / "run.json", run, command="python scripts/measure_analyses.py "
-                 f"--facts {args.facts} --patch-facts {args.patch_facts}")
+                 f"--facts {args.facts} --patch-facts {args.patch_facts}"
+                 + (f" --skip {' '.join(args.skip)}" if args.skip else ""))
     print(f"wrote {args.out}")
 
 
