@@ -28,8 +28,7 @@ def _calib(args) -> dict:
 
 
 def _gptq_log_note(n: int, logs: str) -> None:
-    print(f"  {n} GPTQ run{'s' if n > 1 else ''}; GPTQModel's output goes to {logs}/",
-          flush=True)
+    print(f"  {n} GPTQ run{'s' if n > 1 else ''}; GPTQModel's output goes to {logs}/", flush=True)
 
 
 def _requests(args, specs: list[str], why: str = "") -> list:

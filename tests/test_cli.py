@@ -85,6 +85,15 @@ def test_commands_take_variants_positionally_and_out():
         ap.parse_args(["recall", "--variants", "rtn-w4g128"])
 
 
+def test_the_cli_stays_thin():
+    """cli.py only parses arguments and calls the library: at most 300 lines (issue 25), and no
+    HTML or figure code of its own."""
+    src = Path(cli.__file__).read_text()
+    assert len(src.splitlines()) <= 300
+    for built_elsewhere in ("<html", "plotly", "write_html", "to_html"):
+        assert built_elsewhere not in src
+
+
 def test_quantize_writes_its_checkpoint_into_out(tmp_path, monkeypatch, capsys):
     """`mechq quantize` copies the cached checkpoint into --out, by default mechq-quantize/."""
     import mechq
