@@ -47,6 +47,7 @@ from mechq.analysis.kld import kld_stats  # noqa: E402
 from mechq.reports.pipeline import report  # noqa: E402
 from mechq.diagnosis.verdict import diagnose  # noqa: E402
 from mechq.repair.eora import eora  # noqa: E402
+from mechq.repair.adapter import write_peft_adapter  # noqa: E402
 from mechq.repair.table import repair_table  # noqa: E402
 from mechq.repair.recipe import make_recipe  # noqa: E402
 
@@ -56,5 +57,5 @@ __all__ = [
     "component_metrics", "diagnose", "eora", "evaluate_recall", "kld_stats", "load_facts", "load_model",
     "load_pararel", "load_variant", "logit_lens", "make_recipe", "patch_sweep", "quantize", "quantize_many",
     "repair_table", "report", "representation_metrics", "subset_labels", "subsets", "swap", "target_report",
-    "write_compressed_tensors",
+    "write_compressed_tensors", "write_peft_adapter",
 ]

@@ -76,6 +76,10 @@ class Family:
     #: Why GPTQModel's AWQ cannot quantize this family (None: it can). Reading an AWQ
     #: checkpoint made elsewhere is not affected.
     awq_unsupported: str | None = None
+    #: Whether the HF model holds its linear modules as transformers' ``Conv1D``, whose weight
+    #: is stored ``(in, out)``, the transpose of ``nn.Linear`` (what a writer of HF weights or of
+    #: a PEFT adapter's ``fan_in_fan_out`` must know).
+    conv1d: bool = False
 
     def __init__(self, embedded: Sequence[Embedded] = ()):
         for e in embedded:

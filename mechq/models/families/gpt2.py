@@ -24,6 +24,7 @@ _ACT = {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "gelu_fast": "ge
 class GPT2(Family):
     name = "gpt2"
     architectures = ("GPT2LMHeadModel",)
+    conv1d = True
     awq_unsupported = (
         "GPTQModel 7.6's AWQ cannot search scales across GPT-2's fused c_attn (its scale search "
         "fails with a 128 vs 384 size mismatch); quantize GPT-2 with 'gptq' or 'rtn'")

@@ -14,6 +14,9 @@ Its ``quant_method`` picks the reader:
 Every reader is mechq's own and returns a :class:`~mechq.quant.formats.common.Checkpoint` whose
 modules are :class:`~mechq.quant.packing.PackedLinear`. A config that names one format over
 tensors of another is refused with the file and tensor named.
+
+:mod:`~mechq.quant.formats.dense` is no quantized format: it puts a variant's dequantized weights
+into the model's float transformers model (:func:`~mechq.quant.formats.dense.dequantized_hf_model`).
 """
 
 from __future__ import annotations
