@@ -8,5 +8,6 @@
 - :mod:`~mechq.analysis.patching`: patching sweeps FP → variant and zero ablation (§3.4);
 - :mod:`~mechq.analysis.sensitivity`: first domino, single layers, components, injection (§4.3);
 - :mod:`~mechq.analysis.cliff`: the performance cliff across bit widths (Fig. 1);
-- :mod:`~mechq.analysis.signatures`: per-module weight signatures (no forward pass).
+- :mod:`~mechq.analysis.signatures`: per-module weight signatures (no forward pass);
+- :mod:`~mechq.analysis.fisher`: every module's estimated KL increase at every width (Fisher).
 """

@@ -12,7 +12,7 @@ weight is handled as ``torch.nn.Linear.weight``, shape ``(out_features, in_featu
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from jaxtyping import Float
 from torch import Tensor
@@ -99,7 +99,15 @@ def module_weight(model, module: str) -> Float[Tensor, "out in"]:
     This is the inverse of :func:`linear_to_hooked` and lets quantizers work on whatever
     weights the HookedTransformer holds.
     """
-    parts = [s for s in sites(model.cfg) if s.module == module]
+    return module_tensor(dict(model.named_parameters()), module, model.cfg)
+
+
+def module_tensor(params: Mapping[str, Tensor], module: str, cfg: HookedTransformerConfig
+                  ) -> Float[Tensor, "out in"]:
+    """:func:`module_weight` for any tensors keyed by HookedTransformer parameter name and shaped
+    like those parameters (their gradients, say): the same reshape, permutation and
+    concatenation of parts, so an elementwise quantity lands on the weight it belongs to."""
+    parts = [s for s in sites(cfg) if s.module == module]
     if not parts:
         raise KeyError(f"{module!r} is not a quantizable module of this model.")
-    return family_of(model.cfg).from_hooked(dict(model.named_parameters()), parts, model.cfg)
+    return family_of(cfg).from_hooked(params, parts, cfg)
