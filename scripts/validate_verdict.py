@@ -28,8 +28,8 @@ shipped thresholds are the ones fit on SmolLM2. Writes benchmarks/results/valida
 ``cases.csv`` (case, expected, ground-truth numbers), ``evidence.csv`` (case × signature: value,
 interval), ``weights.csv`` (case: weight-space summary), ``thresholds.json`` (each fit) and
 ``modules.csv`` (case × module: the weight signatures the rules read), ``confusion.csv`` (fit ×
-case: verdict, borderline, outcome, margin). Cases are cached in
-``$MECHQ_CACHE/validation`` as they finish, so an interrupted run resumes.
+case: verdict, borderline, outcome, margin). Each case's record is written to ``cases/`` there as
+it finishes (with the machine it ran on), so an interrupted run resumes, on any machine.
 
     .venv/bin/python scripts/validate_verdict.py [--models smollm2-135m gemma-3-270m tiny-gpt2]
         [--awq] [--summarize-only]
@@ -52,7 +52,7 @@ from mechq.analysis.kld import fp_reference, kld_stats
 from mechq.analysis.recall import evaluate_recall
 from mechq.diagnosis import verdict as V
 from mechq.diagnosis.evidence import KLD_TOKENS, observe_fp
-from mechq.engine.store import write_result
+from mechq.engine.store import machine, write_result
 from mechq.facts import FactSet
 from mechq.facts.heldout import heldout_tokens
 from mechq.models import cache_dir
@@ -184,6 +184,7 @@ class Truth:
             used += len(s)
         self.ref = fp_reference(model, rest or seqs[-4:])
         self._grams = None
+        self._eigs = {}  # the Grams' eigendecompositions, shared by every case's EoRA
 
     @property
     def grams(self):
@@ -207,7 +208,7 @@ class Truth:
             return dict(out, expected=None)
         if v.norms:  # AWQ folds: EoRA and per-layer swaps are refused
             return dict(out, expected=None)
-        r = eora(m, v, EORA_RANK, grams=self.grams, progress=False)
+        r = eora(m, v, EORA_RANK, grams=self.grams, eigs=self._eigs, progress=False)
         back = {f"eora{EORA_RANK}": float(evaluate_recall(m, fail, [r], include_fp=False,
                                                 progress=False).correct.mean())}
         if w8 is not None:
@@ -259,6 +260,7 @@ def run_model(name: str, awq: bool, work: Path) -> None:
                                        group_size=32 if name == "tiny-gpt2" else 128)
             rec.update(truth(v, base8))
         rec["seconds"] = round(time.perf_counter() - t0, 1)
+        rec["machine"] = machine()
         (work / f"{name}__{s['case']}.json").write_text(json.dumps(rec, default=str))
         print(f"  expected {rec.get('expected')}, verdict {d.verdict}"
               + (f" (borderline: {d.borderline})" if d.borderline else "")
@@ -325,12 +327,13 @@ def decide_case(row: pd.Series, ev: pd.DataFrame, weights: pd.DataFrame,
 
 def summarize(work: Path, out: Path) -> None:
     recs = [json.loads(p.read_text()) for p in sorted(work.glob("*.json"))]
+    recs = [r for r in recs if "evidence" in r]
     if not recs:
         raise SystemExit(f"no cases in {work}")
     cases, evs, ws = [], [], []
     for r in recs:
         key = f"{r['model']}/{r['case']}"
-        cases.append({k: v for k, v in r.items() if k not in ("evidence", "weights")}
+        cases.append({k: v for k, v in r.items() if k not in ("evidence", "weights", "machine")}
                      | {"key": key})
         evs += [dict(e, key=key) for e in r["evidence"]]
         w = pd.DataFrame(r["weights"])
@@ -394,7 +397,7 @@ def main() -> None:
     ap.add_argument("--summarize-only", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    work = cache_dir() / "validation" / "cases"
+    work = args.out / "cases"  # committed: a run resumes where an earlier one (anywhere) stopped
     work.mkdir(parents=True, exist_ok=True)
     if not args.summarize_only:
         for name in args.models:

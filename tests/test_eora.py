@@ -136,6 +136,19 @@ def _final_kl(model, variant, prompts) -> float:
     return sum(kls) / len(kls)
 
 
+def test_shared_eigendecompositions_give_the_same_factors(tiny, w2, grams):
+    """``eigs`` carries the Grams' eigendecompositions from one call to the next (one per
+    shared Gram) and changes nothing in the result."""
+    eigs = {}
+    first = eora(tiny, w2, 4, grams=grams, eigs=eigs, progress=False)
+    assert len(eigs) == len({id(grams[m]) for m in w2.modules})
+    again = eora(tiny, w2, 4, grams=grams, eigs=eigs, progress=False)
+    alone = eora(tiny, w2, 4, grams=grams, progress=False)
+    for m in w2.modules:
+        for x, y, z in zip(first.lowrank[m], again.lowrank[m], alone.lowrank[m]):
+            assert torch.equal(x, y) and torch.equal(x, z)
+
+
 def test_eora_variant_swaps_restores_and_moves_towards_fp(tiny, w2, grams, facts):
     v = eora(tiny, w2, 8, grams=grams, progress=False)
     assert v.name == "rtn-w2g128-eora8" and v.modules is w2.modules

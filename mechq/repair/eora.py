@@ -258,6 +258,7 @@ def eora(
     n_samples: int | None = None,
     grams: Mapping[str, Tensor] | None = None,
     dtype: torch.dtype = torch.float16,
+    eigs: dict[int, tuple[Tensor, Tensor]] | None = None,
     progress: bool = True,
 ) -> Variant:
     """``variant`` with a rank-``rank`` EoRA correction on every packed module.
@@ -268,7 +269,9 @@ def eora(
     variant keeps in full precision get none. ``model`` must hold its FP weights (not be inside
     a swap). ``grams`` (from :func:`calibration_grams`) lets several variants and ranks share one
     calibration pass; without it the Grams are computed here from ``calibration`` /
-    ``n_samples`` and dropped afterwards.
+    ``n_samples`` and dropped afterwards. ``eigs``: a dict this call fills with each Gram's
+    eigendecomposition (keyed by the Gram's ``id``); pass the same dict with the same ``grams``
+    to later calls and they skip the eigendecompositions.
     """
     from tqdm.auto import tqdm
 
@@ -305,7 +308,7 @@ def eora(
     if missing:
         raise ValueError(f"grams has no entry for {missing[0]!r}.")
 
-    eigs: dict[int, tuple[Tensor, Tensor]] = {}  # one eigendecomposition per shared Gram
+    eigs = {} if eigs is None else eigs  # one eigendecomposition per shared Gram
     lowrank = {}
     for m in tqdm(list(variant.modules), desc=f"eora r{rank}", unit="module",
                   disable=not progress):
