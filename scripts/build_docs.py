@@ -373,6 +373,7 @@ class Context:
                         verdict=r.verdict, outcome=r.outcome, margin=r.margin,
                         borderline=r.borderline if isinstance(r.borderline, str) else "",
                         kept=t.get("kept"), repaired=t.get("repaired"),
+                        truth_low=t.get("truth_low"), truth_high=t.get("truth_high"),
                         fit=r.fit.removeprefix("fit on "))
 
         held = conf[conf.held_out & (conf.fit != "shipped")]

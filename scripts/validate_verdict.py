@@ -21,6 +21,10 @@ passages the diagnosis does not read is at most :data:`mechq.diagnosis.verdict.H
 else, the paper's own definition: ``signal_degradation`` when the best training-free repair
 mechq has (EoRA rank 64; the first two layers from the same method's 8-bit variant) brings back
 at least a third of the variant's Failure facts there, ``computation_collapse`` when it does not.
+That share is itself a measurement on a sample of facts: where its Wilson 95 % interval holds
+the third, the ground truth is ``truth_uncertain`` (:func:`truth_interval`; added after SmolLM2's
+GPTQ w3 came out at 33 of 102 Failure facts brought back, one short of a third), left out of
+the fits, and a degradation or collapse verdict on it is scored ``truth uncertain``.
 
 Each case is diagnosed once (values, bootstrap intervals, weight signatures). Thresholds are
 then fit on one model's cases (:func:`fit`) and applied to every other case, both ways; the
@@ -290,13 +294,41 @@ def _cut(lo_class: np.ndarray, hi_class: np.ndarray, log: bool) -> float:
     return float(inv(mids[best[len(best) // 2]]))
 
 
+def wilson(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score 95 % interval of a share ``k / n``."""
+    p = k / n
+    mid, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n)
+
+
+def truth_interval(cases: pd.DataFrame) -> pd.DataFrame:
+    """Each repairability ground truth with its uncertainty: the Wilson 95 % interval of the share
+    of Failure facts the best repair brought back, and ``truth_uncertain`` where that interval
+    holds :data:`REPAIRED` (the repair's count could fall on either side of the line with
+    other facts of the same kind). Such a case's ground truth is not a fact: it is shown, not
+    fit on, and a degradation/collapse verdict on it is neither right nor wrong."""
+    cases = cases.copy()
+    lo, hi = [], []
+    for r in cases.itertuples():
+        if r.expected in ("signal_degradation", "computation_collapse"):
+            a, b = wilson(round(r.repaired * r.failure), r.failure)
+        else:
+            a = b = np.nan
+        lo.append(a)
+        hi.append(b)
+    cases["truth_low"], cases["truth_high"] = lo, hi
+    cases["truth_uncertain"] = (cases.truth_low < REPAIRED) & (cases.truth_high > REPAIRED)
+    return cases
+
+
 def fit(cases: pd.DataFrame, ev: pd.DataFrame) -> V.Thresholds:
     """Thresholds that separate one model's cases by their ground truth: the KLD healthy from
     the rest, each mechanistic signature degradation (and healthy) from collapse. The recall
     threshold and the vote are definitions and stay."""
     val = ev.pivot_table(index="key", columns="signature", values="value")
     c = cases.set_index("key")
-    c = c[c.expected.isin(["healthy", "signal_degradation", "computation_collapse"])]
+    c = c[c.expected.isin(["healthy", "signal_degradation", "computation_collapse"])
+          & ~c.truth_uncertain]
     val = val.loc[c.index]
     out = {}
     healthy = c.expected == "healthy"
@@ -325,7 +357,12 @@ def decide_case(row: pd.Series, ev: pd.DataFrame, weights: pd.DataFrame,
     return verdict, border, margin
 
 
-def summarize(work: Path, out: Path) -> None:
+def planned_cases(models: list[str], awq: bool) -> list[str]:
+    """``model/case`` of every case a full run builds (nothing is built to list them)."""
+    return [f"{m}/{s['case']}" for m in models for s in case_specs(m, None, awq)]
+
+
+def summarize(work: Path, out: Path, planned: list[str]) -> None:
     recs = [json.loads(p.read_text()) for p in sorted(work.glob("*.json"))]
     recs = [r for r in recs if "evidence" in r]
     if not recs:
@@ -344,7 +381,7 @@ def summarize(work: Path, out: Path) -> None:
                        step_bias_max=w.step_bias.max(),
                        off_grid_share=float(V._off_grid(w).mean()),
                        broken_share=float(V._broken(w).mean())))
-    cases, ev, wsum = pd.DataFrame(cases), pd.DataFrame(evs), pd.DataFrame(ws)
+    cases, ev, wsum = truth_interval(pd.DataFrame(cases)), pd.DataFrame(evs), pd.DataFrame(ws)
     modules = pd.concat([pd.DataFrame(r["weights"]).assign(key=f"{r['model']}/{r['case']}")
                          for r in recs], ignore_index=True)
     weights = {r["model"] + "/" + r["case"]: pd.DataFrame(r["weights"]) for r in recs}
@@ -361,6 +398,8 @@ def summarize(work: Path, out: Path) -> None:
                 continue
             verdict, border, margin = decide_case(c, ev[ev.key == c.key], weights[c.key], th)
             outcome = ("right" if verdict == c.expected else
+                       "truth uncertain" if c.truth_uncertain and verdict in (
+                           "signal_degradation", "computation_collapse") else
                        "borderline" if border else "wrong")
             rows.append(dict(fit=fit_name, model=c.model, case=c.case, kind=c.kind,
                              expected=c.expected, verdict=verdict, borderline=border,
@@ -379,8 +418,11 @@ def summarize(work: Path, out: Path) -> None:
     pd.DataFrame(rows).to_csv(out / "confusion.csv", index=False)
     write_result(out / "thresholds.json", {k: asdict(v) for k, v in fits.items()},
                  command="python scripts/validate_verdict.py --summarize-only")
+    done = set(cases.key)
     write_result(out / "truth.json", dict(kept=KEPT, repaired=REPAIRED, eora_rank=EORA_RANK,
-                                          protected_layers=PROTECTED, min_known=MIN_KNOWN),
+                                          protected_layers=PROTECTED, min_known=MIN_KNOWN,
+                                          planned=len(planned),
+                                          missing=[c for c in planned if c not in done]),
                  command="python scripts/validate_verdict.py --summarize-only")
     conf = pd.DataFrame(rows)
     held = conf[conf.held_out & (conf.fit != "shipped")]
@@ -402,7 +444,7 @@ def main() -> None:
     if not args.summarize_only:
         for name in args.models:
             run_model(name, args.awq, work)
-    summarize(work, args.out)
+    summarize(work, args.out, planned_cases(args.models, args.awq))
 
 
 if __name__ == "__main__":
