@@ -36,7 +36,7 @@ case: verdict, borderline, outcome, margin). Each case's record is written to ``
 it finishes (with the machine it ran on), so an interrupted run resumes, on any machine.
 
     .venv/bin/python scripts/validate_verdict.py [--models smollm2-135m gemma-3-270m tiny-gpt2]
-        [--awq] [--summarize-only]
+        [--awq] [--only REGEX] [--summarize-only]
 """
 
 from __future__ import annotations
@@ -232,10 +232,13 @@ class Truth:
 # --------------------------------------------------------------------------------------------
 
 
-def run_model(name: str, awq: bool, work: Path) -> None:
-    """Diagnose (and find the ground truth of) every case of one model, caching each."""
+def run_model(name: str, awq: bool, work: Path, only: str | None = None) -> None:
+    """Diagnose (and find the ground truth of) every case of one model (``only``: those whose
+    name matches that regular expression), caching each."""
+    import re
+
     model = mechq.load_model(name, device="cpu")
-    specs = case_specs(name, model, awq)
+    specs = [s for s in case_specs(name, model, awq) if not only or re.search(only, s["case"])]
     todo = [s for s in specs if not (work / f"{name}__{s['case']}.json").exists()]
     if not todo:
         return
@@ -437,14 +440,15 @@ def main() -> None:
     ap.add_argument("--awq", action="store_true", help="add SmolLM2's AWQ w4 and its faults "
                                                         "(about 30 min more on 2 cores)")
     ap.add_argument("--summarize-only", action="store_true")
+    ap.add_argument("--only", help="run only the cases whose name matches this regex")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     work = args.out / "cases"  # committed: a run resumes where an earlier one (anywhere) stopped
     work.mkdir(parents=True, exist_ok=True)
     if not args.summarize_only:
         for name in args.models:
-            run_model(name, args.awq, work)
-    summarize(work, args.out, planned_cases(args.models, args.awq))
+            run_model(name, args.awq, work, args.only)
+    summarize(work, args.out, planned_cases(FIT_MODELS + ("tiny-gpt2",), args.awq))
 
 
 if __name__ == "__main__":
