@@ -53,7 +53,7 @@ import torch
 
 import mechq
 from mechq.analysis.kld import fp_reference, kld_stats
-from mechq.analysis.recall import evaluate_recall
+from mechq.analysis.recall import _wilson, evaluate_recall
 from mechq.diagnosis import verdict as V
 from mechq.diagnosis.evidence import KLD_TOKENS, observe_fp
 from mechq.engine.store import machine, write_result
@@ -297,13 +297,6 @@ def _cut(lo_class: np.ndarray, hi_class: np.ndarray, log: bool) -> float:
     return float(inv(mids[best[len(best) // 2]]))
 
 
-def wilson(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score 95 % interval of a share ``k / n``."""
-    p = k / n
-    mid, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n)
-
-
 def truth_interval(cases: pd.DataFrame) -> pd.DataFrame:
     """Each repairability ground truth with its uncertainty: the Wilson 95 % interval of the share
     of Failure facts the best repair brought back, and ``truth_uncertain`` where that interval
@@ -314,7 +307,7 @@ def truth_interval(cases: pd.DataFrame) -> pd.DataFrame:
     lo, hi = [], []
     for r in cases.itertuples():
         if r.expected in ("signal_degradation", "computation_collapse"):
-            a, b = wilson(round(r.repaired * r.failure), r.failure)
+            a, b = _wilson(round(r.repaired * r.failure), r.failure)
         else:
             a = b = np.nan
         lo.append(a)
