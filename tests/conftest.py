@@ -1,5 +1,6 @@
 """Shared fixtures: real models, loaded once per test session."""
 
+import contextlib
 import os
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
@@ -9,6 +10,22 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+#: the cache the session's shared fixtures use, whatever a module's ``private_cache`` sets
+#: while one of them is first made
+SESSION_CACHE = os.environ.get("MECHQ_CACHE")
+
+
+@contextlib.contextmanager
+def session_cache():
+    """``$MECHQ_CACHE`` as the session started with it, inside the block."""
+    with pytest.MonkeyPatch.context() as mp:
+        if SESSION_CACHE is None:
+            mp.delenv("MECHQ_CACHE", raising=False)
+        else:
+            mp.setenv("MECHQ_CACHE", SESSION_CACHE)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -21,10 +38,12 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def smol():
-    """The embedded SmolLM2-135M-Instruct (dequantized Q4_1) as a HookedTransformer."""
+    """The embedded SmolLM2-135M-Instruct (dequantized Q4_1) as a HookedTransformer, converted
+    into (or read from) the session's cache even when a module with a private cache asks first."""
     import mechq
 
-    return mechq.load_model("smollm2-135m", device="cpu")
+    with session_cache():
+        return mechq.load_model("smollm2-135m", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +69,8 @@ def tiny_w2(tiny):
     """An RTN 2-bit g128 variant of the tiny model (shared by several test modules)."""
     import mechq
 
-    return mechq.quantize(tiny, "rtn", bits=2, group_size=128)
+    with session_cache():
+        return mechq.quantize(tiny, "rtn", bits=2, group_size=128)
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +81,9 @@ def smol_gptq(smol):
     the tiny-model GPTQ tests already pin.)"""
     import mechq
 
-    v4, v2 = mechq.quantize_many(smol, [mechq.Request("gptq", b) for b in (4, 2)],
-                                 progress=False)
+    with session_cache():
+        v4, v2 = mechq.quantize_many(smol, [mechq.Request("gptq", b) for b in (4, 2)],
+                                     progress=False)
     return {4: v4, 2: v2}
 
 

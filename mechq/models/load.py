@@ -75,6 +75,23 @@ def cache_dir() -> Path:
     return root
 
 
+@contextmanager
+def cache_lock(entry: Path):
+    """Hold an exclusive lock on the cache entry ``entry`` (a file ``<entry>.lock`` beside it)
+    while it is made, so that processes sharing one cache (parallel test workers, two notebooks)
+    make each entry once: the second waits, then finds the entry made. An advisory ``flock``,
+    released when the block ends or the process dies."""
+    import fcntl
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / f"{entry.name}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -189,10 +206,12 @@ def _embedded_dir(spec: Embedded) -> Path:
     out = cache_dir() / "models" / spec.name
     if (out / "config.json").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix="gguf.") as tmp:
-        _convert_gguf(embedded_gguf(spec.name, Path(tmp)), out, spec.architecture,
-                      spec.converted)
+    with cache_lock(out):
+        if (out / "config.json").exists():  # another process converted it while we waited
+            return out
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix="gguf.") as tmp:
+            _convert_gguf(embedded_gguf(spec.name, Path(tmp)), out, spec.architecture,
+                          spec.converted)
     return out
 
 

@@ -27,8 +27,11 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from transformer_lens import HookedTransformer
 
@@ -232,7 +235,6 @@ def quantize_many(
     is called before the first GPTQ run with the number of runs and the folder of their logs.
     GPTQModel's output goes to one log file per run there; ``verbose`` also echoes it to stderr.
     """
-    from tqdm.auto import tqdm
 
     for r in requests:
         if r.group_size is None:
@@ -279,6 +281,21 @@ def quantize_many(
 
     todo = [p for p in plans if not (cache and (p[3] / META_FILE).exists())]
     todo = list({str(p[3]): p for p in todo}.values())  # the same variant asked twice: make once
+    with ExitStack() as locks:
+        # Another process sharing the cache may be making some of them: wait for it (locks taken
+        # in key order, so two processes never hold each other's), then make only what is left.
+        for p in sorted(todo, key=lambda p: p[3].name):
+            locks.enter_context(models.cache_lock(p[3]))
+        todo = [p for p in todo if not (cache and (p[3] / META_FILE).exists())]
+        _make(model, src.hf_dir, todo, root, device=device, parallel=parallel,
+              on_start=on_start, progress=progress, verbose=verbose)
+    return [load_variant(out, model=model, name=name) for _, _, _, out, name in plans]
+
+
+def _make(model: HookedTransformer, hf_dir: Path, todo: list, root: Path, *, device: str,
+          parallel: int | None, on_start, progress: bool, verbose: bool) -> None:
+    """Quantize the planned variants ``todo`` (GPTQ/AWQ children side by side, RTN here) and
+    move each, complete with its metadata, into its cache directory."""
     gptq = [p for p in todo if p[0].method in CALIBRATED]
     if parallel is None:
         parallel = int(os.environ.get("MECHQ_GPTQ_JOBS", 0)) or (
@@ -294,7 +311,7 @@ def quantize_many(
         for r, calib, fields, out, name in gptq:
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{out.name}.tmp"))
             tmps[str(out)] = tmp
-            jobs.append(make_job(src.hf_dir, tmp, calib, bits=r.bits, group_size=r.group_size,
+            jobs.append(make_job(hf_dir, tmp, calib, bits=r.bits, group_size=r.group_size,
                                  sym=r.sym, desc_act=r.desc_act, device=device,
                                  dynamic=r.dynamic, log=logs / f"{name}-{out.name}.log",
                                  method=r.method, env=code_path(r)))
@@ -335,7 +352,6 @@ def quantize_many(
         for tmp in tmps.values():
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    return [load_variant(out, model=model, name=name) for _, _, _, out, name in plans]
 
 
 def _write_rtn(model: HookedTransformer, out: Path, r: Request) -> None:
