@@ -58,7 +58,7 @@ from mechq.diagnosis import verdict as V
 from mechq.diagnosis.evidence import KLD_TOKENS, observe_fp
 from mechq.engine.store import machine, write_result
 from mechq.facts import FactSet
-from mechq.facts.heldout import heldout_tokens
+from mechq.facts.heldout import heldout_split
 from mechq.models import cache_dir
 from mechq.quant import faults, layout
 from mechq.repair.amplify import dev_heldout
@@ -180,13 +180,8 @@ class Truth:
         rec = evaluate_recall(model, held, [], progress=False)
         ok = set(rec.loc[rec.correct, "fact_id"])
         self.known = FactSet([f for f in held if f.id in ok], name="heldout:fp-known")
-        seqs = heldout_tokens(model)
-        used, rest = 0, []
-        for s in seqs:  # skip the passages diagnose reads (the first KLD_TOKENS tokens)
-            if used >= KLD_TOKENS:
-                rest.append(s)
-            used += len(s)
-        self.ref = fp_reference(model, rest or seqs[-4:])
+        # skip the passages diagnose reads (the first KLD_TOKENS tokens)
+        self.ref = fp_reference(model, heldout_split(model, KLD_TOKENS)[1])
         self._grams = None
         self._eigs = {}  # the Grams' eigendecompositions, shared by every case's EoRA
 

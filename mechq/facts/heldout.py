@@ -59,3 +59,21 @@ def heldout_tokens(model: HookedTransformer, max_tokens: int | None = None,
         if max_tokens is not None and total >= max_tokens:
             break
     return seqs
+
+
+def heldout_split(model: HookedTransformer, dev_tokens: int
+                  ) -> tuple[list[list[int]], list[list[int]]]:
+    """Two disjoint parts of the held-out text: ``dev``, the first ``dev_tokens`` tokens
+    (exactly :func:`heldout_tokens` ``(model, dev_tokens)``, what a diagnosis reads), and
+    ``test``, every sequence that starts after them (the sequence ``dev`` cuts short is in
+    neither). Something chosen on ``dev`` is measured on ``test``."""
+    dev = heldout_tokens(model, dev_tokens)
+    test, used = [], 0
+    for s in heldout_tokens(model):
+        if used >= dev_tokens:
+            test.append(s)
+        used += len(s)
+    if not test:
+        raise ValueError(f"the held-out text has no sequence after its first {dev_tokens} "
+                         "tokens.")
+    return dev, test
