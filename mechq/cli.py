@@ -126,8 +126,7 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_recipe(args) -> int:
-    (base,) = _requests(args, [args.variant], "recipe quantizes the base again with each "
-                        "candidate's rules")
+    (base,) = _requests(args, [args.variant], "recipe quantizes the base's method per width")
     model, facts = _prepare(args)
     return _page(args, model, base, facts)
 
@@ -261,10 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-facts", type=int, default=128, help="FP-correct facts (fewer if unknown)")
     p.add_argument("--repair", action="store_true", help="also measure the repairs (protection, "
                    "+ amplification, EoRA r32/r64) on held-out facts: repairs.csv")
-    p = command("recipe", cmd_recipe, "best protection repair within a bit budget, as a "
-                "GPTQModel dynamic config (recipe.json)", *common, one,
-                keys=("budget", "check", "batch_size"))
+    p = command("recipe", cmd_recipe, "per-module widths within a bit budget against the usual "
+                "rules, as a GPTQModel dynamic config (recipe.json)", *common, one,
+                keys=("budget", "check", "widths", "batch_size"))
     p.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 4.3")
+    p.add_argument("--widths", type=int, nargs="+", choices=SUPPORTED_BITS, default=[2, 3, 4, 8])
     p.add_argument("--check", action="store_true",
                    help="quantize again from the JSON alone and measure what it promised")
     p = command("compare-architectures", cmd_compare_architectures, "model families side by "

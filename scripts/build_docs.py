@@ -386,6 +386,45 @@ class Context:
                     no_truth=cases[cases.expected.isna()][["model", "case"]].to_dict("records"),
                     provenance=val["thresholds"]["provenance"])
 
+    @cached_property
+    def recipe_runs(self) -> list[dict]:
+        """benchmarks/results/recipe/: per run (model, method), the rank correlations, the rows
+        of each budget (the rules in table order, the re-quantized recipe last) and the goals."""
+        if not self.results.has("recipe"):
+            return []
+        from mechq.repair.alternatives import RULES
+
+        runs = []
+        for key, run in self.results.recipe.items():
+            if not isinstance(run, dict):
+                continue  # the sensitivity CSVs
+            table = pd.DataFrame(run["table"])
+            budgets = []
+            for b, g in table.groupby("budget", sort=True):
+                order = {r: i for i, r in enumerate(RULES)}
+                g = g.assign(_o=g["rule"].map(lambda r: order.get(r, len(RULES))))
+                rows = g.sort_values("_o").drop(columns="_o").to_dict("records")
+                rec = run["recipes"][str(b)]
+                sens = self.results.recipe[f"{key}-sensitivity"]
+                n = sens.drop_duplicates("module").set_index("module")["n_params"]
+                chosen = pd.Series(rec["modules"])
+                mix = n.groupby(chosen.reindex(n.index)).sum() / n.sum()
+                budgets.append(dict(budget=b, rows=rows, chosen=rec["repair"],
+                                    mix={int(w): float(x) for w, x in mix.items()},
+                                    goal=run["goals"][str(b)], seconds=rec["seconds"],
+                                    n_rules=len(rec["dynamic"]), base=rec["bits"]))
+            corr = {str(r["bits"]): r for r in run["rank_correlation"]}
+            runs.append(dict(key=key, model=run["model"], method=run["method"],
+                             deterministic=run["deterministic"], corr=corr,
+                             n_validated=corr["all"]["n_modules"] // len(
+                                 [k for k in corr if k != "all"]),
+                             budgets=budgets, round_trip=run["round_trip"],
+                             n_known=run["n_heldout_fp_known"],
+                             sensitivity_seconds=run["sensitivity_seconds"],
+                             minutes=run["minutes"], machine=self.machine(run)))
+        order = {"smollm2-135m": 0, "gemma-3-270m": 1}
+        return sorted(runs, key=lambda r: (order.get(r["model"], 2), r["method"]))
+
     def machine(self, result: dict) -> str:
         """The machine a results file was measured on, in words."""
         from mechq.engine.store import machine_text

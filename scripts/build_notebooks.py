@@ -858,21 +858,27 @@ repairs.round(3)
     md("""
 ## 3. The recipe
 
-`mechq recipe gptq-w4g128 --budget 4.3 --out recipe.json` tries the protection rules that fit the
-budget, keeps the best on the development facts, and writes GPTQModel `dynamic` rules with the
-average bits, a memory estimate and the accuracy to expect; `--check` quantizes again from the
-JSON alone and measures it. `scripts/measure_recipe.py` wrote this one:
+`mechq recipe gptq-w4g128 --budget 4.3` gives every linear module its own width within the
+budget: a Fisher estimate ranks every module at every width from one backward pass per
+calibration batch, an exact knapsack picks the widths, and the allocation is measured beside the
+rules users pick at the same stored bits (uniform, first and last layers at 8 bits,
+kurtosis-ranked protection, llama.cpp's Q4_K_M rule), chosen on the development halves and
+reported on the held-out halves; then it is quantized again for real with GPTQModel `dynamic`
+rules. `scripts/measure_recipe.py` measured SmolLM2 at three budgets (docs/recipe.md has every
+model and method):
 """),
     code("""
-run = json.loads((results / "recipe.json").read_text())  # measured by scripts/measure_recipe.py
-recipe = run["recipe"]
-print(json.dumps({k: v for k, v in recipe.items() if k != "candidates"}, indent=1))
-candidates = pd.DataFrame(recipe["candidates"]).drop(columns="dynamic")
-chosen = candidates.loc[candidates["dev_accuracy_fp_known"][candidates["within_budget"]].idxmax()]
-print(f"\\nchosen on the development facts: {chosen['candidate']} ({chosen['avg_bits']:.2f} bits, "
-      f"held-out accuracy on FP-known facts {chosen['heldout_accuracy_fp_known']:.0%}); the "
-      f"recipe file says {recipe['repair']!r}.")
-candidates
+runs = sorted((results / "recipe").glob("smollm2-135m-*.json"))  # scripts/measure_recipe.py
+run = json.loads(runs[-1].read_text())
+table = pd.DataFrame(run["table"])
+print(f"{run['model']}, {run['method']}: Spearman rho of the Fisher estimate vs the measured "
+      "single-module KL: " + ", ".join(f"{r['spearman']:.2f} at {r['bits']} bits"
+                                      for r in run["rank_correlation"]))
+for b, g in run["goals"].items():
+    print(f"{b} bits: recipe {run['recipes'][b]['repair']!r}; {g.get('goal', '')}: "
+          + ("met" if g.get("met") else "missed"))
+table.pivot_table(index="rule", columns="budget", values="heldout_accuracy_fp_known",
+                  sort=False).round(3)
 """),
 ]
 

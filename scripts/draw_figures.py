@@ -2,7 +2,9 @@
 
 - figures/cliff.png: the performance cliff of the demo (benchmarks/results/demo/);
 - figures/evidence.png: the demo's verdicts with their evidence;
-- figures/patching.png: activation patching FP -> GPTQ w4 / w2 (benchmarks/results/analyses/).
+- figures/patching.png: activation patching FP -> GPTQ w4 / w2 (benchmarks/results/analyses/);
+- figures/sensitivity-<run>.png: the recipe's sensitivity map of each run, with the widths chosen
+  at the largest budget (benchmarks/results/recipe/).
 
 Needs the static extra and a Chromium (mechq.reports.static).
 
@@ -11,6 +13,7 @@ Needs the static extra and a Chromium (mechq.reports.static).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -39,6 +42,15 @@ def main() -> None:
                                  title="Patching one FP activation (resid_pre) into the "
                                        "quantized run: share of the answer restored")
     static.write_png(fig, FIGURES / "patching.png", 900, fig.layout.height or 600)
+    for run in sorted((RESULTS / "recipe").glob("*.json")):
+        r = json.loads(run.read_text())
+        top = max(r["recipes"], key=float)
+        sens = pd.read_csv(run.with_name(f"{run.stem}-sensitivity.csv"))
+        fig = plots.sensitivity_map(sens, r["recipes"][top]["modules"], title=(
+            f"Sensitivity map, {r['model']} {r['method'].upper()}: estimated KL increase per "
+            f"module and width (squares: the recipe at {top} bits)"))
+        static.write_png(fig, FIGURES / f"sensitivity-{run.stem}.png", fig.layout.width,
+                         fig.layout.height)
     print(f"wrote {', '.join(str(p.relative_to(ROOT)) for p in sorted(FIGURES.glob('*.png')))}")
 
 

@@ -78,16 +78,22 @@ def test_diagnose_repair_and_recipe_commands(tmp_path, capsys):
     rc = cli.main(["recipe", "rtn-w2g128", "--model", "tiny-gpt2", "--budget", "3.7",
                    "--out", str(tmp_path / "r")])
     assert rc == 0
+    from mechq.repair.alternatives import RULES
     from mechq.repair.recipe import read_recipe
 
     assert read_recipe(tmp_path / "r" / "recipe.json")["avg_bits"] <= 3.7
+    cands = pd.read_csv(tmp_path / "r" / "candidates.csv")
+    assert set(RULES) <= set(cands["rule"]) and (cands["avg_bits"] <= 3.7).all()
+    sens = pd.read_csv(tmp_path / "r" / "sensitivity.csv")
+    assert set(sens["bits"]) == {2, 3, 4, 8} and (sens["fisher_error"] >= 0).all()
+    assert "Sensitivity map" in (tmp_path / "r" / "recipe.html").read_text()
 
 
 def test_commands_refuse_bad_input(tmp_path, tiny):
     from mechq import cli
 
-    with pytest.raises(SystemExit, match="below the base"):
-        cli.main(["recipe", "rtn-w4g128", "--model", "tiny-gpt2", "--budget", "3.0",
+    with pytest.raises(SystemExit, match="below uniform 2 bits"):
+        cli.main(["recipe", "rtn-w4g128", "--model", "tiny-gpt2", "--budget", "2.0",
                   "--out", str(tmp_path / "r.json")])
     with pytest.raises(SystemExit, match="bad variant 'gptq-w4-foo'"):
         cli.main(["recipe", "gptq-w4-foo", "--model", "tiny-gpt2", "--budget", "4.3"])

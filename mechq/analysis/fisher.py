@@ -58,17 +58,9 @@ repeated copies' gradients into the shared parameter, which is what the HF ``k_p
 **Validation.** :func:`measured_kl` swaps one module at a time to a width and measures the
 held-out KL (:mod:`mechq.facts.heldout`, :mod:`mechq.analysis.kld`); :func:`validate` puts it
 beside the estimate for a deterministic sample of modules and :func:`spearman` gives the rank
-correlation. Measured (RTN g128, one module swapped at a time, held-out ``kld_mean``):
-
-- SmolLM2, 30 modules (:func:`sample_modules`, seed 0), 1 020 held-out tokens, Fisher from the
-  default calibration (32 × 128 tokens, batch 4): Spearman ρ = 0.81 / 0.92 / 0.93 at 2 / 3 / 4
-  bits, 0.96 over all 90 rows; the estimate's median ratio to the measurement 1.07 / 1.09 / 1.16.
-  Text labels give 0.79 / 0.86 / 0.89; 8 × 128 calibration tokens 0.80 / 0.87 / 0.90; even
-  2 × 64 tokens 0.89 / 0.82 / 0.91. The unweighted ``sq_error`` ranks at 0.45 / 0.14 / 0.03.
-- tiny-gpt2, all 16 modules, 2 048 tokens: ρ = 0.80 / 0.93 / 0.85 (``sq_error``: 0.08 / 0.25 /
-  0.22), median ratio 1.00.
-
-On one 2-core machine under load, SmolLM2's Fisher from 32 × 128 tokens took about 3 minutes.
+correlation. ``scripts/measure_recipe.py`` measures it for every model and method it runs (30
+modules of :func:`sample_modules`, RTN or GPTQ g128 at 2 / 3 / 4 bits, 2 048 held-out tokens)
+and docs/recipe.md shows the result; ``tests/test_fisher.py`` checks it on the tiny GPT-2.
 """
 
 from __future__ import annotations

@@ -1,73 +1,65 @@
-"""A mixed-precision recipe: the best weight repair within a bit budget, as GPTQModel rules.
+"""A mixed-precision recipe: per-module widths within a bit budget, measured against the rules
+users would otherwise pick at the same bits, written as GPTQModel ``dynamic`` rules.
 
-:func:`make_recipe` tries the protection repairs of :mod:`mechq.repair.protect` that fit a budget of
-average bits per weight and keeps the one with the best accuracy on the development facts
-(:func:`mechq.repair.amplify.dev_heldout`), counted on the facts FP gets right (a repair that breaks
-facts the base keeps does not win; ties go to fewer bits). The candidates:
+:func:`make_recipe` works in four steps, re-quantizing only once:
 
-- ``baseline``: the base variant, uniform (kept when nothing beats it);
-- ``early-k``: every module of the first ``k`` layers at 8 bits, ``k`` as large as the budget
-  allows (the paper's early-layer protection);
-- ``kurtosis``: the most heavy-tailed modules at 8 bits up to the budget
-  (:func:`mechq.repair.protect.kurtosis_protection`).
+1. **Sensitivity, at once** (:func:`recipe_sensitivity`): the base method's uniform variants at
+   every candidate width (``widths``, default 2/3/4/8 bits; cached like any variant) and
+   :func:`mechq.analysis.fisher.sensitivity`, the Fisher estimate of every module's KL increase
+   at every width from one backward pass per calibration batch.
+2. **Allocations at the budget** (:mod:`mechq.repair.alternatives`): the recipe's own
+   (``fisher``: the exact knapsack optimum of the estimate) and the rules it must beat
+   (``uniform``, ``ends-8``, ``kurtosis``, ``llama.cpp``), each within the same stored bits.
+3. **Measured, without re-quantizing** (:func:`measure`): each allocation is assembled from the
+   uniform variants (:func:`mechq.repair.allocation.assemble`: every module's packed weights
+   taken as they are) and run as a swap. Each is measured on the **development** half of the
+   facts (:func:`mechq.repair.amplify.dev_heldout`) and of the held-out text (its first
+   ``DEV_TOKENS`` tokens, :func:`mechq.facts.heldout.heldout_split`), and on the **held-out**
+   halves of both. The recipe is the allocation with the least development KLD (ties: fewer
+   bits); the held-out columns are not read to choose.
+4. **Re-quantized for real**: the chosen widths go to the quantizer as ``dynamic`` rules
+   (GPTQ: GPTQModel quantizes module by module with its error feedback, so the result differs
+   from the assembled swap) and that checkpoint is measured on the held-out halves: the
+   recipe's ``expected`` numbers, which :func:`check_recipe` re-measures from the JSON alone.
 
-Each candidate is quantized for real (GPTQ through GPTQModel, read back by mechq's reader). The
-recipe (:func:`make_recipe`'s dict, JSON as written by :func:`write_recipe`) holds:
-
-- ``dynamic``: GPTQModel's per-module rules (regex keys; ``+:`` overrides, ``-:`` skips; the
-  first match wins) to pass as ``QuantizeConfig(dynamic=...)`` or ``mechq.quantize(dynamic=)``;
-- ``avg_bits`` of the linear modules as written, and ``memory`` (bytes);
-- ``expected``: its accuracy on the held-out facts, which :func:`check_recipe` re-measures after
-  quantizing again from the JSON alone;
-- ``amplification``: peak-signal amplification chosen on the development facts for the chosen
-  weights. It is not a weight change: GPTQModel ignores it; mechq applies it at read-out
-  (:class:`mechq.repair.amplify.Amplified`) with the ``alpha`` and ``first`` given (``alpha = 0``: off).
+The recipe (a dict, JSON by :func:`write_recipe`) holds ``dynamic`` (GPTQModel's rules over a
+uniform base of ``bits``; ``+:`` overrides, each matching exactly its modules' names),
+``modules`` (every module's width), ``avg_bits`` and ``memory``, ``candidates`` (every rule's
+row of :func:`measure`), ``expected`` and ``amplification`` (peak-signal amplification chosen on
+the development facts for the re-quantized weights: applied at read-out by
+:class:`mechq.repair.amplify.Amplified`, not part of the checkpoint; ``alpha = 0``: off).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 from transformer_lens import HookedTransformer
 
-from mechq.models import load as models
-
-from mechq.repair import amplify
-
-from mechq.repair import protect
+from mechq.analysis.fisher import DEFAULT_BITS, sensitivity
+from mechq.analysis.kld import fp_reference, kld_stats
+from mechq.analysis.recall import evaluate_recall
 from mechq.facts import FactSet, bundled_facts
+from mechq.facts.heldout import heldout_split
+from mechq.models import load as models
 from mechq.quant.quantize import Request, quantize_many
 from mechq.quant.variants import Variant
-from mechq.analysis.recall import evaluate_recall, subset_labels
+from mechq.repair import amplify
+from mechq.repair.allocation import assemble
+from mechq.repair.alternatives import RULES, rule_allocations
 
-FORMAT = "mechq-recipe/1"
-HIGH_BITS = 8
-
-
-def _fits(model: HookedTransformer, base: Request, budget: float, k: int) -> bool:
-    mods = protect.early_modules(model, k, HIGH_BITS)
-    return protect.estimated_bits(model, base.bits, base.group_size, mods) <= budget
-
-
-def candidates(model: HookedTransformer, base: Request, budget: float) -> dict[str, dict | None]:
-    """The candidate ``dynamic`` rules within ``budget`` (module docstring); ``None`` = uniform."""
-    base_bits = protect.estimated_bits(model, base.bits, base.group_size)
-    if budget < base_bits:
-        raise ValueError(f"budget {budget} is below the base variant's {base_bits:.3f} bits per "
-                         f"weight ({base.bits} bits, group size {base.group_size}).")
-    out: dict[str, dict | None] = {"baseline": None}
-    k = 0
-    while k < model.cfg.n_layers and _fits(model, base, budget, k + 1):
-        k += 1
-    if k:
-        out[f"early-{k}"] = protect.early_layers(model, k=k, high=HIGH_BITS)
-    kurt = protect.kurtosis_protection(model, base.bits, budget, base.group_size, HIGH_BITS)
-    if kurt:
-        out["kurtosis"] = kurt
-    return out
+FORMAT = "mechq-recipe/2"
+READABLE = ("mechq-recipe/1", FORMAT)
+#: held-out text tokens the recipe chooses on (the first ones, the part a diagnosis reads too)
+DEV_TOKENS = 4096
+#: the measurements of :func:`measure`, per variant
+MEASURES = ("avg_bits", "dev_accuracy_fp_known", "dev_kld_mean", "heldout_accuracy",
+            "heldout_accuracy_fp_known", "kld_mean", "kld_median", "kld_p99", "kld_max",
+            "same_top1", "dp_mean")
 
 
 def memory(model: HookedTransformer, v: Variant) -> dict[str, int]:
@@ -81,76 +73,165 @@ def memory(model: HookedTransformer, v: Variant) -> dict[str, int]:
                 fp16_total_bytes=2 * n_all)
 
 
-def _fp_known_accuracy(rec: pd.DataFrame, name: str, labels: dict, ids: set[str]) -> float:
-    d = rec[(rec["variant"] == name) & rec["fact_id"].isin(ids)]
-    d = d[d["fact_id"].map(labels).isin(["Robust", "Failure"])]
-    return float(d["correct"].mean()) if len(d) else float("nan")
+def _check_base(base: Request) -> None:
+    if base.dynamic:
+        raise ValueError("the base of a recipe must be uniform (no dynamic rules).")
+    if base.method not in ("gptq", "rtn"):
+        raise ValueError(f"a recipe mixes per-module widths of GPTQ or RTN variants; "
+                         f"{base.method!r} is not one (AWQ folds scales across modules).")
+
+
+def recipe_sensitivity(model: HookedTransformer, base: Request,
+                       widths: Sequence[int] = DEFAULT_BITS, *, progress: bool = True
+                       ) -> tuple[pd.DataFrame, dict[int, Variant]]:
+    """Step 1: ``base``'s uniform variant at every width (made or read from the cache) and the
+    Fisher sensitivity frame of every module at every width (:func:`sensitivity`)."""
+    _check_base(base)
+    widths = sorted(set(int(b) for b in widths))
+    made = quantize_many(model, [replace(base, bits=b, name=None) for b in widths],
+                         progress=progress)
+    uniform = dict(zip(widths, made))
+    sens = sensitivity(model, widths, group_size=made[0].group_size, sym=base.sym,
+                       variants=uniform, progress=progress)
+    return sens, uniform
+
+
+class Measurer:
+    """FP's references for :func:`measure`, made once: the development and held-out halves of
+    ``facts`` with the facts FP answers in each, and FP's final states on both parts of the
+    held-out text."""
+
+    def __init__(self, model: HookedTransformer, facts: FactSet | None = None, *,
+                 dev_tokens: int = DEV_TOKENS, batch_size: int = 32):
+        facts = bundled_facts() if facts is None else facts
+        if len(facts) == 0:
+            raise ValueError("a recipe needs at least one fact.")
+        self.model, self.batch_size = model, batch_size
+        self.dev, self.held = amplify.dev_heldout(facts)
+        self.facts = facts
+        rec = evaluate_recall(model, facts, [], progress=False, batch_size=batch_size)
+        self.fp_known = set(rec.loc[rec["correct"], "fact_id"])
+        dev_seqs, test_seqs = heldout_split(model, dev_tokens)
+        self.dev_ref, self.test_ref = fp_reference(model, dev_seqs), fp_reference(model, test_seqs)
+
+    def __call__(self, variants: Mapping[str, Variant], progress: bool = True) -> pd.DataFrame:
+        """One row per variant (keyed by its name in ``variants``): :data:`MEASURES`.
+        ``*_accuracy_fp_known`` is the share of the facts FP answers that the variant answers
+        (FP's is 1 by definition); ``dev_kld_mean`` is on the development text, the ``kld_*``,
+        ``same_top1`` and ``dp_mean`` statistics on the held-out text
+        (:mod:`mechq.analysis.kld`)."""
+        named = [replace(v, name=k) for k, v in variants.items()]
+        rec = evaluate_recall(self.model, self.facts, named, include_fp=False,
+                              progress=progress, batch_size=self.batch_size)
+        dev_ids, held_ids = {f.id for f in self.dev}, {f.id for f in self.held}
+        dev_k = self.kld(named, self.dev_ref, progress)
+        test_k = self.kld(named, self.test_ref, progress)
+        rows = []
+        for v in named:
+            r = rec[rec["variant"] == v.name]
+            known = r[r["fact_id"].isin(self.fp_known)]
+            d, t = dev_k.loc[v.name], test_k.loc[v.name]
+            dev_known = known[known["fact_id"].isin(dev_ids)]
+            rows.append(dict(
+                candidate=v.name, avg_bits=v.avg_bits,
+                dev_accuracy_fp_known=float(dev_known["correct"].mean()),
+                dev_kld_mean=float(d["kld_mean"]),
+                heldout_accuracy=float(r[r["fact_id"].isin(held_ids)]["correct"].mean()),
+                heldout_accuracy_fp_known=float(
+                    known[known["fact_id"].isin(held_ids)]["correct"].mean()),
+                **{k: float(t[k]) for k in ("kld_mean", "kld_median", "kld_p99", "kld_max",
+                                            "same_top1", "dp_mean")}))
+        return pd.DataFrame(rows)
+
+    def kld(self, variants, ref, progress):
+        return kld_stats(self.model, variants, reference=ref, progress=progress,
+                         batch_size=8).set_index("variant")
+
+    @property
+    def n_heldout_fp_known(self) -> int:
+        return len({f.id for f in self.held} & self.fp_known)
+
+
+def measure(model: HookedTransformer, variants: Mapping[str, Variant],
+            facts: FactSet | None = None, *, progress: bool = True,
+            batch_size: int = 32) -> pd.DataFrame:
+    """Step 3 for any variants (by name): :class:`Measurer`'s frame."""
+    return Measurer(model, facts, batch_size=batch_size)(variants, progress)
 
 
 def make_recipe(model: HookedTransformer, base: Request, budget: float,
-                facts: FactSet | None = None, *, alphas=amplify.ALPHAS, progress: bool = True, batch_size: int = 32) -> dict:
-    """Search the candidates for ``base`` within ``budget`` bits and return the recipe dict
-    (module docstring)."""
-    facts = bundled_facts() if facts is None else facts
-    if len(facts) == 0:
-        raise ValueError("make_recipe needs at least one fact.")
-    if base.dynamic:
-        raise ValueError("the base of a recipe must be uniform (no dynamic rules).")
-    cands = candidates(model, base, budget)
-    made = quantize_many(model, [replace(base, dynamic=d, name=None) for d in cands.values()],
-                         progress=progress)
-    variants = dict(zip(cands, made))
-    dev, held = amplify.dev_heldout(facts)
-    dev_ids, held_ids = {f.id for f in dev}, {f.id for f in held}
-    rec = evaluate_recall(model, facts, made, progress=progress, batch_size=batch_size)
-    labels = subset_labels(rec, reference=variants["baseline"].name)
-    rows = []
-    for kind, v in variants.items():
-        h = rec[(rec["variant"] == v.name) & rec["fact_id"].isin(held_ids)]
-        rows.append(dict(candidate=kind, variant=v.name, dynamic=cands[kind],
-                         avg_bits=v.avg_bits, within_budget=v.avg_bits <= budget + 1e-9,
-                         dev_accuracy_fp_known=_fp_known_accuracy(rec, v.name, labels, dev_ids),
-                         heldout_accuracy=float(h["correct"].mean()),
-                         heldout_accuracy_fp_known=_fp_known_accuracy(rec, v.name, labels,
-                                                                      held_ids)))
-    table = pd.DataFrame(rows)
-    ok = table[table["within_budget"]].sort_values(["dev_accuracy_fp_known", "avg_bits"],
-                                                   ascending=[False, True])
-    best = ok.iloc[0]
-    chosen = variants[best["candidate"]]
-    grid = amplify.amplified_recall(model, dev, [chosen], alphas=alphas, include_fp=False,
-                                    batch_size=batch_size)
+                facts: FactSet | None = None, *, widths: Sequence[int] = DEFAULT_BITS,
+                rules: Sequence[str] = RULES, sens: pd.DataFrame | None = None,
+                uniform: Mapping[int, Variant] | None = None,
+                measurer: Measurer | None = None, requantize: bool = True,
+                alphas=amplify.ALPHAS, progress: bool = True, batch_size: int = 32) -> dict:
+    """The recipe for ``base``'s method and settings (its ``bits`` are not used: the widths
+    come from the allocation) within ``budget`` average bits per weight (module docstring).
+    ``sens`` and ``uniform`` (from :func:`recipe_sensitivity`) and ``measurer`` are made here
+    when not given; pass them to make several budgets from one sensitivity. ``requantize=False``
+    stops after step 3 (``expected`` then describes the assembled swap)."""
+    _check_base(base)
+    if "fisher" not in rules:
+        raise ValueError("rules must include 'fisher', the recipe's own allocation.")
+    if sens is None or uniform is None:
+        sens, uniform = recipe_sensitivity(model, base, widths, progress=progress)
+    measurer = measurer or Measurer(model, facts, batch_size=batch_size)
+    allocs = rule_allocations(model, sens, budget, rules)
+    mixed = {r: assemble(model, a, uniform, name=f"{r}@{budget:g}") for r, a in allocs.items()}
+    table = measurer(mixed, progress)
+    table.insert(0, "rule", list(allocs))
+    table["estimated_kl"] = [a.estimated_kl for a in allocs.values()]
+    table["requantized"] = False
+    best = table.sort_values(["dev_kld_mean", "avg_bits"]).iloc[0]
+    alloc = allocs[best["rule"]]
+    dynamic = alloc.dynamic()
+    chosen = mixed[best["rule"]]
+    if requantize:
+        (chosen,) = quantize_many(model, [replace(base, bits=alloc.base_bits,
+                                                  dynamic=dynamic or None, name=None)],
+                                  progress=progress)
+        row = measurer({"recipe": chosen}, progress).iloc[0].to_dict()
+        row.update(rule=f"{best['rule']} (re-quantized)", estimated_kl=alloc.estimated_kl,
+                   requantized=True)
+        table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+    final = table.iloc[-1] if requantize else best
+    grid = amplify.amplified_recall(model, measurer.dev, [chosen], alphas=alphas,
+                                    include_fp=False, batch_size=batch_size)
+    # amplify.choose scores the facts FP knows (its Robust and Failure labels)
+    labels = {f: ("Robust" if f in measurer.fp_known else "Unknown") for f in grid["fact_id"]}
     alpha, first = amplify.choose(grid, chosen.name, labels)
     src = models.source_of(model)
     return {
-        "format": FORMAT,
-        "model": src.name,
-        "architecture": src.architecture,
-        "method": base.method, "bits": base.bits, "group_size": base.group_size,
+        "format": FORMAT, "model": src.name, "architecture": src.architecture,
+        "method": base.method, "bits": alloc.base_bits, "group_size": chosen.group_size,
         "sym": base.sym, "desc_act": base.desc_act,
         "calibration": {"seed": base.seed, "n_samples": base.n_samples,
                         "seq_len": base.seq_len},
-        "budget": budget,
-        "repair": best["candidate"],
-        "dynamic": cands[best["candidate"]] or {},
-        "avg_bits": chosen.avg_bits,
-        "memory": memory(model, chosen),
+        "deterministic": base.deterministic,
+        "budget": budget, "widths": sorted(int(b) for b in uniform),
+        "repair": str(best["rule"]), "dynamic": dynamic,
+        "modules": {m: int(b) for m, b in alloc.bits.items()},
+        "avg_bits": chosen.avg_bits, "memory": memory(model, chosen),
+        "estimated_kl": alloc.estimated_kl,
         "expected": {
-            "facts": held.name, "n_facts": len(held),
-            "accuracy": float(best["heldout_accuracy"]),
-            "accuracy_fp_known": float(best["heldout_accuracy_fp_known"]),
-            "baseline_accuracy": float(table.iloc[0]["heldout_accuracy"]),
-            "note": "held-out facts (sha256 split of the fact ids); the candidate was chosen on "
-                    "the development half; GPTQ accuracy varies with the calibration seed",
+            "facts": measurer.held.name, "n_facts": len(measurer.held),
+            "n_fp_known": measurer.n_heldout_fp_known,
+            "accuracy": float(final["heldout_accuracy"]),
+            "accuracy_fp_known": float(final["heldout_accuracy_fp_known"]),
+            "kld_mean": float(final["kld_mean"]),
+            "requantized": bool(requantize),
+            "note": "held-out facts (sha256 split of the fact ids) and held-out text (after its "
+                    f"first {DEV_TOKENS} tokens); the rule was chosen on the development halves; "
+                    "GPTQ moves with the calibration seed and the CPU's kernels",
         },
         "amplification": {
-            "weight_change": False,
-            "alpha": alpha, "first": first, "layer_rule": amplify.LAYER_RULE,
+            "weight_change": False, "alpha": alpha, "first": first,
+            "layer_rule": amplify.LAYER_RULE,
             "note": "not part of the checkpoint: apply at read-out with "
                     "mechq.repair.amplify.Amplified(variant, alpha, first); alpha 0 means off "
                     "(nothing helped on the development facts)",
         },
-        "candidates": [{k: v for k, v in r.items()} for r in rows],
+        "candidates": table.to_dict(orient="records"),
     }
 
 
@@ -166,8 +247,9 @@ def read_recipe(path: str | Path) -> dict:
     r = json.loads(Path(path).read_text())
     missing = [k for k in ("format", "method", "bits", "group_size", "dynamic", "expected")
                if k not in r]
-    if r.get("format") != FORMAT or missing:
-        raise ValueError(f"{path} is not a mechq recipe ({FORMAT}); missing {missing}.")
+    if r.get("format") not in READABLE or missing:
+        raise ValueError(f"{path} is not a mechq recipe ({' or '.join(READABLE)}); "
+                         f"missing {missing}.")
     return r
 
 
@@ -180,14 +262,16 @@ def request_of(recipe: dict, seed: int | None = None) -> Request:
                    seed=c.get("seed", 0) if seed is None else seed,
                    n_samples=c.get("n_samples", Request.n_samples),
                    seq_len=c.get("seq_len", Request.seq_len),
-                   dynamic=recipe["dynamic"] or None)
+                   dynamic=recipe["dynamic"] or None,
+                   deterministic=recipe.get("deterministic", False))
 
 
 def check_recipe(model: HookedTransformer, recipe: dict, facts: FactSet | None = None, *,
                  seed: int | None = None, progress: bool = True) -> dict:
     """Quantize again from the recipe's JSON alone (through GPTQModel for GPTQ), read the
-    checkpoint back with mechq's reader, and measure the held-out accuracy the recipe promised:
-    ``{"expected", "measured", "variant", "avg_bits", "path"}``. With ``seed=None`` the recipe's
+    checkpoint back with mechq's reader, and measure the held-out accuracy and KLD the recipe
+    promised: ``{"expected", "measured", "expected_kld_mean", "kld_mean", "variant",
+    "avg_bits", "path"}`` (the KLD ones for format 2 recipes). With ``seed=None`` the recipe's
     own calibration is run again (the cached checkpoint is overwritten, not reused); another
     ``seed`` draws other calibration windows."""
     src = models.source_of(model)
@@ -199,5 +283,11 @@ def check_recipe(model: HookedTransformer, recipe: dict, facts: FactSet | None =
     (v,) = quantize_many(model, [request_of(recipe, seed)], cache=seed is not None,
                          progress=progress)
     rec = evaluate_recall(model, held, [v], include_fp=False, progress=progress)
-    return dict(expected=recipe["expected"]["accuracy"], measured=float(rec["correct"].mean()),
-                variant=v.name, avg_bits=v.avg_bits, path=str(v.meta.get("path")))
+    out = dict(expected=recipe["expected"]["accuracy"], measured=float(rec["correct"].mean()),
+               variant=v.name, avg_bits=v.avg_bits, path=str(v.meta.get("path")))
+    if "kld_mean" in recipe["expected"]:
+        test = fp_reference(model, heldout_split(model, DEV_TOKENS)[1])
+        k = kld_stats(model, [v], reference=test, progress=False)
+        out.update(expected_kld_mean=recipe["expected"]["kld_mean"],
+                   kld_mean=float(k["kld_mean"].iloc[0]))
+    return out

@@ -501,24 +501,45 @@ def diagnose_page(model: HookedTransformer, variant: Variant, facts: FactSet, ou
 
 
 def recipe_page(model: HookedTransformer, base: Request, facts: FactSet, out: Path, *,
-                budget: float, check: bool = False, batch_size: int = 32) -> Page:
-    """The best protection repair of ``base`` within ``budget`` bits per weight, as a GPTQModel
-    dynamic config: recipe.json; with ``check`` it is quantized again from the JSON alone and
-    measured."""
-    from mechq.repair.recipe import check_recipe, make_recipe, write_recipe
+                budget: float, check: bool = False, widths: Sequence[int] | None = None,
+                batch_size: int = 32) -> Page:
+    """Per-module widths of ``base``'s method within ``budget`` bits per weight, measured against
+    the usual rules at the same bits (:mod:`mechq.repair.recipe`): recipe.json (with GPTQModel's
+    dynamic rules), candidates.csv, sensitivity.csv and recipe.html with the sensitivity map;
+    with ``check`` the recipe is quantized again from the JSON alone and measured."""
+    from mechq.analysis.fisher import DEFAULT_BITS
+    from mechq.repair.recipe import check_recipe, make_recipe, recipe_sensitivity, write_recipe
 
-    r = make_recipe(model, base, budget, facts, batch_size=batch_size)
+    sens, uniform = recipe_sensitivity(model, base, widths or DEFAULT_BITS)
+    r = make_recipe(model, base, budget, facts, sens=sens, uniform=uniform,
+                    batch_size=batch_size)
     path = write_recipe(r, out / "recipe.json")
+    sens.to_csv(out / "sensitivity.csv", index=False)
+    table = pd.DataFrame(r["candidates"])
+    table.to_csv(out / "candidates.csv", index=False)
     e, a = r["expected"], r["amplification"]
-    text = (f"recipe: {r['repair']} at {r['avg_bits']:.3f} bits per weight "
-            f"(budget {r['budget']}); expected held-out accuracy {100 * e['accuracy']:.1f} % "
-            f"(baseline {100 * e['baseline_accuracy']:.1f} %, {e['n_facts']} facts); "
-            f"amplification alpha={a['alpha']:g}")
+    uni = table.set_index("rule").loc["uniform"]
+    text = (f"recipe: {r['repair']} at {r['avg_bits']:.3f} bits per weight (budget "
+            f"{r['budget']}), {len(r['dynamic'])} dynamic rule(s) over {r['bits']} bits; "
+            f"held-out ({e['n_fp_known']} facts FP knows): {100 * e['accuracy_fp_known']:.1f} % "
+            f"kept, KLD {e['kld_mean']:.4f} (uniform {int(uni['avg_bits'])}-bit "
+            f"{100 * uni['heldout_accuracy_fp_known']:.1f} %, KLD {uni['kld_mean']:.4f}); "
+            f"amplification alpha={a['alpha']:g}\n\n" + _text(table[[
+                "rule", "avg_bits", "dev_kld_mean", "heldout_accuracy_fp_known", "kld_mean",
+                "same_top1"]], index=False))
     if check:
         c = check_recipe(model, r, facts)
         text += (f"\nre-quantized from the JSON: {100 * c['measured']:.1f} % measured vs "
-                 f"{100 * c['expected']:.1f} % expected ({c['variant']})")
-    return Page(path, text)
+                 f"{100 * c['expected']:.1f} % expected, KLD {c['kld_mean']:.4f} vs "
+                 f"{c['expected_kld_mean']:.4f} ({c['variant']})")
+    rep = Report(f"mechq recipe — {source_of(model).name} within {budget} bits")
+    rep.text(text.split("\n\n")[0])
+    rep.heading("Every rule at the same bits (chosen on the development halves)")
+    rep.table(table)
+    rep.heading("Sensitivity map (white squares: the recipe's widths)")
+    rep.figure(plots.sensitivity_map(sens, r["modules"]))
+    rep.write(out / "recipe.html")
+    return Page(path, text, {"candidates": table, "sensitivity": sens})
 
 
 def write_checkpoint(variant: Variant, out: Path, model: HookedTransformer | None = None,

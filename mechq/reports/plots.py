@@ -580,3 +580,46 @@ def _short(x: float) -> str:
     if x != 0 and abs(x) < 0.01:
         return f"{x:.1e}"
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def sensitivity_map(sens: pd.DataFrame, chosen: dict[str, int] | None = None,
+                    title: str | None = None) -> go.Figure:
+    """The sensitivity map: one panel per width, layer (y) × component (x), coloured by
+    ``log10`` of the Fisher estimate of the KL increase (:func:`mechq.analysis.fisher.sensitivity`'s
+    ``fisher_error``, nats per token) when only that module is quantized to that width; one
+    colour range for every panel. ``chosen`` (module → width, e.g. a recipe's ``modules``)
+    marks each module's chosen width with a white square."""
+    from plotly.subplots import make_subplots
+
+    widths = sorted(int(b) for b in sens["bits"].unique())
+    comps = list(dict.fromkeys(sens["component"]))
+    layers = sorted(sens["layer"].unique())
+    logs = np.log10(sens["fisher_error"].clip(lower=1e-12).to_numpy(dtype=float))
+    fig = make_subplots(rows=1, cols=len(widths), shared_yaxes=True, horizontal_spacing=0.02,
+                        subplot_titles=[f"{b} bits" for b in widths])
+    for c, b in enumerate(widths, start=1):
+        g = sens[sens["bits"] == b].assign(log=np.log10(
+            sens.loc[sens["bits"] == b, "fisher_error"].clip(lower=1e-12)))
+        z = g.pivot(index="layer", columns="component", values="log").reindex(
+            index=layers, columns=comps)
+        mods = g.pivot(index="layer", columns="component", values="module").reindex(
+            index=layers, columns=comps)
+        fig.add_trace(go.Heatmap(
+            z=z.to_numpy(), x=comps, y=layers, customdata=mods.to_numpy(),
+            zmin=float(logs.min()), zmax=float(logs.max()), colorscale="Viridis",
+            showscale=(c == len(widths)), colorbar=dict(title="log10 ΔKL"),
+            hovertemplate=(f"%{{customdata}}<br>{b} bits: estimated ΔKL 10^%{{z:.2f}} nats"
+                           "<extra></extra>")), row=1, col=c)
+        if chosen:
+            pick = g[g["module"].map(chosen) == b]
+            fig.add_trace(go.Scatter(
+                x=pick["component"], y=pick["layer"], mode="markers", showlegend=(c == 1),
+                name="chosen width", legendgroup="chosen",
+                marker=dict(symbol="square-open", size=9, color="white", line=dict(width=2)),
+                hoverinfo="skip"), row=1, col=c)
+    fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)
+    fig.update_layout(title=title or "Sensitivity map: estimated KL increase of each module "
+                                     "at each width", template="plotly_white",
+                      legend=dict(orientation="h", x=0, y=-0.06),
+                      height=max(360, 16 * len(layers) + 180), width=230 * len(widths) + 160)
+    return fig
