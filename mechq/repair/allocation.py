@@ -223,6 +223,14 @@ def _dp(costs: list[np.ndarray], errors: list[np.ndarray], cap: int) -> list[int
     return out
 
 
+def capacity(sens: pd.DataFrame, budget: float) -> tuple[int, int]:
+    """``(bits, weights)``: the stored bits ``budget`` allows over the frame's modules, the
+    budget read as the decimal it is written as (4.3 is 43/10, so ``avg_bits <= budget`` holds
+    for the floats too), and the modules' weights."""
+    n = int(sens.drop_duplicates("module")["n_params"].sum())
+    return math.floor(Fraction(repr(float(budget))) * n), n
+
+
 def allocate(sens: pd.DataFrame, budget: float, *, bits: Iterable[int] | None = None,
              max_units: int = MAX_UNITS) -> Allocation:
     """The allocation minimising the summed ``fisher_error`` within ``budget`` bits per weight
@@ -235,16 +243,15 @@ def allocate(sens: pd.DataFrame, budget: float, *, bits: Iterable[int] | None = 
     opts = _options(sens, bits)
     modules = list(dict.fromkeys(opts["module"]))
     groups = {m: g for m, g in opts.groupby("module", sort=False)}
-    n_total = int(sum(int(groups[m]["n_params"].iloc[0]) for m in modules))
-    capacity = math.floor(Fraction(repr(float(budget))) * n_total)
+    cap_bits, n_total = capacity(opts, budget)
     raw_costs = [groups[m]["storage_bits"].to_numpy(dtype=np.int64) for m in modules]
     errors = [groups[m]["fisher_error"].to_numpy(dtype=np.float64) for m in modules]
     floor = int(sum(int(c.min()) for c in raw_costs))
-    if floor > capacity:
+    if floor > cap_bits:
         raise ValueError(f"budget {budget} is below the cheapest allocation's "
                          f"{floor / n_total:.4f} bits per weight.")
     extra = [c - c.min() for c in raw_costs]
-    room = capacity - floor
+    room = cap_bits - floor
     unit = 0
     for c in extra:
         for x in c.tolist():
@@ -257,9 +264,9 @@ def allocate(sens: pd.DataFrame, budget: float, *, bits: Iterable[int] | None = 
         method, costs, cap = "dp-rounded", [-(-c // unit) for c in extra], room // unit
     picks = _dp(costs, errors, int(cap))
     chosen = pd.concat([groups[m].iloc[[k]] for m, k in zip(modules, picks)], ignore_index=True)
-    if int(chosen["storage_bits"].sum()) > capacity:  # cannot happen: costs only rounded up
+    if int(chosen["storage_bits"].sum()) > cap_bits:  # cannot happen: costs only rounded up
         raise AssertionError("the allocation exceeds the budget")
-    bound = lagrangian_bound(raw_costs, errors, capacity)
+    bound = lagrangian_bound(raw_costs, errors, cap_bits)
     cols = [c for c in COLUMNS if c in chosen.columns]
     return Allocation(chosen[cols].reset_index(drop=True), float(budget), method, int(unit),
                       min(bound, float(chosen["fisher_error"].sum())))

@@ -32,14 +32,12 @@ A rule whose choices leave budget unused keeps it unused: it is that rule's allo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
-from fractions import Fraction
 
 import pandas as pd
 from transformer_lens import HookedTransformer
 
-from mechq.repair.allocation import COLUMNS, NEEDED, Allocation, allocate
+from mechq.repair.allocation import COLUMNS, NEEDED, Allocation, allocate, capacity
 from mechq.repair.protect import kurtosis_ranking
 
 #: the rules, in the order tables show them
@@ -55,16 +53,9 @@ def _costs(sens: pd.DataFrame) -> dict[tuple[str, int], int]:
                                                       sens["storage_bits"])}
 
 
-def _capacity(sens: pd.DataFrame, budget: float) -> tuple[int, int]:
-    """``(capacity in bits, weights)`` of ``budget`` over the frame's modules (the budget read
-    as the decimal it is written as, like :func:`~mechq.repair.allocation.allocate`)."""
-    n = int(sens.drop_duplicates("module")["n_params"].sum())
-    return math.floor(Fraction(repr(float(budget))) * n), n
-
-
 def base_width(sens: pd.DataFrame, budget: float) -> int:
     """The widest width whose uniform allocation fits ``budget`` (``ValueError`` if none)."""
-    cap, n = _capacity(sens, budget)
+    cap, n = capacity(sens, budget)
     fits = [b for b in widths_of(sens)
             if int(sens.loc[sens["bits"] == b, "storage_bits"].sum()) <= cap]
     if not fits:
@@ -87,7 +78,7 @@ def as_allocation(sens: pd.DataFrame, bits: dict[str, int], budget: float, rule:
     frame = rows.loc[picks].reset_index()
     frame = frame[[c for c in COLUMNS if c in frame.columns]]
     alloc = Allocation(frame, float(budget), rule, 1, float("nan"))
-    cap, _ = _capacity(sens, budget)
+    cap, _ = capacity(sens, budget)
     if alloc.storage_bits > cap:
         raise AssertionError(f"rule {rule} exceeds the budget")
     return alloc
@@ -98,7 +89,7 @@ def _greedy(sens: pd.DataFrame, budget: float, rule: str, order: Iterable[str],
     """From the base, move each module of ``order`` to ``target(base)`` while it fits."""
     base = base_width(sens, budget)
     cost = _costs(sens)
-    cap, _ = _capacity(sens, budget)
+    cap, _ = capacity(sens, budget)
     bits = {m: base for m in dict.fromkeys(sens["module"])}
     used = sum(cost[(m, base)] for m in bits)
     for m in order:

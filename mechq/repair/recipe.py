@@ -10,7 +10,7 @@ users would otherwise pick at the same bits, written as GPTQModel ``dynamic`` ru
 2. **Allocations at the budget** (:mod:`mechq.repair.alternatives`): the recipe's own
    (``fisher``: the exact knapsack optimum of the estimate) and the rules it must beat
    (``uniform``, ``ends-8``, ``kurtosis``, ``llama.cpp``), each within the same stored bits.
-3. **Measured, without re-quantizing** (:func:`measure`): each allocation is assembled from the
+3. **Measured, without re-quantizing** (:class:`Measurer`): each allocation is assembled from the
    uniform variants (:func:`mechq.repair.allocation.assemble`: every module's packed weights
    taken as they are) and run as a swap. Each is measured on the **development** half of the
    facts (:func:`mechq.repair.amplify.dev_heldout`) and of the held-out text (its first
@@ -25,7 +25,7 @@ users would otherwise pick at the same bits, written as GPTQModel ``dynamic`` ru
 The recipe (a dict, JSON by :func:`write_recipe`) holds ``dynamic`` (GPTQModel's rules over a
 uniform base of ``bits``; ``+:`` overrides, each matching exactly its modules' names),
 ``modules`` (every module's width), ``avg_bits`` and ``memory``, ``candidates`` (every rule's
-row of :func:`measure`), ``expected`` and ``amplification`` (peak-signal amplification chosen on
+row of :class:`Measurer`), ``expected`` and ``amplification`` (peak-signal amplification chosen on
 the development facts for the re-quantized weights: applied at read-out by
 :class:`mechq.repair.amplify.Amplified`, not part of the checkpoint; ``alpha = 0``: off).
 """
@@ -56,7 +56,7 @@ FORMAT = "mechq-recipe/2"
 READABLE = ("mechq-recipe/1", FORMAT)
 #: held-out text tokens the recipe chooses on (the first ones, the part a diagnosis reads too)
 DEV_TOKENS = 4096
-#: the measurements of :func:`measure`, per variant
+#: the measurements of a :class:`Measurer` row, per variant
 MEASURES = ("avg_bits", "dev_accuracy_fp_known", "dev_kld_mean", "heldout_accuracy",
             "heldout_accuracy_fp_known", "kld_mean", "kld_median", "kld_p99", "kld_max",
             "same_top1", "dp_mean")
@@ -97,7 +97,7 @@ def recipe_sensitivity(model: HookedTransformer, base: Request,
 
 
 class Measurer:
-    """FP's references for :func:`measure`, made once: the development and held-out halves of
+    """FP's references for measuring variants, made once: the development and held-out halves of
     ``facts`` with the facts FP answers in each, and FP's final states on both parts of the
     held-out text."""
 
@@ -150,13 +150,6 @@ class Measurer:
     @property
     def n_heldout_fp_known(self) -> int:
         return len({f.id for f in self.held} & self.fp_known)
-
-
-def measure(model: HookedTransformer, variants: Mapping[str, Variant],
-            facts: FactSet | None = None, *, progress: bool = True,
-            batch_size: int = 32) -> pd.DataFrame:
-    """Step 3 for any variants (by name): :class:`Measurer`'s frame."""
-    return Measurer(model, facts, batch_size=batch_size)(variants, progress)
 
 
 def make_recipe(model: HookedTransformer, base: Request, budget: float,
