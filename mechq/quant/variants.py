@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformer_lens import HookedTransformer
 
+from mechq.facts.calibration import from_pool
+from mechq.quant import activation_quant as aq
 from mechq.quant import dynamic as dyn
 from mechq.quant import layout
 from mechq.quant.packing import PackedLinear
@@ -40,6 +42,8 @@ class Variant:
     ``lowrank`` maps a packed module to a low-rank correction ``(B, A)``, ``B`` ``(out, r)`` and
     ``A`` ``(r, in)`` (float16 or float32; :func:`mechq.repair.eora.eora` makes them): its weight is
     then the dequantized one plus ``B @ A``.
+    ``act`` is an activation / KV-cache scheme (:mod:`mechq.quant.activation_quant`) that
+    :func:`swap` installs as hooks with the weights (:func:`with_activations` makes one).
     ``norms`` maps HF norm tensors (``model.layers.3.input_layernorm.weight``) that the
     quantizer rewrote without quantizing them to their new values: AWQ folds its activation
     scales into the norm before q/k/v and before gate/up (and between v→o and up→down, inside
@@ -59,12 +63,15 @@ class Variant:
     fp_modules: dict[str, tuple[int, int]] = field(default_factory=dict)
     lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    act: aq.ActScheme | None = None
 
     def __repr__(self) -> str:
         mixed = f", dynamic={len(self.dynamic)} rules" if self.dynamic else ""
         ranks = sorted({b.shape[1] for b, _ in self.lowrank.values()})
         if ranks:
             mixed += f", lowrank rank={'/'.join(map(str, ranks))} on {len(self.lowrank)} modules"
+        if self.act is not None:
+            mixed += f", act={self.act.name}"
         return (
             f"Variant({self.name!r}, method={self.method}, bits={self.bits}, "
             f"group_size={self.group_size}, sym={self.sym}, desc_act={self.desc_act}{mixed}, "
@@ -204,6 +211,56 @@ def _plan_norms(model, chosen, per_layer, plan, registry) -> None:
                 plan[(id(v), "norm:" + n.tensor)].append(n)
 
 
+def _act_plan(model: HookedTransformer, variant: VariantSpec, layers, components
+              ) -> dict[int, tuple[aq.ActScheme, tuple[str, ...]]]:
+    """Per chosen layer, the activation scheme of its variant and the chosen components."""
+    chosen = layout.select(model.cfg, layers, components)
+    per_layer = dict(variant) if isinstance(variant, Mapping) else None
+    out: dict[int, tuple[aq.ActScheme, tuple[str, ...]]] = {}
+    for s in chosen:
+        v = per_layer.get(s.layer) if per_layer is not None else variant
+        if isinstance(v, Variant) and v.act is not None:
+            act, comps = out.get(s.layer, (v.act, ()))
+            out[s.layer] = (act, (*comps, s.component))
+    return out
+
+
+def with_activations(variant: Variant | None, act: aq.ActScheme,
+                     model: HookedTransformer | None = None) -> Variant:
+    """``variant`` with the activation / KV-cache scheme ``act`` (W4A8 = GPTQ w4 + ``A8``),
+    named ``"<variant>+<scheme>"``. ``variant=None`` gives FP weights with ``act`` alone
+    (``W16A8``): a variant that packs no module and keeps every linear module of ``model`` in
+    full precision. The packed weights are shared, not copied."""
+    if not isinstance(act, aq.ActScheme):
+        raise TypeError(f"act must be an ActScheme, got {type(act).__name__}")
+    if variant is None:
+        if model is None:
+            raise ValueError("with_activations(None, act) needs the model, for its modules.")
+        shapes = {s.module: tuple(layout.module_weight(model, s.module).shape)
+                  for s in layout.sites(model.cfg)}
+        return Variant(f"fp+{act.name}", "fp", FP_BITS, -1, True, False, {},
+                       dynamic={"-:.*": {}}, fp_modules=shapes, act=act)
+    if variant.act is not None:
+        raise ValueError(f"Variant {variant.name!r} already has activation scheme "
+                         f"{variant.act.name!r}.")
+    return replace(variant, name=f"{variant.name}+{act.name}", act=act)
+
+
+def calibrated(model: HookedTransformer, variant: Variant,
+               sequences: list[list[int]] | None = None) -> Variant:
+    """``variant`` with its static activation scales calibrated (:func:`aq.calibrate`) on
+    ``sequences`` (default: 16 sequences of 128 tokens from the bundled calibration pool, the
+    text GPTQ calibrates on), with the variant's weights in place. A variant without a static
+    scheme comes back as it is."""
+    if variant.act is None or not variant.act.static:
+        return variant
+    if sequences is None:
+        sequences = from_pool(model, n_samples=16, seq_len=128).tokens
+    with swap(model, replace(variant, act=None)):
+        act = aq.calibrate(model, variant.act, sequences)
+    return replace(variant, act=act)
+
+
 @contextmanager
 def swap(
     model: HookedTransformer,
@@ -220,8 +277,12 @@ def swap(
     Modules the variant's dynamic rules skip keep the model's own weights; a module the variant
     lacks for any other reason (a variant of another model) is an error.
     ``components`` takes ``q k v o gate up down`` and the groups ``attn``, ``mlp``, ``all``.
+    A variant with an activation scheme (``variant.act``) also quantizes, in the chosen layers,
+    the activation sites that feed the chosen components (its hooks run first on their hook
+    points, and are removed on exit).
     On exit every parameter gets back the very tensor it had before (bit-identical restore).
-    Swaps nest: an inner swap restores the outer swap's weights.
+    Swaps nest: an inner swap restores the outer swap's weights; activation hooks of nested
+    swaps add up.
     """
     if variant is None:
         yield model
@@ -229,6 +290,7 @@ def swap(
     plan, registry = _plan(model, variant, layers, components)
     params = dict(model.named_parameters())
     saved: dict[str, torch.Tensor] = {}
+    acts = _act_plan(model, variant, layers, components)
     try:
         for (vid, module), site_list in plan.items():
             if module.startswith("norm:"):
@@ -254,7 +316,8 @@ def swap(
                     )
                 saved.setdefault(s.param, p.data)
                 p.data = new
-        yield model
+        with aq.installed(model, acts):
+            yield model
     finally:
         for name, data in saved.items():
             params[name].data = data
