@@ -90,4 +90,6 @@ def weight_signatures(model: HookedTransformer, variant: Variant) -> pd.DataFram
         rows.append(dict(variant=variant.name, module=module, layer=mine[0].layer,
                          component="+".join(s.component for s in mine), bits=p.bits,
                          **module_signature(targets.get(module, layout.module_weight(model, module)), p)))
-    return pd.DataFrame(rows)
+    # an activation-only variant packs no module: an empty frame with the columns
+    return pd.DataFrame(rows, columns=["variant", "module", "layer", "component", "bits",
+                                       *SIGNATURES])
