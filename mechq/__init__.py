@@ -34,7 +34,9 @@ _logging.getLogger("torch.utils._pytree").addFilter(_import_noise)
 from mechq.facts import Fact, FactSet, bundled_facts, load_facts, target_report  # noqa: E402
 from mechq.models import load_model  # noqa: E402
 from mechq.quant.quantize import Request, load_variant, quantize, quantize_many  # noqa: E402
-from mechq.quant.variants import Variant, swap  # noqa: E402
+from mechq.quant.variants import Variant, calibrated, swap, with_activations  # noqa: E402
+from mechq.quant.activation_quant import ActScheme, scheme  # noqa: E402
+from mechq.quant.fp8 import quantize_fp8_weights  # noqa: E402
 from mechq.quant.formats.compressed import write_compressed_tensors  # noqa: E402
 from mechq.analysis.recall import accuracy, evaluate_recall, subset_labels, subsets  # noqa: E402
 from mechq.analysis.lens import logit_lens  # noqa: E402
@@ -53,9 +55,10 @@ from mechq.repair.recipe import make_recipe  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "Fact", "FactSet", "Request", "Variant", "accuracy", "bundled_facts", "cliff_table",
+    "ActScheme", "Fact", "FactSet", "Request", "Variant", "accuracy", "calibrated", "bundled_facts", "cliff_table",
     "component_metrics", "diagnose", "eora", "evaluate_recall", "kld_stats", "load_facts", "load_model",
-    "load_pararel", "load_variant", "logit_lens", "make_recipe", "patch_sweep", "quantize", "quantize_many",
-    "repair_table", "report", "representation_metrics", "subset_labels", "subsets", "swap", "target_report",
+    "load_pararel", "load_variant", "logit_lens", "make_recipe", "patch_sweep", "quantize", "quantize_fp8_weights", "quantize_many",
+    "repair_table", "report", "representation_metrics", "scheme", "subset_labels", "subsets", "swap",
+    "target_report", "with_activations",
     "write_compressed_tensors", "write_peft_adapter",
 ]

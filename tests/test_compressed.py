@@ -289,8 +289,12 @@ def test_writer_refuses(tiny, written, private_cache, tmp_path):
     v, _ = written(4, GS, True)
     v8, _ = written(8, 32, False)
     out = tmp_path / "x"
-    with pytest.raises(ValueError, match="mechq writes compressed-tensors 'pack-quantized' only"):
+    with pytest.raises(ValueError, match="mechq writes compressed-tensors 'pack-quantized', "
+                                         "'int-quantized', 'float-quantized' only"):
         write_compressed_tensors(v, out, fmt="marlin-24")
+    with pytest.raises(ValueError, match="cannot be written as 'int-quantized': mechq writes "
+                                         "W8A8 there"):  # W4 codes: not the int8 format
+        write_compressed_tensors(v, out, fmt="int-quantized")
     mixed = _with(v, modules={**v.modules, M: v8.modules[M]})
     with pytest.raises(ValueError, match=r"mixed bits \[4, 8\]"):
         write_compressed_tensors(mixed, out)
@@ -351,14 +355,20 @@ def _set(name, value):
 
 CFG = r"config\.json \(quantization_config\): "
 BAD_CONFIGS = {
+    # read now (tests/test_compressed_act.py), but not over a pack-quantized config group
     "float-quantized": (lambda qc: qc.update(format="float-quantized"),
-                        CFG + "unsupported format 'float-quantized'"),
+                        CFG + "config group 'group_0' has format 'pack-quantized', but the "
+                              "config's format is 'float-quantized'"),
+    "float-quantized-int-weights": (
+        lambda qc: (qc.update(format="float-quantized"), _group(qc).update(format=None)),
+        CFG + "config group 'group_0' is 'float-quantized' but has weights of type 'int'"),
     "marlin-24": (lambda qc: qc.update(format="marlin-24"), CFG + "unsupported format 'marlin"),
     "nvfp4": (lambda qc: qc.update(format="nvfp4-pack-quantized"),
               CFG + "unsupported format 'nvfp4-pack-quantized'"),
     "mixed-int-quantized": (lambda qc: (qc.update(format="mixed-precision"),
                                         _group(qc).update(format="int-quantized")),
-                            CFG + "config group 'group_0' has format 'int-quantized'"),
+                            CFG + "config group 'group_0' has weights.num_bits=4; mechq "
+                                  "reads 'int-quantized' with 8-bit weights"),
     "type-float": (_weights(type="float", num_bits=8),
                    CFG + "config group 'group_0' has weights of type 'float'"),
     "bits-5": (_weights(num_bits=5), CFG + "config group 'group_0' has num_bits=5"),
@@ -366,8 +376,10 @@ BAD_CONFIGS = {
     "w8a8": (lambda qc: _group(qc).update(input_activations=dict(
         num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)),
              CFG + "config group 'group_0' quantizes input_activations .*weight-only"),
+    # a KV-cache scheme is read (tests/test_compressed_act.py), but its scales must be there
     "kv-cache": (lambda qc: qc.update(kv_cache_scheme=dict(num_bits=8, type="float")),
-                 CFG + "has a kv_cache_scheme .*weight-only"),
+                 CFG + r"has a kv_cache_scheme \(static per tensor\) but \['model.safetensors'\] "
+                       "hold no '<attention>.k_scale'"),
     "tensor-strategy": (_weights(strategy="tensor", group_size=None),
                         CFG + "config group 'group_0' has weight strategy 'tensor'"),
     "bad-regex": (lambda qc: qc["ignore"].append("re:(("),

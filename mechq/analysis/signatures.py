@@ -85,6 +85,8 @@ def weight_signatures(model: HookedTransformer, variant: Variant) -> pd.DataFram
     for module in layout.modules(model.cfg):
         if module not in variant.modules:  # kept in full precision by the variant's rules
             continue
+        if not isinstance(variant.modules[module], PackedLinear):  # FP8: no integer grid
+            continue
         mine = [s for s in sites if s.module == module]
         p = variant.modules[module]
         rows.append(dict(variant=variant.name, module=module, layer=mine[0].layer,

@@ -390,9 +390,14 @@ def load_variant(
     names modules that do not belong to it or have other shapes), and the linear modules its
     ``dynamic`` rules skip are listed in :attr:`Variant.fp_modules` (without ``model``, they come
     from mechq's metadata file when there is one). An AWQ variant carries the norms AWQ rewrote
-    (:attr:`Variant.norms`); they must all be present.
+    (:attr:`Variant.norms`); they must all be present. A compressed-tensors checkpoint that
+    quantizes input activations or the KV cache (W8A8 int8, FP8) carries that scheme as
+    :attr:`Variant.act` (:func:`mechq.quant.formats.compressed.act_scheme`: static scales placed
+    by ``model``'s layers, or by those its ``config.json`` describes), and is named
+    ``"<weights>+<scheme>"`` as :func:`~mechq.quant.variants.with_activations` names one; FP8
+    weights read from one have the method ``ct-fp8``.
     """
-    from mechq.quant.formats import METHOD_OF, read_checkpoint
+    from mechq.quant.formats import METHOD_OF, compressed, read_checkpoint
 
     ckpt = read_checkpoint(path)
     if model is not None:
@@ -413,8 +418,20 @@ def load_variant(
     else:
         fp = {m: s for m, s in _fp_modules(model, rules).items() if m not in ckpt.modules}
     norms = _awq_norms(ckpt, model) if fmt == "awq" else {}
+    scheme = None
+    if fmt == "compressed-tensors":
+        if qc["format"] == compressed.FLOAT_QUANTIZED and not meta.get("method"):
+            method = "ct-fp8"
+        inputs, kv = compressed.declared_quantizers(qc["raw"], str(path))
+        if inputs is not None or kv is not None:
+            sites = (layout.sites(model.cfg) if model is not None
+                     else compressed.config_sites(ckpt.hf_config))
+            scheme = compressed.act_scheme(ckpt, sites, name=meta.get("act"))
+    default = variant_name(method, bits, gs, sym, act, dynamic=rules)
+    if scheme is not None:
+        default = f"{default}+{scheme.name}"
     return Variant(
-        name=name or meta.get("name") or variant_name(method, bits, gs, sym, act, dynamic=rules),
+        name=name or meta.get("name") or default,
         method=method,
         bits=bits,
         group_size=gs,
@@ -425,6 +442,7 @@ def load_variant(
         dynamic=rules,
         fp_modules={m: tuple(s) for m, s in fp.items()},
         norms=norms,
+        act=scheme,
     )
 
 

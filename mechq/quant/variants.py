@@ -57,7 +57,7 @@ class Variant:
     group_size: int
     sym: bool
     desc_act: bool
-    modules: dict[str, PackedLinear]
+    modules: dict[str, PackedLinear]  # or mechq.quant.fp8.Fp8Linear (FP8 weights)
     meta: dict = field(default_factory=dict)
     dynamic: dict | None = None
     fp_modules: dict[str, tuple[int, int]] = field(default_factory=dict)

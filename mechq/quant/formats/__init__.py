@@ -9,11 +9,13 @@ Its ``quant_method`` picks the reader:
 - ``"awq"`` → :func:`mechq.quant.formats.awq.load_awq_checkpoint` (GEMM layout, with the norms AWQ
   rewrote);
 - ``"compressed-tensors"`` → :func:`mechq.quant.formats.compressed.read_compressed_tensors`
-  (pack-quantized integer weights).
+  (pack-quantized integer weights; int-quantized int8 and float-quantized FP8 W8A8 weights with
+  their static activation and KV-cache scales).
 
 Every reader is mechq's own and returns a :class:`~mechq.quant.formats.common.Checkpoint` whose
-modules are :class:`~mechq.quant.packing.PackedLinear`. A config that names one format over
-tensors of another is refused with the file and tensor named.
+modules are :class:`~mechq.quant.packing.PackedLinear` (:class:`~mechq.quant.fp8.Fp8Linear` for
+FP8 weights). A config that names one format over tensors of another is refused with the file
+and tensor named.
 
 :mod:`~mechq.quant.formats.dense` is no quantized format: it puts a variant's dequantized weights
 into the model's float transformers model (:func:`~mechq.quant.formats.dense.dequantized_hf_model`).

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from mechq.quant.fp8 import Fp8Linear
 from mechq.quant.packing import PackedLinear
 
 QUANT_CONFIG_FILE = "quantize_config.json"
@@ -41,26 +42,33 @@ class Checkpoint:
     ``modules`` maps Hugging Face module names (``"model.layers.3.self_attn.q_proj"``) to their
     packed weights, each with its own bits; ``other`` holds the non-quantized tensors (the plain
     ``.weight`` of a module a ``-:`` rule skipped among them); ``hf_config`` is ``config.json``
-    when present.
+    when present. A module is a :class:`~mechq.quant.fp8.Fp8Linear` where the checkpoint holds
+    FP8 weights. ``act_scales`` maps the tensor names of stored static activation scales
+    (compressed-tensors' ``<m>.input_scale``, ``<attn>.k_scale``, ``<attn>.v_scale``) to their
+    values.
     """
 
     path: Path
     quant_config: dict[str, Any]
-    modules: dict[str, PackedLinear]
+    modules: dict[str, PackedLinear | Fp8Linear]
     other: dict[str, Tensor] = field(default_factory=dict)
     hf_config: dict[str, Any] | None = None
     architecture: str | None = None
+    act_scales: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def assemble(cls, root: Path, quant_config: dict[str, Any], modules: dict[str, PackedLinear],
-                 tensors: Mapping[str, Tensor], claimed: Iterable[str],
-                 hf_config: dict[str, Any] | None) -> Checkpoint:
+    def assemble(cls, root: Path, quant_config: dict[str, Any],
+                 modules: dict[str, PackedLinear | Fp8Linear], tensors: Mapping[str, Tensor],
+                 claimed: Iterable[str], hf_config: dict[str, Any] | None,
+                 act_scales: Mapping[str, float] | None = None) -> Checkpoint:
         """What a format's reader returns: its ``modules``, every tensor no module ``claimed``
-        as ``other``, and the architecture named by ``hf_config``."""
+        as ``other``, the architecture named by ``hf_config`` and the static activation
+        scales it read."""
         claimed = set(claimed)
         return cls(path=root, quant_config=quant_config, modules=modules,
                    other={k: v for k, v in tensors.items() if k not in claimed},
-                   hf_config=hf_config, architecture=architecture_of(hf_config))
+                   hf_config=hf_config, architecture=architecture_of(hf_config),
+                   act_scales=dict(act_scales or {}))
 
     @property
     def bits(self) -> int:

@@ -53,7 +53,27 @@ target, as compressed-tensors resolves them: exact name, then ``re:`` regex, the
 
 Which format compressed-tensors picks (``infer_module_format``): integer weight-only schemes of
 1 to 8 bits are ``"pack-quantized"``, W4A16 and **W8A16 alike**; ``"int-quantized"`` is for
-integer weights *with* quantized input activations (W8A8), ``"naive-quantized"`` the fallback.
+integer weights *with* quantized input activations (W8A8), ``"float-quantized"`` for FP8 weights
+with quantized input activations, ``"naive-quantized"`` the fallback.
+
+**W8A8: int-quantized and float-quantized.** (``compressors/naive_quantized/base.py``,
+``quantization/lifecycle/initialize.py``, ``quantization/utils/helpers.py``.) A module ``<m>``
+stores ``<m>.weight`` ``(out, in)``, the codes themselves, unpacked: ``int8`` ``q = round(clamp(W /
+s, -128, 127))`` (int-quantized) or ``float8_e4m3fn`` ``c = fp8(clamp(W / s, -448, 448))``
+(float-quantized); ``<m>.weight_scale`` ``(out, 1)`` (strategy ``"channel"``) or ``(1,)``
+(``"tensor"``), in the dtype it was computed in; no zero point (symmetric). It dequantizes as
+above: ``q`` (or ``c``) cast to the scale's dtype, exactly, times ``s``, rounded once. The config
+group's ``input_activations`` (``{num_bits, type "int" | "float", symmetric, strategy "token" |
+"tensor", dynamic}``) says how the module's *input* is quantized at run time: ``dynamic`` per
+token (one scale per token, computed on the fly; nothing stored) or static per tensor, whose
+scale ``<m>.input_scale`` ``(1,)`` is stored with the module. Each linear module holds its own
+``input_scale``, also where several read the same tensor (q/k/v, gate/up).
+
+**KV cache.** ``kv_cache_scheme`` (top level; the same fields) quantizes the keys and values the
+attention caches, after the rotary embedding: static per-tensor scales ``<attn>.k_scale`` and
+``<attn>.v_scale`` ``(1,)`` on each attention module (the parent of ``k_proj`` / ``c_attn``).
+compressed-tensors itself attaches them to modules named ``self_attn`` / ``attention`` only; vLLM
+loads them by that name.
 
 mechq's side:
 
@@ -72,6 +92,34 @@ mechq's side:
   their stored dtype), without importing compressed-tensors. float16 scales dequantize exactly as
   compressed-tensors does; bfloat16 scales exactly in float32 (compressed-tensors' result is that
   rounded to bfloat16); float32 scales identically.
+- It reads int-quantized (8-bit symmetric integer weights, per channel or per tensor) into
+  8-bit per-channel ``PackedLinear`` modules (codes ``q + 128``, zero point 128, one group; a
+  per-tensor scale repeated per row) and float-quantized (FP8 e4m3, per channel or tensor) into
+  :class:`~mechq.quant.fp8.Fp8Linear` modules, both dequantizing exactly as compressed-tensors
+  does. Their input activations (8-bit ``int`` or ``float``; dynamic per token, symmetric or not,
+  or static per tensor, symmetric) and a ``kv_cache_scheme`` (static, per tensor, 8-bit,
+  symmetric; also next to pack-quantized weights) become one
+  :class:`~mechq.quant.activation_quant.ActScheme` (:func:`act_scheme`, which
+  :func:`mechq.load_variant` puts on the variant as ``Variant.act``). Static scales map onto
+  mechq's sites per layer: ``attn_in`` / ``mlp_in`` feed several modules (q, k, v / gate, up),
+  each with its own ``input_scale``, and take the **largest** of them, the one scale a fused
+  kernel that quantizes the shared input once must use (it clips none of the modules' ranges);
+  ``o_in`` and ``down_in`` take their module's, ``k_cache`` / ``v_cache`` the attention's
+  ``k_scale`` / ``v_scale``. What mechq cannot apply is refused with
+  :class:`~mechq.quant.activation_quant.SchemeError` naming the config field (activations other
+  than 8 bits, asymmetric static scales, per-group / per-head / dynamic per-tensor strategies,
+  config groups that declare different input activations, a module the scheme would quantize
+  that the checkpoint leaves unquantized); a missing ``input_scale``, ``k_scale`` or
+  ``v_scale`` is a :class:`~mechq.quant.formats.common.CheckpointError` naming the tensor.
+- :func:`write_compressed_tensors` also writes a variant of 8-bit per-channel symmetric integer
+  weights with an ``int`` input scheme (``Variant.act``) as int-quantized, and one of
+  ``Fp8Linear`` weights (:func:`~mechq.quant.fp8.quantize_fp8_weights`) with an ``fp8`` input
+  scheme as float-quantized, with compressed-tensors' ``IntQuantizationCompressor`` /
+  ``FloatQuantizationCompressor`` (codes checked against the variant's, scales kept in their
+  dtype), plus the scheme's static scales (float32 ``(1,)``; mechq's fake quantizer computes in
+  float32 anyway, so a scale read back acts identically) and, when the scheme quantizes the
+  cache statically per tensor, ``kv_cache_scheme`` with ``k_scale`` / ``v_scale``. A static
+  site's scale is written to every module it feeds, so reading it back gives the same scale.
 
 Who else reads what mechq writes (transformers 5 with compressed-tensors 0.20, checked in
 ``tests/test_compressed.py``): ``AutoModelForCausalLM.from_pretrained`` loads a symmetric
@@ -85,10 +133,11 @@ packed (it decompresses ``Linear`` modules only), so a GPT-2 checkpoint is for m
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +145,14 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from mechq.models.families.base import Site
+from mechq.quant.activation_quant import (
+    INPUT_SITES,
+    SITE_COMPONENTS,
+    ActScheme,
+    Quantizer,
+    SchemeError,
+)
 from mechq.quant.formats.common import (
     HF_CONFIG_FILE,
     INDEX_FILE,
@@ -103,25 +160,50 @@ from mechq.quant.formats.common import (
     WEIGHTS_FILE,
     Checkpoint,
     CheckpointError,
+    architecture_of,
     check_dtypes,
     check_module_tensors,
     read_json,
     read_tensors,
     tensor_error,
 )
+from mechq.quant.fp8 import FP8_DTYPE, Fp8Linear
 from mechq.quant.packing import SCALE_DTYPES, PackedLinear, packed_length, unpack_int
 from mechq.vocab import SUPPORTED_BITS
 
 QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
+INT_QUANTIZED = "int-quantized"
+FLOAT_QUANTIZED = "float-quantized"
 MIXED = "mixed-precision"
-STRATEGIES = ("group", "channel")
-REQUIRED = ("weight_packed", "weight_scale", "weight_shape")
-OPTIONAL = ("weight_zero_point", "weight_g_idx", "bias")
+#: the formats mechq reads and writes
+FORMATS: tuple[str, ...] = (PACK_QUANTIZED, INT_QUANTIZED, FLOAT_QUANTIZED)
+#: the W8A8 formats: unpacked 8-bit codes in ``<m>.weight``
+W8_FORMATS: tuple[str, ...] = (INT_QUANTIZED, FLOAT_QUANTIZED)
+STRATEGIES = ("group", "channel")      # of pack-quantized weights
+W8_STRATEGIES = ("channel", "tensor")  # of int- / float-quantized weights
+#: the tensors of a quantized module, by format: required, and what else it may hold
+REQUIRED = {PACK_QUANTIZED: ("weight_packed", "weight_scale", "weight_shape"),
+            INT_QUANTIZED: ("weight", "weight_scale"), FLOAT_QUANTIZED: ("weight", "weight_scale")}
+OPTIONAL = {PACK_QUANTIZED: ("weight_zero_point", "weight_g_idx", "bias"),
+            INT_QUANTIZED: ("input_scale", "bias"), FLOAT_QUANTIZED: ("input_scale", "bias")}
+#: a tensor ``<m>.<marker>`` makes ``<m>`` a quantized module (unquantized ones hold ``weight``)
+MARKERS = ("weight_packed", "weight_scale", "weight_shape")
+#: the static KV-cache scales on an attention module, and the query scale mechq does not read
+KV_SCALES = ("k_scale", "v_scale")
+Q_SCALE = "q_scale"
+#: the code dtype of each W8A8 format
+CODE_DTYPES = {INT_QUANTIZED: torch.int8, FLOAT_QUANTIZED: FP8_DTYPE}
+#: compressed-tensors' ``type`` of each format's weights
+WEIGHT_TYPES = {PACK_QUANTIZED: "int", INT_QUANTIZED: "int", FLOAT_QUANTIZED: "float"}
+#: mechq's Quantizer.fmt for each compressed-tensors activation ``type``
+ACT_FORMATS = {"int": "int", "float": "fp8"}
 _SUPPORTED = (
-    f"mechq reads compressed-tensors format '{PACK_QUANTIZED}' with integer weights only "
-    f"(type 'int', num_bits {SUPPORTED_BITS}, strategy 'group' or 'channel', no activation, "
-    "KV-cache, sparsity or transform quantization)"
+    f"mechq reads compressed-tensors formats '{PACK_QUANTIZED}' (integer weights only: type "
+    f"'int', num_bits {SUPPORTED_BITS}, strategy 'group' or 'channel'), '{INT_QUANTIZED}' (8-bit "
+    f"symmetric integer weights) and '{FLOAT_QUANTIZED}' (FP8 e4m3 weights), per channel or per "
+    "tensor, with 8-bit input activations (dynamic per token or static per tensor) and an "
+    "optional static per-tensor 8-bit kv_cache_scheme; no sparsity or transforms"
 )
 
 
@@ -131,16 +213,85 @@ def _offset(bits: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# mechq's sites of a model: which module's input scale feeds which (site, layer)
+
+
+def config_sites(hf_config: Mapping[str, Any] | None) -> list[Site] | None:
+    """The quantizable sites (:func:`mechq.quant.layout.sites`) of the model a Hugging Face
+    ``config.json`` describes, built offline from the config alone (``None`` when it names no
+    architecture). Raises :class:`CheckpointError` when the config cannot be built."""
+    arch = architecture_of(dict(hf_config) if hf_config else None)
+    if arch is None:
+        return None
+    from transformers import AutoConfig
+
+    from mechq.models.families import for_architecture
+    from mechq.quant import layout
+
+    fields = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    try:
+        family = for_architecture(arch)
+        hooked = family.hooked_config(AutoConfig.for_model(**fields), device="cpu",
+                                      dtype=torch.float32)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot build the layer layout of a {arch} from its config.json "
+                              f"({e}); pass the model") from e
+    return layout.sites(hooked)
+
+
+def _model_sites(model) -> list[Site] | None:
+    """Sites of a ``HookedTransformer``, of an HF config dict, or ``None`` without either."""
+    if model is None:
+        return None
+    if isinstance(model, Mapping):
+        return config_sites(model)
+    from mechq.quant import layout
+
+    return layout.sites(model.cfg)
+
+
+def _input_site(component: str) -> str:
+    """The input site (``attn_in`` ...) that feeds a component (``q`` ...)."""
+    return next(s for s in INPUT_SITES if component in SITE_COMPONENTS[s])
+
+
+def _attention_modules(sites: Sequence[Site]) -> dict[int, str]:
+    """Per layer, the attention module holding ``k_scale`` / ``v_scale``: the parent of the
+    module the layer's keys come from (``k_proj``, GPT-2's fused ``c_attn``)."""
+    return {s.layer: s.module.rsplit(".", 1)[0] for s in sites if s.component == "k"}
+
+
+def scheme_name(inputs: Quantizer | None, kv: Quantizer | None) -> str:
+    """A scheme's name in the style of :data:`~mechq.quant.activation_quant.SCHEMES`:
+    ``A8-int-token``, ``A8-fp8-tensor+KV8-fp8-tensor``."""
+    parts = [f"{prefix}{q.bits}-{q.fmt}-{q.granularity}" + ("" if q.sym else "-asym")
+             for prefix, q in (("A", inputs), ("KV", kv)) if q is not None]
+    return "+".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
 # writing: mechq Variant -> compressed-tensors' own compressor
 
 
+def _target_format(variant) -> str:
+    """The format compressed-tensors stores ``variant`` in (its ``infer_module_format``): FP8
+    weights are float-quantized, integer weights with quantized inputs int-quantized, integer
+    weights alone (or with a KV-cache scheme only) pack-quantized."""
+    if any(isinstance(p, Fp8Linear) for p in variant.modules.values()):
+        return FLOAT_QUANTIZED
+    if variant.act is not None and variant.act.inputs is not None:
+        return INT_QUANTIZED
+    return PACK_QUANTIZED
+
+
 def _check_writable(variant, fmt: str) -> tuple[int, int, bool]:
-    """(bits, group_size, sym) of a variant this module can write, or a ValueError saying why."""
-    if fmt != PACK_QUANTIZED:
+    """(bits, group_size, sym) of a variant this module can write as ``fmt``, or a ValueError
+    saying why (a :class:`SchemeError` for its activation scheme)."""
+    if fmt not in FORMATS:
         raise ValueError(
-            f"fmt={fmt!r}: mechq writes compressed-tensors '{PACK_QUANTIZED}' only (the format "
-            "compressed-tensors itself picks for integer weight-only schemes of 1-8 bits, "
-            "W8A16 included)")
+            f"fmt={fmt!r}: mechq writes compressed-tensors {', '.join(map(repr, FORMATS))} only "
+            "(the formats compressed-tensors itself picks for integer weight-only schemes of "
+            "1-8 bits, W8A16 included, for int8 W8A8 and for FP8 W8A8)")
     why = []
     if variant.dynamic or variant.fp_modules:
         why.append("per-module 'dynamic' rules / modules kept in full precision")
@@ -150,16 +301,29 @@ def _check_writable(variant, fmt: str) -> tuple[int, int, bool]:
         why.append("norms rewritten by AWQ's folds")
     if not variant.modules:
         why.append("no quantized modules")
+    fp8 = sorted(n for n, p in variant.modules.items() if isinstance(p, Fp8Linear))
+    if fmt == FLOAT_QUANTIZED and len(fp8) < len(variant.modules):
+        why.append("integer weights ('float-quantized' holds FP8 weights only)")
+    if fmt != FLOAT_QUANTIZED and fp8:
+        why.append(f"FP8 weights (module {fp8[0]!r}; they are 'float-quantized')")
     bits = {p.bits for p in variant.modules.values()}
-    gs = -1 if variant.group_size in (-1, 0) else int(variant.group_size)
     if len(bits) > 1:
         why.append(f"mixed bits {sorted(bits)}")
     if why:
-        raise ValueError(f"Variant {variant.name!r} cannot be written as compressed-tensors: "
-                         f"{'; '.join(why)}. mechq writes uniform variants only.")
+        raise ValueError(f"Variant {variant.name!r} cannot be written as compressed-tensors "
+                         f"{fmt!r}: {'; '.join(why)}. mechq writes uniform variants only.")
+    if fmt == FLOAT_QUANTIZED:
+        _check_act(variant, fmt)
+        return 8, -1, True
     b = bits.pop()
+    gs = -1 if variant.group_size in (-1, 0) else int(variant.group_size)
     if b not in SUPPORTED_BITS:
         raise ValueError(f"Variant {variant.name!r} has bits={b}; mechq writes {SUPPORTED_BITS}")
+    if fmt == INT_QUANTIZED and (b != 8 or gs != -1 or not variant.sym):
+        raise ValueError(
+            f"Variant {variant.name!r} ({b} bits, group_size {gs}, sym={variant.sym}) cannot be "
+            f"written as '{INT_QUANTIZED}': mechq writes W8A8 there, 8-bit per-channel "
+            "symmetric weights (mechq.quantize(model, 'rtn', bits=8, group_size=-1))")
     for name, p in variant.modules.items():
         whole = p.n_groups == 1 if gs == -1 else (
             p.group_size == gs and p.in_features == gs * p.n_groups)
@@ -184,20 +348,109 @@ def _check_writable(variant, fmt: str) -> tuple[int, int, bool]:
             raise ValueError(
                 f"Variant {variant.name!r} says sym=True, but module {off[0]!r} has zero points "
                 f"other than {_offset(b)}: a symmetric compressed-tensors scheme stores none")
+    _check_act(variant, fmt)
     return b, gs, sym
 
 
-def _scheme(bits: int, group_size: int, sym: bool, actorder: bool, fmt: str):
+def _check_act(variant, fmt: str) -> None:
+    """Raise :class:`SchemeError` unless ``variant.act`` is what ``fmt`` stores: input
+    activations for the W8A8 formats only (``int`` with int-quantized, ``fp8`` with
+    float-quantized; 8 bits, dynamic per token or static per tensor) and a KV-cache scheme
+    that is static, per tensor, 8-bit and symmetric."""
+    act = variant.act
+    w8 = fmt in W8_FORMATS
+    if act is None or act.inputs is None:
+        if w8:
+            raise SchemeError(
+                f"Variant {variant.name!r} has no input-activation scheme, but '{fmt}' is W8A8: "
+                "give it one (mechq.quant.variants.with_activations), or write integer weights "
+                f"alone as '{PACK_QUANTIZED}'")
+    if act is None:
+        return
+    if act.subset is not None:
+        raise SchemeError(f"Activation scheme {act.name!r} is restricted to sites "
+                          f"{', '.join(act.subset)}; a checkpoint's scheme covers every site")
+    q = act.inputs
+    if q is not None:
+        if not w8:
+            raise SchemeError(
+                f"Variant {variant.name!r} quantizes input activations ({q.label}), but "
+                f"'{PACK_QUANTIZED}' is weight-only; mechq writes W8A8 as '{INT_QUANTIZED}' "
+                "(8-bit per-channel integer weights) or FP8 as 'float-quantized'")
+        want = ACT_FORMATS[WEIGHT_TYPES[fmt]]
+        if q.fmt != want or q.bits != 8:
+            raise SchemeError(
+                f"Activation scheme {act.name!r} quantizes inputs as {q.label}; '{fmt}' is "
+                f"written with 8-bit {want} input activations (int8 W8A8 or FP8 W8A8)")
+    k = act.kv
+    if k is not None and (k.bits != 8 or k.granularity != "tensor" or k.dynamic or not k.sym):
+        raise SchemeError(
+            f"Activation scheme {act.name!r} quantizes the KV cache as {k.label}"
+            f"{' (dynamic)' if k.dynamic else ''}; compressed-tensors' kv_cache_scheme holds "
+            "static per-tensor 8-bit symmetric scales (k_scale / v_scale, what vLLM loads)")
+
+
+def _static_scales(variant, model) -> tuple[dict[str, float], dict[str, float]]:
+    """The static scales to store: ``{module: input_scale}`` (a site's scale on every module it
+    feeds) and ``{"<attention>.k_scale": s, ...}``, placed by ``model``'s sites. Raises
+    :class:`SchemeError` when the model is needed and missing, or a scale is."""
+    act = variant.act
+    inputs_static = act is not None and act.inputs is not None and not act.inputs.dynamic
+    if not inputs_static and (act is None or act.kv is None):
+        return {}, {}
+    sites = _model_sites(model)
+    if sites is None:
+        raise SchemeError(
+            f"Variant {variant.name!r}'s activation scheme {act.name!r} has static scales; "
+            "writing them needs the model (or its config.json dict with 'architectures'), to "
+            "know which module each (site, layer) scale belongs to")
+
+    def scale(site: str, layer: int) -> float:
+        try:
+            return float(act.scales[(site, layer)])
+        except KeyError:
+            raise SchemeError(
+                f"Activation scheme {act.name!r} is static and has no scale for {site} in "
+                f"layer {layer}: calibrate it first (mechq.quant.variants.calibrated)") from None
+
+    inputs: dict[str, float] = {}
+    if inputs_static:
+        for s in sites:
+            inputs[s.module] = scale(_input_site(s.component), s.layer)
+    kv: dict[str, float] = {}
+    if act.kv is not None:
+        for layer, attn in sorted(_attention_modules(sites).items()):
+            kv[f"{attn}.k_scale"] = scale("k_cache", layer)
+            kv[f"{attn}.v_scale"] = scale("v_cache", layer)
+    return inputs, kv
+
+
+def _act_args(q: Quantizer, field: str):
+    """compressed-tensors' QuantizationArgs of one of mechq's 8-bit quantizers."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    strategy = {"token": "token", "tensor": "tensor"}.get(q.granularity)
+    if strategy is None:  # _check_act refuses these first; kept as a guard
+        raise SchemeError(f"{field}: granularity {q.granularity!r} has no compressed-tensors "
+                          "strategy here")
+    return QuantizationArgs(num_bits=q.bits, type="int" if q.fmt == "int" else "float",
+                            symmetric=q.sym, strategy=strategy, dynamic=q.dynamic)
+
+
+def _scheme(bits: int, group_size: int, sym: bool, actorder: bool, fmt: str,
+            inputs: Quantizer | None = None):
     """compressed-tensors' QuantizationScheme for the variant, checked to be ``fmt``."""
     from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = QuantizationArgs(
-        num_bits=bits, type="int", symmetric=sym,
+        num_bits=bits, type=WEIGHT_TYPES[fmt], symmetric=sym,
         strategy="channel" if group_size == -1 else "group",
         group_size=None if group_size == -1 else group_size,
         actorder="weight" if actorder else None)
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights, format=fmt)
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=weights, format=fmt,
+        input_activations=None if inputs is None else _act_args(inputs, "input_activations"))
     inferred = infer_module_format(torch.nn.Linear, scheme).value
     if inferred != fmt:  # compressed-tensors would store this scheme in another format
         raise ValueError(f"compressed-tensors stores this scheme as {inferred!r}, not {fmt!r}")
@@ -205,7 +458,8 @@ def _scheme(bits: int, group_size: int, sym: bool, actorder: bool, fmt: str):
 
 
 def _compress_module(name: str, p: PackedLinear, scheme, compressor) -> dict[str, Tensor]:
-    """One module through compressed-tensors' compressor; returns its local tensors.
+    """One pack-quantized module through compressed-tensors' compressor; returns its local
+    tensors.
 
     The compressor quantizes a float weight with the given scale and zero point. It gets the
     variant's own grid point ``(q - z) * s`` in float32, which is exact for float16 and bfloat16
@@ -228,6 +482,37 @@ def _compress_module(name: str, p: PackedLinear, scheme, compressor) -> dict[str
     if same and "weight_zero_point" in out:
         same = torch.equal(unpack_int(out["weight_zero_point"], bits, 0, p.out_features)
                            .to(torch.int64), zeros + off)
+    if not same:
+        raise RuntimeError(f"compressed-tensors' compressor did not reproduce the codes of "
+                           f"{name!r}; refusing to write a checkpoint that differs from the "
+                           "variant")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _compress_w8(name: str, p: PackedLinear | Fp8Linear, scheme, compressor
+                 ) -> dict[str, Tensor]:
+    """One int- or float-quantized module through compressed-tensors' compressor: ``weight``
+    (int8 or float8_e4m3fn codes) and ``weight_scale`` ``(out, 1)`` in the scales' dtype.
+
+    The compressor gets the variant's grid point ``code * s`` in float32: exact for float16 and
+    bfloat16 scales (an 8-bit integer or a 4-bit FP8 significand times at most 11 bits), so
+    ``W / s`` is the code again; with float32 scales the product rounds by at most 2**-24
+    relative, far below the half step (of an integer, or of FP8's 3-bit mantissa) that would
+    change a code. The result is checked code for code (FP8 by bit pattern)."""
+    if isinstance(p, Fp8Linear):
+        codes, scales = p.qweight, p.scales[:, None].contiguous()
+        weight = codes.to(torch.float32) * scales.to(torch.float32)
+    else:
+        codes = p.codes().T.to(torch.int64) - _offset(8)     # (out, in), signed
+        scales = p.scales.T.contiguous()                     # (out, 1), stored dtype
+        weight = codes.to(torch.float32) * scales.to(torch.float32)
+    out = compressor.compress({"weight": weight, "weight_scale": scales}, scheme)
+    got = out["weight"]
+    if isinstance(p, Fp8Linear):
+        same = got.dtype == FP8_DTYPE and torch.equal(got.view(torch.uint8),
+                                                      codes.view(torch.uint8))
+    else:
+        same = got.dtype == torch.int8 and torch.equal(got.to(torch.int64), codes)
     if not same:
         raise RuntimeError(f"compressed-tensors' compressor did not reproduce the codes of "
                            f"{name!r}; refusing to write a checkpoint that differs from the "
@@ -263,32 +548,47 @@ def _model_files(model, variant) -> tuple[dict[str, Any] | None, dict[str, Tenso
     return hf_config, other, [m for m in shapes if m not in variant.modules]
 
 
+def _scale_tensor(value: float) -> Tensor:
+    """A static activation scale as stored: float32 ``(1,)``."""
+    return torch.tensor([value], dtype=torch.float32)
+
+
 def write_compressed_tensors(
     variant,
     out_dir: str | os.PathLike,
     model=None,
-    fmt: str = PACK_QUANTIZED,
+    fmt: str | None = None,
 ) -> Path:
     """Write ``variant`` as a compressed-tensors checkpoint with compressed-tensors' compressor.
 
+    ``fmt``: ``None`` (default) takes the format compressed-tensors would pick
+    (``pack-quantized`` for integer weights alone or with a KV-cache scheme only,
+    ``int-quantized`` for integer weights with input activations, ``float-quantized`` for
+    :class:`~mechq.quant.fp8.Fp8Linear` weights), or one of :data:`FORMATS`, checked.
     ``model``: the ``HookedTransformer`` the variant was made from (mechq.load_model): its
     Hugging Face ``config.json`` and every tensor that is not a quantized weight (embeddings,
     norms, biases, an untied ``lm_head``) are copied from its source directory, so the folder is a
     whole model; or an HF config dict (only the packed tensors are written, plus each module's
     bias when the variant holds one); or ``None`` (packed tensors and a ``config.json`` that
-    holds only the ``quantization_config``).
+    holds only the ``quantization_config``). Static activation or KV-cache scales need the model
+    or a config dict naming its architecture (which module feeds which site).
 
     Files: ``model.safetensors`` (layout in the module docstring), ``config.json`` (its
     ``quantization_config`` built from compressed-tensors' ``QuantizationConfig`` and written by
-    its ``ModelCompressor.update_config``: one config group ``group_0`` targeting ``Linear``,
-    ``ignore`` ``lm_head`` and any linear module the variant leaves out) and
-    ``mechq_variant.json`` (the variant's name and method, for :func:`mechq.load_variant`).
+    its ``ModelCompressor.update_config``: one config group ``group_0`` targeting ``Linear``
+    with the variant's ``input_activations``, ``kv_cache_scheme`` when ``variant.act``
+    quantizes the cache, ``ignore`` ``lm_head`` and any linear module the variant leaves out)
+    and ``mechq_variant.json`` (the variant's name, method and activation scheme's name, for
+    :func:`mechq.load_variant`).
     A variant made with ``desc_act`` but contiguous groups is written with ``actorder="weight"``.
     Raises ValueError for variants it cannot write (see :func:`_check_writable`): mixed bits,
     ``dynamic`` rules, low-rank factors, AWQ norms, act-order ``g_idx``, partial groups, bits
-    outside :data:`~mechq.vocab.SUPPORTED_BITS`, a ``fmt`` other than ``"pack-quantized"``.
-    Needs the ``compressed-tensors`` package (``pip install mechq[ct]``). Returns ``out_dir``.
+    outside :data:`~mechq.vocab.SUPPORTED_BITS`, an unknown ``fmt``, weights of another format;
+    :class:`SchemeError` (a ValueError) for an activation scheme the format does not hold or a
+    static scale missing. Needs the ``compressed-tensors`` package (``pip install mechq[ct]``).
+    Returns ``out_dir``.
     """
+    fmt = fmt or _target_format(variant)
     bits, group_size, sym = _check_writable(variant, fmt)
     try:
         from compressed_tensors.compressors import BaseCompressor, ModelCompressor
@@ -298,14 +598,21 @@ def write_compressed_tensors(
                           "package: pip install 'mechq[ct]'") from e
 
     root = Path(out_dir)
+    input_scales, kv_scales = _static_scales(variant, model)
     hf_config, tensors, unquantized = _model_files(model, variant)
-    scheme = _scheme(bits, group_size, sym, bool(variant.desc_act), fmt)
+    act = variant.act
+    scheme = _scheme(bits, group_size, sym, bool(variant.desc_act), fmt,
+                     inputs=act.inputs if act is not None else None)
     compressor = BaseCompressor.get_value_from_registry(fmt)
+    compress = _compress_module if fmt == PACK_QUANTIZED else _compress_w8
     for name, p in variant.modules.items():
-        for part, t in _compress_module(name, p.to("cpu"), scheme, compressor).items():
+        for part, t in compress(name, p.to("cpu"), scheme, compressor).items():
             tensors[f"{name}.{part}"] = t
         if p.bias is not None and f"{name}.bias" not in tensors:
             tensors[f"{name}.bias"] = p.bias.detach().cpu()
+        if name in input_scales:
+            tensors[f"{name}.input_scale"] = _scale_tensor(input_scales[name])
+    tensors.update({k: _scale_tensor(v) for k, v in kv_scales.items()})
 
     root.mkdir(parents=True, exist_ok=True)
     stale = sorted(p.name for p in root.glob("*.safetensors") if p.name != WEIGHTS_FILE)
@@ -317,12 +624,14 @@ def write_compressed_tensors(
               metadata={"format": "pt"})
     os.replace(tmp, root / WEIGHTS_FILE)
     (root / HF_CONFIG_FILE).write_text(json.dumps(hf_config or {}, indent=2) + "\n")
+    kv_args = None if act is None or act.kv is None else _act_args(act.kv, "kv_cache_scheme")
     qconfig = QuantizationConfig(
         config_groups={"group_0": scheme}, format=fmt, ignore=["lm_head", *unquantized],
-        quantization_status=QuantizationStatus.COMPRESSED)
+        kv_cache_scheme=kv_args, quantization_status=QuantizationStatus.COMPRESSED)
     ModelCompressor(quantization_config=qconfig).update_config(str(root))
     (root / META_FILE).write_text(json.dumps(
         {"name": variant.name, "method": variant.method,
+         "act": None if act is None else act.name,
          "written_by": "mechq.quant.formats.compressed.write_compressed_tensors"}, indent=2) + "\n")
     return root
 
@@ -331,23 +640,105 @@ def write_compressed_tensors(
 # reading: mechq's own reader (safetensors + json; no compressed-tensors import)
 
 
+def _act_quantizer(args: Any, field: str, where: str, *, kv: bool) -> Quantizer:
+    """mechq's :class:`Quantizer` for compressed-tensors' activation args ``field``
+    (``input_activations`` or ``kv_cache_scheme``); :class:`SchemeError` naming the field for
+    what mechq cannot apply: other than 8 bits, an unknown type, a strategy other than dynamic
+    ``token`` or static ``tensor`` (the KV cache: static ``tensor`` only), asymmetric static
+    scales or asymmetric FP8 / KV cache."""
+    if not isinstance(args, Mapping):
+        raise SchemeError(f"{where}: {field} is {type(args).__name__}, expected an object of "
+                          "quantization args")
+    typ = str(args.get("type", "int")).lower()
+    if typ not in ACT_FORMATS:
+        raise SchemeError(f"{where}: {field}.type is {typ!r}; mechq reads 'int' or 'float' "
+                          "(FP8 e4m3) activations")
+    bits = args.get("num_bits", 8)
+    if bits != 8:
+        raise SchemeError(f"{where}: {field}.num_bits is {bits}; mechq reads 8-bit activations "
+                          "(int8 W8A8 or FP8), the ones vLLM runs from these formats")
+    dynamic = args.get("dynamic", False)
+    if dynamic not in (True, False):
+        raise SchemeError(f"{where}: {field}.dynamic is {dynamic!r}; mechq reads true (scales "
+                          "computed at run time) or false (stored scales)")
+    strategy = args.get("strategy") or ("tensor" if args.get("group_size") is None else "group")
+    allowed = {"tensor": False} if kv else {"token": True, "tensor": False}
+    if strategy not in allowed:
+        raise SchemeError(
+            f"{where}: {field}.strategy is {strategy!r}; mechq reads "
+            + ("static per-tensor KV-cache scales ('tensor', dynamic false)" if kv else
+               "'token' (dynamic) or 'tensor' (static) input activations"))
+    if bool(dynamic) != allowed[strategy]:
+        raise SchemeError(
+            f"{where}: {field}.dynamic is {str(dynamic).lower()} with strategy {strategy!r}; "
+            + ("a per-token scale is computed at run time (dynamic true)" if strategy == "token"
+               else "mechq's per-tensor activation scales are static (dynamic false): a dynamic "
+                    "per-tensor scale would mix the prompts of a batch"))
+    sym = bool(args.get("symmetric", True))
+    if not sym and (kv or typ == "float" or not dynamic):
+        raise SchemeError(
+            f"{where}: {field}.symmetric is false; mechq reads asymmetric activations only as "
+            "dynamic per-token int8 (static scales have no zero point here, FP8 and the KV "
+            "cache are symmetric)")
+    return Quantizer(ACT_FORMATS[typ], 8, strategy, dynamic=bool(dynamic), sym=sym)
+
+
+def _w8_args(where: str, w: Mapping[str, Any], fmt: str) -> dict[str, Any]:
+    """The weight settings of an int- or float-quantized group (8 bits, symmetric, per channel
+    or per tensor); :class:`CheckpointError` naming the field otherwise."""
+    want = WEIGHT_TYPES[fmt]
+    typ = str(w.get("type", "int")).lower()
+    if typ != want:
+        raise CheckpointError(f"{where} is '{fmt}' but has weights of type {typ!r}; '{fmt}' "
+                              f"holds type {want!r} weights")
+    if w.get("num_bits", 8) != 8:
+        raise CheckpointError(f"{where} has weights.num_bits={w.get('num_bits')}; mechq reads "
+                              f"'{fmt}' with 8-bit weights (W8A8)")
+    gs = w.get("group_size")
+    strategy = w.get("strategy") or ("channel" if gs == -1 else "group" if gs else "tensor")
+    if strategy not in W8_STRATEGIES:
+        raise CheckpointError(f"{where} has weights.strategy {strategy!r}; mechq reads '{fmt}' "
+                              "weights per channel or per tensor")
+    if not w.get("symmetric", True):
+        raise CheckpointError(f"{where} has weights.symmetric false; mechq reads '{fmt}' "
+                              "weights symmetric (no weight_zero_point)")
+    if w.get("dynamic"):
+        raise CheckpointError(f"{where} has dynamic weight quantization; {_SUPPORTED}")
+    return dict(format=fmt, bits=8, group_size=-1, sym=True, strategy=strategy, actorder=None)
+
+
 def _weight_args(group: str, scheme: Any, default_fmt: str, source: str) -> dict[str, Any]:
-    """Validate one config group; return its weight settings in mechq's terms."""
+    """Validate one config group; return its weight settings in mechq's terms, and its input
+    activations as ``inputs`` (a :class:`Quantizer` or ``None``)."""
     where = f"{source}: config group {group!r}"
     if not isinstance(scheme, Mapping):
         raise CheckpointError(f"{where} is {type(scheme).__name__} (a preset name's target "
                               f"list?), expected an expanded scheme object; {_SUPPORTED}")
     fmt = str(scheme.get("format") or default_fmt)
-    if fmt != PACK_QUANTIZED:
+    if fmt not in FORMATS:
         raise CheckpointError(f"{where} has format {fmt!r}; {_SUPPORTED}")
-    for acts in ("input_activations", "output_activations"):
-        if scheme.get(acts):
+    if default_fmt and fmt != default_fmt:
+        raise CheckpointError(f"{where} has format {fmt!r}, but the config's format is "
+                              f"{default_fmt!r} (several formats make it '{MIXED}')")
+    refused = ("input_activations", "output_activations") if fmt == PACK_QUANTIZED else (
+        "output_activations",)
+    for acts in refused:
+        a = scheme.get(acts)
+        if a:
+            bits, typ = (a.get("num_bits"), a.get("type")) if isinstance(a, Mapping) else ("?",
+                                                                                         "?")
             raise CheckpointError(
-                f"{where} quantizes {acts} ({scheme[acts].get('num_bits')}-bit "
-                f"{scheme[acts].get('type')}, e.g. W8A8); mechq reads weight-only quantization")
+                f"{where} quantizes {acts} ({bits}-bit {typ}); mechq reads '{PACK_QUANTIZED}' "
+                f"as weight-only quantization (W8A8 is '{INT_QUANTIZED}' or "
+                f"'{FLOAT_QUANTIZED}'), and quantized outputs in no format")
     w = scheme.get("weights")
     if not isinstance(w, Mapping):
         raise CheckpointError(f"{where} has no 'weights' quantization; {_SUPPORTED}")
+    inputs = scheme.get("input_activations")
+    inputs = None if not inputs else _act_quantizer(inputs, "input_activations", where,
+                                                    kv=False)
+    if fmt in W8_FORMATS:
+        return dict(_w8_args(where, w, fmt), inputs=inputs)
     if str(w.get("type", "int")).lower() != "int":
         raise CheckpointError(f"{where} has weights of type {w.get('type')!r} (floating-point "
                               f"codes); {_SUPPORTED}")
@@ -369,24 +760,25 @@ def _weight_args(group: str, scheme: Any, default_fmt: str, source: str) -> dict
         raise CheckpointError(f"{where} has dynamic weight quantization; {_SUPPORTED}")
     return dict(format=fmt, bits=bits, group_size=group_size if strategy == "group" else -1,
                 sym=bool(w.get("symmetric", True)), strategy=strategy,
-                actorder=w.get("actorder"))
+                actorder=w.get("actorder"), inputs=None)
 
 
 def normalize_ct_config(raw: Mapping[str, Any], source: str) -> dict[str, dict[str, Any]]:
     """Validate a compressed-tensors ``quantization_config``; return each config group's weight
-    settings (``format``, ``bits``, ``group_size`` (-1: channel), ``sym``, ``strategy``,
-    ``actorder``). Raises :class:`CheckpointError` naming ``source`` for anything mechq cannot
-    dequantize."""
+    settings (``format``, ``bits``, ``group_size`` (-1: channel or tensor), ``sym``,
+    ``strategy``, ``actorder``, ``inputs``: its input activations as a :class:`Quantizer` or
+    ``None``). Raises :class:`CheckpointError` naming ``source`` for anything mechq cannot
+    dequantize, :class:`SchemeError` for activations or a ``kv_cache_scheme`` it cannot apply
+    (:func:`declared_quantizers` also checks that the groups agree)."""
     method = str(raw.get("quant_method") or "").lower().replace("_", "-")
     if method != QUANT_METHOD:
         raise CheckpointError(f"{source}: quant_method {method or None!r} is not "
                               f"{QUANT_METHOD!r}; {_SUPPORTED}")
     fmt = str(raw.get("format") or "")
-    if fmt not in (PACK_QUANTIZED, MIXED):
+    if fmt not in (*FORMATS, MIXED):
         raise CheckpointError(f"{source}: unsupported format {fmt or None!r}; {_SUPPORTED}")
     if raw.get("kv_cache_scheme"):
-        raise CheckpointError(f"{source}: has a kv_cache_scheme (quantized activations); "
-                              "mechq reads weight-only quantization")
+        _act_quantizer(raw["kv_cache_scheme"], "kv_cache_scheme", source, kv=True)
     sparsity = raw.get("sparsity_config") or {}
     if isinstance(sparsity, Mapping) and sparsity.get("format") not in (None, "dense"):
         raise CheckpointError(f"{source}: sparsity_config format {sparsity['format']!r} is not "
@@ -410,6 +802,34 @@ def normalize_ct_config(raw: Mapping[str, Any], source: str) -> dict[str, dict[s
                 raise CheckpointError(f"{source}: target / ignore entry {t!r} is not a regex "
                                       f"({e})") from None
     return settings
+
+
+def declared_quantizers(raw: Mapping[str, Any], source: str
+                        ) -> tuple[Quantizer | None, Quantizer | None]:
+    """``(inputs, kv)``: the input-activation and KV-cache quantizers a compressed-tensors
+    ``quantization_config`` declares (``None``: not quantized). mechq applies one input scheme
+    to every linear module, so config groups that declare different ``input_activations``
+    (one of them none) raise :class:`SchemeError` naming them."""
+    return _declared(normalize_ct_config(raw, source), raw, source)
+
+
+def _declared(settings: Mapping[str, Mapping[str, Any]], raw: Mapping[str, Any], source: str
+              ) -> tuple[Quantizer | None, Quantizer | None]:
+    """:func:`declared_quantizers` from the config groups' settings already validated."""
+    declared = {g: s["inputs"] for g, s in settings.items()}
+    first = next(iter(declared))
+    other = next((g for g, q in declared.items() if q != declared[first]), None)
+    if other is not None:
+        def show(q):
+            return "none" if q is None else q.label + ("" if q.dynamic else " (static)")
+
+        raise SchemeError(
+            f"{source}: config groups {first!r} and {other!r} declare different "
+            f"input_activations ({show(declared[first])} vs {show(declared[other])}); mechq "
+            "applies one activation scheme to every linear module")
+    kv = raw.get("kv_cache_scheme")
+    return declared[first], (None if not kv else
+                             _act_quantizer(kv, "kv_cache_scheme", source, kv=True))
 
 
 def _match(name: str, target: str) -> bool:
@@ -436,7 +856,8 @@ def _group_of(name: str, raw: Mapping[str, Any]) -> str | None:
 
 def _build(name: str, t: dict[str, Tensor], origin: dict[str, str], cfg: Mapping[str, Any]
            ) -> PackedLinear:
-    """One module's tensors -> a PackedLinear (GPTQ layout, v2 zero points), validated."""
+    """One pack-quantized module's tensors -> a PackedLinear (GPTQ layout, v2 zero points),
+    validated."""
     err = tensor_error(name, origin)
     bits, gs = cfg["bits"], cfg["group_size"]
     shape = t["weight_shape"]
@@ -490,21 +911,99 @@ def _build(name: str, t: dict[str, Tensor], origin: dict[str, str], cfg: Mapping
         bias=t.get("bias"), scale_dtype=t["weight_scale"].dtype)
 
 
+def _scalar_scale(t: Tensor, err, part: str) -> float:
+    """A stored static scale (one positive finite float) as a Python float."""
+    if not t.is_floating_point() or t.numel() != 1:
+        raise err(part, f"is {tuple(t.shape)} {t.dtype}, expected one floating-point scale")
+    value = float(t.reshape(()))
+    if not (math.isfinite(value) and value > 0):
+        raise err(part, f"is {value}; a scale must be positive and finite")
+    return value
+
+
+def _build_w8(name: str, t: dict[str, Tensor], origin: dict[str, str], cfg: Mapping[str, Any]
+              ) -> PackedLinear | Fp8Linear:
+    """One int- or float-quantized module's tensors -> an 8-bit per-channel PackedLinear (codes
+    ``q + 128``, zero point 128) or an :class:`Fp8Linear`, validated; a per-tensor scale is
+    repeated per row."""
+    err = tensor_error(name, origin)
+    fmt = cfg["format"]
+    code_dtype = CODE_DTYPES[fmt]
+    check_dtypes(t, err, ("weight",), (code_dtype,), f"{code_dtype} ('{fmt}' codes)")
+    check_dtypes(t, err, ("weight_scale",), SCALE_DTYPES,
+                 f"one of {', '.join(map(str, SCALE_DTYPES))}")
+    w, s = t["weight"], t["weight_scale"]
+    if w.ndim != 2:
+        raise err("weight", f"has shape {tuple(w.shape)}, expected (out_features, in_features)")
+    n_out, n_in = w.shape
+    per_tensor = cfg["strategy"] == "tensor"
+    if (s.numel() != 1) if per_tensor else (tuple(s.shape) != (n_out, 1)):
+        want = "one scale" if per_tensor else str((n_out, 1))
+        raise err("weight_scale", f"has shape {tuple(s.shape)}, expected {want} for weight "
+                                  f"{(n_out, n_in)}, {cfg['strategy']} strategy")
+    if "bias" in t and (tuple(t["bias"].shape) != (n_out,) or not t["bias"].is_floating_point()):
+        raise err("bias", f"is {tuple(t['bias'].shape)} {t['bias'].dtype}, expected a "
+                          f"floating-point ({n_out},)")
+    rows = s.reshape(-1).expand(n_out).contiguous()                  # (out,), stored dtype
+    if fmt == FLOAT_QUANTIZED:
+        return Fp8Linear(w.contiguous(), rows, t.get("bias"))
+    codes = w.to(torch.int32).T + _offset(8)                         # (in, out), q + 128
+    zeros = torch.full((1, n_out), _offset(8), dtype=torch.int32)
+    return PackedLinear.from_codes(
+        codes, zeros, rows[None, :], torch.zeros(n_in, dtype=torch.int32), 8, -1,
+        zero_offset=0, bias=t.get("bias"), scale_dtype=s.dtype)
+
+
+def _kv_scales(tensors: Mapping[str, Tensor], origin: Mapping[str, str], raw: Mapping[str, Any],
+               source: str) -> dict[str, float]:
+    """The checkpoint's ``<attn>.k_scale`` / ``<attn>.v_scale``, validated: both of each
+    attention module, a ``kv_cache_scheme`` declaring them, and no ``q_scale``."""
+    found = [k for k in tensors if k.rsplit(".", 1)[-1] in KV_SCALES]
+    q = next((k for k in tensors if k.rsplit(".", 1)[-1] == Q_SCALE), None)
+    if q is not None:
+        raise CheckpointError(f"{origin[q]}: tensor '{q}' quantizes the attention's queries; "
+                              "mechq reads KV-cache quantization only")
+    if not raw.get("kv_cache_scheme"):
+        if found:
+            raise CheckpointError(f"{origin[found[0]]}: tensor '{found[0]}' is a KV-cache scale, "
+                                  f"but {source} has no kv_cache_scheme")
+        return {}
+    if not found:
+        files = sorted({Path(f).name for f in origin.values()})
+        raise CheckpointError(f"{source}: has a kv_cache_scheme (static per tensor) but "
+                              f"{files} hold no '<attention>.k_scale' / '.v_scale' tensors")
+    out = {}
+    for k in sorted(found):
+        module, part = k.rsplit(".", 1)
+        twin = f"{module}.{'v_scale' if part == 'k_scale' else 'k_scale'}"
+        if twin not in tensors:
+            raise CheckpointError(f"{origin[k]}: attention module '{module}' has '{k}' but no "
+                                  f"'{twin}'")
+        out[k] = _scalar_scale(tensors[k], tensor_error(module, origin), part)
+    return out
+
+
 def read_compressed_tensors(path: str | os.PathLike) -> Checkpoint:
     """Read a compressed-tensors checkpoint directory with mechq's own reader.
 
-    Every module with a ``weight_packed`` becomes a :class:`PackedLinear` (codes and zero points
-    repacked in the GPTQ layout, ``zero_offset`` 0, scales in their stored dtype, its ``bias``
-    attached), with the settings of the config group that targets it. ``quant_config`` holds
-    ``quant_method`` ``"compressed-tensors"``, ``format`` (= ``checkpoint_format``), the settings
-    of the group covering most modules (``bits``, ``group_size`` (-1 for channel), ``sym``,
+    Every pack-quantized module (one with a ``weight_packed``) becomes a :class:`PackedLinear`
+    (codes and zero points repacked in the GPTQ layout, ``zero_offset`` 0, scales in their
+    stored dtype, its ``bias`` attached), every int-quantized one an 8-bit per-channel
+    ``PackedLinear`` and every float-quantized one an :class:`~mechq.quant.fp8.Fp8Linear`, with
+    the settings of the config group that targets it. ``quant_config`` holds ``quant_method``
+    ``"compressed-tensors"``, ``format`` (= ``checkpoint_format``), the settings of the group
+    covering most modules (``bits``, ``group_size`` (-1 for channel or tensor), ``sym``,
     ``strategy``, ``actorder``, ``desc_act``: True when the config sets an ``actorder`` or a
     module has a ``weight_g_idx`` in use), ``version`` and the raw config under ``"raw"``; each
-    module keeps its own bits. Raises :class:`CheckpointError` naming the file (and tensor) for
-    a format other than pack-quantized integers, bits outside
-    :data:`~mechq.vocab.SUPPORTED_BITS`, quantized activations (W8A8, KV cache), sparsity or
-    transforms, a module with a missing, unexpected, mistyped or misshapen tensor, one that no
-    group targets or that the ignore list names, or no quantized modules.
+    module keeps its own bits. The static activation scales (``<m>.input_scale``,
+    ``<attn>.k_scale``, ``<attn>.v_scale``) go to ``Checkpoint.act_scales`` by tensor name;
+    :func:`act_scheme` turns them and the config into mechq's activation scheme.
+    Raises :class:`CheckpointError` naming the file (and tensor) for a format mechq does not
+    read, bits outside :data:`~mechq.vocab.SUPPORTED_BITS`, sparsity or transforms, a module
+    with a missing, unexpected, mistyped or misshapen tensor (``input_scale`` for static input
+    activations included), one that no group targets or that the ignore list names, KV-cache
+    scales without a ``kv_cache_scheme`` or the reverse, or no quantized modules; and
+    :class:`SchemeError` for activations mechq cannot apply (:func:`declared_quantizers`).
     """
     root = Path(path)
     if not root.is_dir():
@@ -519,50 +1018,140 @@ def read_compressed_tensors(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{hf_path}: no 'quantization_config' entry")
     source = f"{hf_path} (quantization_config)"
     groups = normalize_ct_config(raw, source)
+    inputs, _ = _declared(groups, raw, source)
     ignore = [str(i) for i in raw.get("ignore") or []]
 
     tensors, origin = read_tensors(root)
-    names = sorted({k.rsplit(".", 1)[0] for k in tensors
-                    if "." in k and k.rsplit(".", 1)[1] in REQUIRED})
-    modules: dict[str, PackedLinear] = {}
+    codes = tuple(CODE_DTYPES.values())  # an unpacked int8 / FP8 weight marks a module too
+    names = sorted({k.rsplit(".", 1)[0] for k, v in tensors.items()
+                    if "." in k and (k.rsplit(".", 1)[1] in MARKERS
+                                     or (k.endswith(".weight") and v.dtype in codes))})
+    every_part = dict.fromkeys(p for f in FORMATS for p in (*REQUIRED[f], *OPTIONAL[f]))
+    modules: dict[str, PackedLinear | Fp8Linear] = {}
     module_group: dict[str, str] = {}
+    act_scales: dict[str, float] = {}
     claimed: set[str] = set()
     for name in names:
-        parts = {p: tensors[f"{name}.{p}"] for p in (*REQUIRED, *OPTIONAL)
-                 if f"{name}.{p}" in tensors}
-        first = origin[f"{name}.{next(p for p in REQUIRED if p in parts)}"]
+        parts = {p: tensors[f"{name}.{p}"] for p in every_part if f"{name}.{p}" in tensors}
+        first = origin[f"{name}.{next(p for p in (*MARKERS, 'weight') if p in parts)}"]
+        held = "packed" if "weight_packed" in parts else "quantized"
         group = _group_of(name, raw)
         if group is None:
-            raise CheckpointError(f"{first}: module '{name}' has packed tensors, but no config "
+            raise CheckpointError(f"{first}: module '{name}' has {held} tensors, but no config "
                                   f"group of {source} targets it")
         if any(_match(name, i) for i in ignore):
-            raise CheckpointError(f"{first}: module '{name}' has packed tensors, but {source} "
+            raise CheckpointError(f"{first}: module '{name}' has {held} tensors, but {source} "
                                   "lists it under 'ignore' (unquantized)")
         cfg = groups[group]
-        need = [*REQUIRED, *([] if cfg["sym"] else ["weight_zero_point"])]
-        allowed = {*need, "weight_g_idx", "bias"}
-        kind = "symmetric" if cfg["sym"] else "asymmetric"
+        fmt = cfg["format"]
+        static = inputs is not None and not inputs.dynamic
+        need = [*REQUIRED[fmt], *([] if cfg["sym"] else ["weight_zero_point"]),
+                *(["input_scale"] if static else [])]
+        if not any(p in parts for p in need):
+            raise CheckpointError(f"{first}: module '{name}' has {sorted(parts)}, none of the "
+                                  f"tensors of a '{fmt}' module ({', '.join(need)}; config "
+                                  f"group {group!r})")
+        if fmt == PACK_QUANTIZED:
+            allowed = {*need, "weight_g_idx", "bias"}
+            kind = ("symmetric" if cfg["sym"] else "asymmetric") + f" {cfg['bits']}-bit"
+            note = f"config group {group!r} is {kind.split()[0]} weight-only"
+        else:
+            allowed = {*need, "bias"}
+            acts = "" if inputs is None else (
+                f", {'dynamic' if inputs.dynamic else 'static'} {inputs.label} inputs")
+            kind = f"{fmt} per {cfg['strategy']}{acts}"
+            note = f"config group {group!r} is {kind}"
         check_module_tensors(
             name, parts, tensors, origin, need, allowed,
-            missing_note=f" (config group {group!r}: {kind} {cfg['bits']}-bit)",
-            extra_note=f"config group {group!r} is {kind} weight-only; a module holds "
-                       f"{', '.join(sorted(allowed))}")
-        modules[name] = _build(name, parts, origin, cfg)
+            missing_note=f" (config group {group!r}: {kind})",
+            extra_note=f"{note}; a module holds {', '.join(sorted(allowed))}")
+        if fmt == PACK_QUANTIZED:
+            modules[name] = _build(name, parts, origin, cfg)
+        else:
+            modules[name] = _build_w8(name, parts, origin, cfg)
+        if static:
+            act_scales[f"{name}.input_scale"] = _scalar_scale(
+                parts["input_scale"], tensor_error(name, origin), "input_scale")
         module_group[name] = group
         claimed.update(f"{name}.{p}" for p in parts)
     if not modules:
         files = sorted({Path(f).name for f in origin.values()})
         raise CheckpointError(f"{root}: no quantized modules found in {files} (no "
-                              "'<module>.weight_packed' tensors)")
+                              "'<module>.weight_packed' or '<module>.weight_scale' tensors)")
+    kv = _kv_scales(tensors, origin, raw, source)
+    act_scales.update(kv)
+    claimed.update(kv)
 
     base = groups[Counter(module_group.values()).most_common(1)[0][0]]
-    g_idx_used = any(not torch.equal(m.g_idx, torch.arange(m.in_features, dtype=torch.int32)
-                                     // (m.in_features if m.group_size == -1 else m.group_size))
-                     for m in modules.values())
+    g_idx_used = any(isinstance(m, PackedLinear) and not torch.equal(
+        m.g_idx, torch.arange(m.in_features, dtype=torch.int32)
+        // (m.in_features if m.group_size == -1 else m.group_size)) for m in modules.values())
     quant_config = dict(
         quant_method=QUANT_METHOD, format=str(raw["format"]), checkpoint_format=str(raw["format"]),
         bits=base["bits"], group_size=base["group_size"], sym=base["sym"],
         strategy=base["strategy"], actorder=base["actorder"],
         desc_act=bool(base["actorder"]) or g_idx_used, version=raw.get("version"),
         raw=dict(raw))
-    return Checkpoint.assemble(root, quant_config, modules, tensors, claimed, hf_config)
+    return Checkpoint.assemble(root, quant_config, modules, tensors, claimed, hf_config,
+                               act_scales)
+
+
+def act_scheme(ckpt: Checkpoint, sites: Sequence[Site] | None,
+               name: str | None = None) -> ActScheme | None:
+    """The activation / KV-cache scheme a compressed-tensors checkpoint declares, as mechq's
+    :class:`~mechq.quant.activation_quant.ActScheme` (``None`` when it quantizes weights only),
+    named ``name`` or by :func:`scheme_name`.
+
+    ``sites``: the model's (:func:`mechq.quant.layout.sites`, or :func:`config_sites` of the
+    checkpoint's ``config.json``). Static scales map per layer onto mechq's sites: a site that
+    feeds several modules (``attn_in``: q, k, v; ``mlp_in``: gate, up) takes the **largest** of
+    their ``input_scale`` values, the one scale a fused kernel quantizing the shared input once
+    must use; ``o_in`` / ``down_in`` take their module's; ``k_cache`` / ``v_cache`` the layer's
+    attention's ``k_scale`` / ``v_scale`` (the parent module of its keys' linear module).
+    Raises :class:`SchemeError` when input activations are declared but a linear module of the
+    model is not quantized (mechq applies one input scheme to every module), and
+    :class:`CheckpointError` when ``sites`` is ``None`` but there are static scales to map, or a
+    layer's KV-cache scale is missing or a KV-cache scale belongs to no attention module.
+    """
+    source = f"{ckpt.path / HF_CONFIG_FILE} (quantization_config)"
+    inputs, kv = declared_quantizers(ckpt.quant_config.get("raw") or {}, source)
+    if inputs is None and kv is None:
+        return None
+    name = name or scheme_name(inputs, kv)
+    static = (inputs is not None and not inputs.dynamic) or kv is not None
+    if sites is None:
+        if static:
+            raise CheckpointError(
+                f"{ckpt.path}: activation scheme {name} has static scales, and mapping them "
+                "onto layers needs the model (or a config.json naming a supported "
+                "architecture)")
+        return ActScheme(name, inputs, kv)
+    scales: dict[tuple[str, int], float] = {}
+    if inputs is not None:
+        for s in sites:
+            if s.module not in ckpt.modules:
+                raise SchemeError(
+                    f"{ckpt.path}: module {s.module!r} is not quantized, but the checkpoint's "
+                    f"{inputs.label} input activations would quantize its input too (mechq "
+                    "applies one activation scheme to every linear module)")
+            if not inputs.dynamic:
+                key = (_input_site(s.component), s.layer)
+                value = ckpt.act_scales[f"{s.module}.input_scale"]
+                scales[key] = max(scales.get(key, 0.0), value)
+    if kv is not None:
+        attention = _attention_modules(sites)
+        for layer, attn in sorted(attention.items()):
+            for site, part in (("k_cache", "k_scale"), ("v_cache", "v_scale")):
+                key = f"{attn}.{part}"
+                if key not in ckpt.act_scales:
+                    raise CheckpointError(
+                        f"{ckpt.path}: its kv_cache_scheme needs '{key}' (layer {layer}'s "
+                        "attention), which it does not hold")
+                scales[(site, layer)] = ckpt.act_scales[key]
+        known = {f"{a}.{p}" for a in attention.values() for p in KV_SCALES}
+        stray = sorted(k for k in ckpt.act_scales if k.rsplit(".", 1)[-1] in KV_SCALES
+                       and k not in known)
+        if stray:
+            raise CheckpointError(f"{ckpt.path}: KV-cache scale '{stray[0]}' belongs to no "
+                                  "attention module of this model")
+    return ActScheme(name, inputs, kv, scales)
