@@ -9,7 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# every core, unless make test runs the notebooks beside the tests (then one thread each side)
+torch.set_num_threads(int(os.environ.get("MECHQ_TEST_THREADS") or max(1, os.cpu_count() or 1)))
 
 
 #: the cache the session's shared fixtures use, whatever a module's ``private_cache`` sets

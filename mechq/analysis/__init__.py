@@ -9,5 +9,6 @@
 - :mod:`~mechq.analysis.sensitivity`: first domino, single layers, components, injection (§4.3);
 - :mod:`~mechq.analysis.cliff`: the performance cliff across bit widths (Fig. 1);
 - :mod:`~mechq.analysis.signatures`: per-module weight signatures (no forward pass);
-- :mod:`~mechq.analysis.fisher`: every module's estimated KL increase at every width (Fisher).
+- :mod:`~mechq.analysis.fisher`: every module's estimated KL increase at every width (Fisher);
+- :mod:`~mechq.analysis.outliers`: massive activations, outlier channels, what a scheme destroys.
 """

@@ -46,7 +46,7 @@ from mechq.quant.rtn import rtn_quantize_weight
 from mechq.quant.variants import Variant, calibrated
 
 #: the migration strengths tried per layer and mapping, besides no smoothing
-ALPHAS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+ALPHAS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass(frozen=True)
