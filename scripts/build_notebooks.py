@@ -1,7 +1,7 @@
 """Write the teaching notebooks from the cell sources below, execute them, and save them with
 their outputs.
 
-    python scripts/build_notebooks.py            # rebuild, execute and write all five
+    python scripts/build_notebooks.py            # rebuild, execute and write all six
     python scripts/build_notebooks.py 03 04      # only the notebooks whose names start so
     python scripts/build_notebooks.py --check    # fast: committed notebooks = this script?
 
@@ -1073,12 +1073,186 @@ by_bits
 """),
 ]
 
+ACTIVATIONS = [
+    md("""
+# 06 — Activation quantization: from the cliff to the outlier channel behind it
+
+Deployments quantize more than weights: W8A8 rounds the *input* of every linear layer to 8 bits,
+and a quantized KV cache rounds the keys and values it stores. The paper leaves this out of its
+scope; mechq emulates it with hooks on the same `HookedTransformer`
+(`mechq.quant.activation_quant`), so every analysis of the other notebooks runs on it unchanged.
+A scheme rides on a weight variant: `mechq.with_activations(w8, mechq.scheme("A8-int-token"))`
+is W8A8 int8 per-token, and `swap` installs its hooks for the layers and components you choose.
+
+This notebook follows one failure on **SmolLM2-135M-Instruct**, down to its cause:
+
+1. the cliff across schemes: which ones break the next-token distribution;
+2. which hook: each of the worst scheme's sites quantized alone;
+3. which layer: the damage of that site, layer by layer;
+4. the outlier channel that sets the scale;
+5. what SmoothQuant's migration gives back (read from the table's results file).
+
+Weights are RTN W8 per output channel (no calibration, so nothing here moves with the CPU). KLD is
+the mean next-token KL divergence to FP (nats per token) on the shipped held-out text. Every
+statement about the results is printed by the cell that computed it.
+"""),
+    code("""
+import json
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # no progress bars drawn here
+import mechq  # noqa: E402
+from mechq.analysis import outliers as ol
+from mechq.analysis.kld import fp_reference, kld_stats
+from mechq.facts.heldout import heldout_tokens
+from mechq.quant import activation_quant as aq
+from mechq.reports import static
+
+model = mechq.load_model("smollm2-135m", device="cpu")
+ref = fp_reference(model, max_tokens=1024)        # FP's side, computed once
+text = heldout_tokens(model)[:2]                  # for the outlier statistics
+w8 = mechq.quantize(model, "rtn", bits=8, group_size=-1)
+print(w8)
+"""),
+    md("""
+## 1. The cliff across schemes
+
+Each row is W8 weights plus one scheme; `KV8` / `KV4` keep FP weights and quantize only the
+cache. Static (per-tensor) scales are calibrated on the bundled calibration text
+(`mechq.calibrated`), never on the held-out text measured here.
+"""),
+    code("""
+schemes = ["A8-int-token", "A8-fp8-token", "A8-int-tensor", "A4-int-token"]
+runs = [w8] + [mechq.calibrated(model, mechq.with_activations(w8, mechq.scheme(s))) for s in schemes]
+runs += [mechq.with_activations(None, mechq.scheme(s), model) for s in ("KV8-int-head", "KV4-int-head")]
+cliff = kld_stats(model, runs, reference=ref, progress=False)
+cliff[["variant", "kld_mean", "kld_p99", "same_top1", "dp_mean"]].round(3)
+"""),
+    code("""
+k = cliff.set_index("variant")["kld_mean"]
+tensor, token = k[f"{w8.name}+A8-int-tensor"], k[f"{w8.name}+A8-int-token"]
+print(f"W8A8 with one int8 scale per tensor: KLD {tensor:.3f}, {tensor / token:.1f}x the per-token "
+      f"scheme's {token:.3f} and {tensor / k[w8.name]:.0f}x the weights alone ({k[w8.name]:.4f}).")
+print(f"The worst scheme here is {k.idxmax()} (KLD {k.max():.2f}); the mildest is "
+      f"{k.drop(w8.name).idxmin()} (KLD {k.drop(w8.name).min():.4f}).")
+"""),
+    md("""
+## 2. Which hook: each site of W8A8 per-tensor alone
+
+`ActScheme.only(site)` keeps the scheme on one kind of hook in every layer: `attn_in` (the normed
+residual into q/k/v), `o_in` (the heads' output into O), `mlp_in` (into gate/up) and `down_in`
+(the MLP's hidden state into down). The KLD of each, with the rest in full precision, says which
+rounding costs the most.
+"""),
+    code("""
+from dataclasses import replace
+
+a8t = runs[1 + schemes.index("A8-int-tensor")]
+alone = [replace(a8t, act=a8t.act.only(site), name=site) for site in a8t.act.sites]
+by_site = kld_stats(model, alone, reference=ref, progress=False)[["variant", "kld_mean", "same_top1"]]
+by_site = by_site.rename(columns={"variant": "site"})
+worst = by_site.sort_values("kld_mean").iloc[-1]
+static.show(px.bar(by_site, x="site", y="kld_mean", title="KLD with one site quantized (int8 per tensor)"),
+            height=380)
+"""),
+    code("""
+print(f"Quantizing {worst.site} alone costs KLD {worst.kld_mean:.3f}, "
+      f"{worst.kld_mean / by_site.kld_mean.drop(worst.name).max():.1f}x the next site; all four "
+      f"together cost {tensor:.3f}.")
+"""),
+    md("""
+## 3. Which layer: the damage of that site, layer by layer
+
+`ol.scheme_damage` quantizes the site's FP tensor in each layer on its own and measures the
+signal-to-quantization-noise ratio (SQNR, dB) and the share of ordinary entries (outside the
+outlier channels) that round to zero ("flushed"). Then the layer with the lowest SQNR is
+quantized alone (FP weights, every other activation in full precision), against a typical layer,
+to see that the local damage is what costs KLD.
+"""),
+    code("""
+damage = ol.scheme_damage(model, a8t.act.only(worst.site), text)
+static.show(px.line(damage, x="layer", y=["sqnr_db", "flushed"], facet_row="variable", markers=True,
+                    title=f"{worst.site}: int8 per-tensor, each layer on its own").update_yaxes(matches=None),
+            height=480)
+"""),
+    code("""
+bad = int(damage.loc[damage.sqnr_db.idxmin(), "layer"])
+typical = int(damage.iloc[(damage.sqnr_db - damage.sqnr_db.median()).abs().argsort().iloc[0]]["layer"])
+site_only = mechq.with_activations(None, a8t.act.only(worst.site), model)  # FP weights, one site
+per_layer = kld_stats(model, [(f"layer {l}", {l: site_only}) for l in (bad, typical)], reference=ref,
+                      progress=False).set_index("variant")["kld_mean"]
+per_layer = {bad: per_layer[f"layer {bad}"], typical: per_layer[f"layer {typical}"]}
+d = damage.set_index("layer")
+print(f"Layer {bad} has the lowest SQNR ({d.sqnr_db[bad]:.1f} dB, {d.flushed[bad]:.0%} of ordinary "
+      f"entries flushed to zero); quantizing {worst.site} there alone costs KLD {per_layer[bad]:.3f}, "
+      f"against {per_layer[typical]:.4f} for layer {typical} ({d.sqnr_db[typical]:.1f} dB).")
+"""),
+    md("""
+## 4. The outlier channel that sets the scale
+
+One scale per tensor is `max|x| / 127`. If one channel is far larger than the others, its
+maximum sets a step that most ordinary values fall below. `ol.outlier_channels` lists the
+channels whose maximum is at least ten times the median channel's; `ol.massive_activations` the
+residual-stream entries that are both above 100 and a thousand times their layer's median
+(Sun et al., arXiv 2402.17762).
+"""),
+    code("""
+chans = ol.outlier_channels(model, text, sites=[worst.site])
+top = chans[chans.layer == bad].head(5)
+top.round(2)
+"""),
+    code("""
+u_med = float(top.amax.iloc[0] / top.ratio.iloc[0]) if len(top) else float("nan")
+if len(top):
+    c = top.iloc[0]
+    print(f"In layer {bad}, channel {int(c.channel)} of {worst.site} reaches {c.amax:.1f}, {c.ratio:.0f}x the "
+          f"median channel's maximum ({u_med:.2f}). The per-tensor step is then {c.amax / 127:.3f}: "
+          f"{c.ratio / 127:.2f} of the median channel's largest value.")
+massive = ol.massive_activations(model, text, top=1)
+m = massive[massive.massive]
+print(f"Massive activations: {len(m)} of {model.cfg.n_layers} layers, channel(s) "
+      f"{sorted(m.channel.unique().tolist())}, on token(s) {sorted(set(m.token))}, up to "
+      f"{m.value.abs().max():.0f}." if len(m) else "No massive activation in this text.")
+"""),
+    md("""
+## 5. What SmoothQuant gives back
+
+SmoothQuant divides each input channel by `s = max|X|^α / max|W|^(1−α)` and multiplies the
+weights by it, folding `1/s` into the norm before q/k/v and gate/up and into up's rows before
+down (`mechq.repair.smoothquant`), with `α` chosen per layer on calibration data. Fitting it takes
+over a minute, so this cell reads what `scripts/measure_activations.py` wrote.
+"""),
+    code("""
+res = json.loads(Path("../benchmarks/results/activations/smollm2-135m.json").read_text())
+rows = pd.DataFrame(res["rows"]).set_index("row")
+cols = ["heldout_accuracy_fp_known", "kld_mean", "same_top1", "verdict"]
+show = rows.loc[["W8A16 (weights only)", "W8A8 int8 per-tensor", "W8A8 int8 per-tensor + SmoothQuant"], cols]
+alpha = pd.read_csv("../benchmarks/results/activations/smollm2-135m-alpha.csv")
+chosen = alpha[alpha.chosen].pivot(index="layer", columns="site", values="alpha")
+show.round(3)
+"""),
+    code("""
+b, s = show.kld_mean.iloc[1], show.kld_mean.iloc[2]
+print(f"SmoothQuant cuts W8A8 per-tensor's KLD from {b:.3f} to {s:.3f} ({1 - s / b:.0%} less) and keeps "
+      f"{show.heldout_accuracy_fp_known.iloc[2]:.0%} of the held-out facts FP knows (per-tensor alone: "
+      f"{show.heldout_accuracy_fp_known.iloc[1]:.0%}); verdicts {show.verdict.iloc[1]} -> {show.verdict.iloc[2]}.")
+print("alpha chosen per site (layers):", {site: chosen[site].value_counts(dropna=False).sort_index().to_dict()
+                                         for site in chosen.columns})
+"""),
+]
+
+
 NOTEBOOKS = {
     "01_knowledge_signal.ipynb": KNOWLEDGE_SIGNAL,
     "02_components.ipynb": COMPONENTS,
     "03_causal_and_sensitivity.ipynb": CAUSAL,
     "04_diagnose_and_repair.ipynb": DIAGNOSE,
     "05_architectures.ipynb": ARCHITECTURES,
+    "06_activations.ipynb": ACTIVATIONS,
 }
 
 

@@ -115,3 +115,23 @@ def pytest_collection_modifyitems(config, items):
         if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or "test_gemma" in item.nodeid
                 or "[smol" in item.nodeid or "-smol" in item.nodeid):
             item.add_marker(pytest.mark.slow)
+
+
+def edit_checkpoint(src, dst, config=None, tensors=None):
+    """A copy of checkpoint folder ``src`` at ``dst`` with ``config(quantization_config)`` and
+    ``tensors(dict)`` applied in place: the malformed files a reader must refuse."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if config is not None:
+        hf = json.loads((dst / "config.json").read_text())
+        config(hf["quantization_config"])
+        (dst / "config.json").write_text(json.dumps(hf))
+    if tensors is not None:
+        t = load_file(dst / "model.safetensors")
+        tensors(t)
+        save_file({k: x.contiguous() for k, x in t.items()}, dst / "model.safetensors")
+    return dst

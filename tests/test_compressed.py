@@ -13,12 +13,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import mechq
 from mechq.models import load as models
@@ -27,6 +26,7 @@ from mechq.quant.formats.common import CheckpointError
 from mechq.quant.formats.compressed import read_compressed_tensors, write_compressed_tensors
 from mechq.quant.formats import detect_format
 from mechq.quant.variants import swap
+from tests.conftest import edit_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
 
@@ -125,7 +125,7 @@ def test_reader_equals_compressed_tensors_decompression(written, tmp_path, bits,
     checkpoint: the cast rounds, both readers see the same rounded scales)."""
     _, path = written(bits, group_size, sym)
     if scale_dtype != torch.float16:
-        path = _edit(path, tmp_path / "scales", tensors=lambda t: t.update(
+        path = edit_checkpoint(path, tmp_path / "scales", tensors=lambda t: t.update(
             {k: v.to(scale_dtype) for k, v in t.items() if k.endswith(".weight_scale")}))
     ck = read_compressed_tensors(path)
     theirs = ct_dequantized(path, dtype=scale_dtype)
@@ -167,7 +167,7 @@ def test_several_config_groups(written, tmp_path):
         qc["config_groups"] = {"layer0": dict(eight_scheme, targets=[r"re:transformer\.h\.0\."]),
                                "group_0": four}
 
-    path = _edit(p4, tmp_path / "mixed", config=config, tensors=tensors)
+    path = edit_checkpoint(p4, tmp_path / "mixed", config=config, tensors=tensors)
     ck = read_compressed_tensors(path)
     assert ck.module_bits == {m: 8 if m in layer0 else 4 for m in v4.modules}
     assert ck.quant_config["bits"] == 4  # the group covering most modules
@@ -192,7 +192,7 @@ def test_g_idx_of_older_checkpoints(written, tmp_path):
         t[f"{attn}.weight_g_idx"] = perm
         t[f"{M}.weight_g_idx"] = torch.full((128,), -1, dtype=torch.int32)
 
-    edited = _edit(path, tmp_path / "gidx", tensors=with_g_idx)
+    edited = edit_checkpoint(path, tmp_path / "gidx", tensors=with_g_idx)
     ck, plain = read_compressed_tensors(edited), read_compressed_tensors(path)
     assert ck.quant_config["desc_act"] and not plain.quant_config["desc_act"]
     assert torch.equal(ck.modules[M].dequantize(), plain.modules[M].dequantize())  # -1: unset
@@ -322,19 +322,6 @@ def test_writer_refuses(tiny, written, private_cache, tmp_path):
 # what the reader refuses
 
 
-def _edit(src: Path, dst: Path, config=None, tensors=None) -> Path:
-    """A copy of checkpoint ``src`` with ``config(quantization_config)`` and ``tensors(dict)``
-    applied in place."""
-    shutil.copytree(src, dst)
-    if config is not None:
-        hf = json.loads((dst / "config.json").read_text())
-        config(hf["quantization_config"])
-        (dst / "config.json").write_text(json.dumps(hf))
-    if tensors is not None:
-        t = load_file(dst / "model.safetensors")
-        tensors(t)
-        save_file({k: x.contiguous() for k, x in t.items()}, dst / "model.safetensors")
-    return dst
 
 
 def _group(qc):
@@ -392,7 +379,7 @@ BAD_CONFIGS = {
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
 def test_bad_config(written, tmp_path, case):
     edit, message = BAD_CONFIGS[case]
-    path = _edit(written(4, GS, False)[1], tmp_path / case, config=edit)
+    path = edit_checkpoint(written(4, GS, False)[1], tmp_path / case, config=edit)
     with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*" + message):
         read_compressed_tensors(path)
 
@@ -433,24 +420,24 @@ BAD_TENSORS = {
 @pytest.mark.parametrize("case", list(BAD_TENSORS))
 def test_bad_tensors(written, tmp_path, case):
     edit, message = BAD_TENSORS[case]
-    path = _edit(written(4, GS, False)[1], tmp_path / case, tensors=edit)
+    path = edit_checkpoint(written(4, GS, False)[1], tmp_path / case, tensors=edit)
     with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*" + message):
         read_compressed_tensors(path)
 
 
 def test_bad_module_targets(written, tmp_path):
     src = written(4, GS, True)[1]
-    path = _edit(src, tmp_path / "ignored", config=lambda qc: qc["ignore"].append(M))
+    path = edit_checkpoint(src, tmp_path / "ignored", config=lambda qc: qc["ignore"].append(M))
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: module '{M}' has packed "
                                               r"tensors, but .* lists it under 'ignore'"):
         read_compressed_tensors(path)
-    path = _edit(src, tmp_path / "untargeted",
+    path = edit_checkpoint(src, tmp_path / "untargeted",
                  config=lambda qc: _group(qc).update(targets=[r"re:.*\.attn\..*"]))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: module 'transformer\.h\.0\."
                                               r"mlp\.c_fc' has packed tensors, but no config "
                                               "group"):
         read_compressed_tensors(path)
-    path = _edit(src, tmp_path / "sym-zp", tensors=_set(f"{M}.weight_zero_point",
+    path = edit_checkpoint(src, tmp_path / "sym-zp", tensors=_set(f"{M}.weight_zero_point",
                                                          torch.zeros(64, 2, dtype=torch.int32)))
     with pytest.raises(CheckpointError, match=rf"unexpected tensor '{M}.weight_zero_point' .*"
                                               "symmetric"):
@@ -459,7 +446,7 @@ def test_bad_module_targets(written, tmp_path):
 
 def test_old_three_bit_packing_is_named(written, tmp_path):
     """compressed-tensors before dense packing put 10 three-bit codes in a word."""
-    path = _edit(written(3, GS, False)[1], tmp_path / "old3", tensors=_set(
+    path = edit_checkpoint(written(3, GS, False)[1], tmp_path / "old3", tensors=_set(
         f"{M}.weight_packed", torch.zeros(512, 13, dtype=torch.int32)))
     with pytest.raises(CheckpointError, match=rf"tensor '{M}.weight_packed' has shape \(512, 13\)"
                                               r".*older 10-codes-per-word 3-bit packing"):

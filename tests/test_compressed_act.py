@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -36,6 +35,7 @@ from mechq.quant.formats.compressed import (
 from mechq.quant.fp8 import Fp8Linear, quantize_fp8_weights
 from mechq.quant.packing import PackedLinear
 from mechq.quant.variants import calibrated, swap, with_activations
+from tests.conftest import edit_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only contend
 
@@ -313,19 +313,6 @@ def test_reads_what_compressed_tensors_wrote(tmp_path, case):
 # named errors: what the reader refuses
 
 
-def _edit(src: Path, dst: Path, config=None, tensors=None) -> Path:
-    """A copy of checkpoint ``src`` with ``config(quantization_config)`` and ``tensors(dict)``
-    applied in place."""
-    shutil.copytree(src, dst)
-    if config is not None:
-        hf = json.loads((dst / "config.json").read_text())
-        config(hf["quantization_config"])
-        (dst / "config.json").write_text(json.dumps(hf))
-    if tensors is not None:
-        t = load_file(dst / "model.safetensors")
-        tensors(t)
-        save_file({k: x.contiguous() for k, x in t.items()}, dst / "model.safetensors")
-    return dst
 
 
 def _inputs(**kw):
@@ -387,7 +374,7 @@ BAD_SCHEMES = {
 @pytest.mark.parametrize("case", list(BAD_SCHEMES))
 def test_bad_scheme(written, tmp_path, case):
     edit, error, message = BAD_SCHEMES[case]
-    path = _edit(written("int8-static-kv8")[1], tmp_path / case, config=edit)
+    path = edit_checkpoint(written("int8-static-kv8")[1], tmp_path / case, config=edit)
     with pytest.raises(error, match=re.escape(str(path)) + ".*" + message):
         read_compressed_tensors(path)
 
@@ -422,7 +409,7 @@ BAD_TENSORS = {
 @pytest.mark.parametrize("case", list(BAD_TENSORS))
 def test_bad_tensors(written, tmp_path, case):
     edit, message = BAD_TENSORS[case]
-    path = _edit(written("int8-static-kv8")[1], tmp_path / case, tensors=edit)
+    path = edit_checkpoint(written("int8-static-kv8")[1], tmp_path / case, tensors=edit)
     with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*" + message):
         read_compressed_tensors(path)
 
@@ -436,7 +423,7 @@ def test_scheme_errors_that_need_the_model(tiny, written, tmp_path):
         t[f"{M}.weight"] = torch.zeros(512, 128)
         del t[f"{M}.weight_scale"], t[f"{M}.input_scale"]
 
-    path = _edit(src, tmp_path / "ignored", tensors=unquantize,
+    path = edit_checkpoint(src, tmp_path / "ignored", tensors=unquantize,
                  config=lambda qc: qc["ignore"].append(M))
     with pytest.raises(SchemeError, match=f"module '{re.escape(M)}' is not quantized, but the "
                                           "checkpoint's int8-tensor input activations"):
