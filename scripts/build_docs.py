@@ -142,7 +142,23 @@ class Context:
                         dict(name=f.name, architectures=list(f.architectures),
                              embedded=[e.name for e in f.embedded])
                         for f in dict.fromkeys(map(fam.for_architecture, fam.architectures()))],
-                    bits="/".join(map(str, vocab.SUPPORTED_BITS)))
+                    bits="/".join(map(str, vocab.SUPPORTED_BITS)), **self._activation_code())
+
+    @staticmethod
+    def _activation_code() -> dict:
+        """The activation sites and schemes (docs/activations.md), from their module."""
+        from mechq.analysis import outliers
+        from mechq.quant import activation_quant as aq
+
+        hooks = {"attn_in": "blocks.L.ln1.hook_normalized", "o_in": "blocks.L.attn.hook_z",
+                 "mlp_in": "blocks.L.ln2.hook_normalized", "down_in": "blocks.L.mlp.hook_post",
+                 "k_cache": "blocks.L.attn.hook_rot_k (rotary; else hook_k)",
+                 "v_cache": "blocks.L.attn.hook_v"}
+        sites = [dict(site=s, hook=hooks[s], components=" ".join(aq.SITE_COMPONENTS[s]),
+                      part="inputs" if s in aq.INPUT_SITES else "KV cache") for s in aq.SITES]
+        return dict(activation_sites=sites, activation_schemes=list(aq.SCHEMES),
+                    massive_abs=outliers.MASSIVE_ABS, massive_ratio=outliers.MASSIVE_RATIO,
+                    channel_ratio=outliers.CHANNEL_RATIO)
 
     @cached_property
     def architectures(self) -> dict[str, dict]:
@@ -424,6 +440,40 @@ class Context:
                              minutes=run["minutes"], machine=self.machine(run)))
         order = {"smollm2-135m": 0, "gemma-3-270m": 1}
         return sorted(runs, key=lambda r: (order.get(r["model"], 2), r["method"]))
+
+    @cached_property
+    def activation_runs(self) -> list[dict]:
+        """benchmarks/results/activations/: per model, the table's rows, the outliers, each
+        scheme's damage per site (averaged over layers) and SmoothQuant's chosen α."""
+        if not self.results.has("activations"):
+            return []
+        runs = []
+        for key, run in self.results.activations.items():
+            if not isinstance(run, dict):
+                continue  # the α CSVs
+            o = run["outliers"]
+            m = pd.DataFrame(o["massive"])
+            m = m[m["massive"]] if len(m) else m
+            massive = dict(layers=len(m), channels=sorted(set(m["channel"])),
+                           tokens=sorted(set(m["token"].map(repr))), max=m["value"].abs().max()
+                           ) if len(m) else None
+            dmg = pd.DataFrame(o["damage"]).groupby(["scheme", "site"])[
+                ["sqnr_db", "flushed"]].mean()
+            damage = {sch: {site: row for site, row in g.droplevel(0).iterrows()}
+                      for sch, g in dmg.groupby(level=0)}
+            sites = [s for s in ("attn_in", "o_in", "mlp_in", "down_in", "k_cache", "v_cache")
+                     if s in dmg.index.get_level_values(1)]
+            alpha = {site: {("nan" if k in ("nan", "NaN") else k): v for k, v in counts.items()}
+                     for site, counts in run["smoothquant_alpha"].items()}
+            runs.append(dict(model=run["model"], n_layers=run["n_layers"], rows=run["rows"],
+                             n_known=run["n_heldout_fp_known"], massive=massive,
+                             outlier_channels=o["outlier_channels"], damage=damage,
+                             damage_sites=sites, alpha=alpha, alphas=sorted(
+                                 self.results.activations[f"{key}-alpha"]["alpha"].dropna()
+                                 .unique().tolist()),
+                             minutes=round(run["seconds"] / 60), machine=self.machine(run)))
+        order = {"smollm2-135m": 0, "gemma-3-270m": 1}
+        return sorted(runs, key=lambda r: order.get(r["model"], 2))
 
     def machine(self, result: dict) -> str:
         """The machine a results file was measured on, in words."""

@@ -83,5 +83,12 @@ def test_smoothquant_beats_unsmoothed_w8a8_per_tensor(smol):
     # with this small calibration and 2-point grid the mean KLD fell 0.87 → 0.53 nats when this
     # was written (the full default fit: 0.85 → 0.22); a cut of at least a fifth is required
     assert k.loc[v.name, "kld_mean"] < 0.8 * k.loc[base.name, "kld_mean"]
+    # its weights are compared with the smoothed FP weights: honest rounding, no weight verdict
+    from mechq.analysis.signatures import weight_signatures
+    from mechq.diagnosis.verdict import weight_verdict
+
+    w = weight_signatures(smol, v)
+    # 8-bit rounding of each output row keeps every module near its target (lowest 0.9989 seen)
+    assert weight_verdict(w)[0] is None and w["cosine"].min() > 0.99
     with pytest.raises(ValueError, match="RMSNorm"):
         sq.mappings(mechq.load_model("tiny-gpt2"))

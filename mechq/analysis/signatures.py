@@ -24,7 +24,9 @@ scale ``s`` from the module's group), all ``(out, in)``:
 
 :func:`weight_signatures` gives one row per module; :func:`module_signature` the numbers of one.
 For an AWQ variant ``W`` is the FP weight in AWQ's coordinates (its activation scales folded in,
-:func:`mechq.quant.formats.awq.fp_targets`): AWQ quantizes that, not ``W`` itself.
+:func:`mechq.quant.formats.awq.fp_targets`): AWQ quantizes that, not ``W`` itself. A variant that
+knows its scales exactly (SmoothQuant: ``meta["fp_scales"]``, per module ``(s_out, s_in)``) is
+compared with ``diag(1/s_out) · W · diag(s_in)``.
 """
 
 from __future__ import annotations
@@ -77,7 +79,12 @@ def weight_signatures(model: HookedTransformer, variant: Variant) -> pd.DataFram
     signatures against ``model``'s current (FP) weights."""
     sites = layout.sites(model.cfg)
     targets = {}
-    if variant.norms:  # AWQ: compare with the scaled weights AWQ quantized
+    if variant.meta.get("fp_scales"):  # SmoothQuant: its scales are known exactly
+        for module, (s_out, s_in) in variant.meta["fp_scales"].items():
+            w = layout.module_weight(model, module).detach().float()
+            w = w * s_in[None, :] if s_in is not None else w
+            targets[module] = w / s_out[:, None] if s_out is not None else w
+    elif variant.norms:  # AWQ: compare with the scaled weights AWQ quantized
         from mechq.quant.formats.awq import fp_targets
 
         targets = fp_targets(model, variant)

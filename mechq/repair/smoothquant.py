@@ -50,7 +50,7 @@ ALPHAS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass(frozen=True)
-class Mapping:
+class Smoothing:
     """One smoothing: the activation ``site`` of ``layer``, the HF ``modules`` that read it, and
     what absorbs ``1 / s``: a norm site (``norm``) or the producer module's output rows
     (``producer``)."""
@@ -62,7 +62,7 @@ class Mapping:
     producer: str | None = None
 
 
-def mappings(model: HookedTransformer) -> list[Mapping]:
+def mappings(model: HookedTransformer) -> list[Smoothing]:
     """The smoothings of ``model`` (module docstring); a clear error for a family without
     RMSNorm."""
     if model.cfg.normalization_type != "RMS":
@@ -73,11 +73,11 @@ def mappings(model: HookedTransformer) -> list[Mapping]:
     for n in layout.norm_sites(model.cfg):
         mods = tuple(dict.fromkeys(s.module for s in sites
                                    if s.layer == n.layer and s.component in n.components))
-        out.append(Mapping(n.layer, "attn_in" if "q" in n.components else "mlp_in", mods, n))
+        out.append(Smoothing(n.layer, "attn_in" if "q" in n.components else "mlp_in", mods, n))
     if model.cfg.gated_mlp:
         for l in range(model.cfg.n_layers):
             mod = {s.component: s.module for s in sites if s.layer == l}
-            out.append(Mapping(l, "down_in", (mod["down"],), producer=mod["up"]))
+            out.append(Smoothing(l, "down_in", (mod["down"],), producer=mod["up"]))
     return sorted(out, key=lambda m: (m.layer, aq.SITES.index(m.site)))
 
 
@@ -121,7 +121,7 @@ def _inputs(model, sequences, sites) -> dict[tuple[str, int], Tensor]:
 
 
 @torch.no_grad()
-def smoothed(model: HookedTransformer, scales: dict[Mapping, Tensor]
+def smoothed(model: HookedTransformer, scales: dict[Smoothing, Tensor]
              ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The FP weights after smoothing by ``scales`` (one ``s`` per mapping): every linear module's
     ``(out, in)`` weight, and the rewritten norms as HF tensors. In full precision the model
@@ -141,6 +141,19 @@ def smoothed(model: HookedTransformer, scales: dict[Mapping, Tensor]
             norms[n.tensor] = (params[n.param].detach().float() / s - offset).to(
                 params[n.param].dtype)
     return weights, norms
+
+
+def fp_scales(scales: dict[Smoothing, Tensor]) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+    """Per module, ``(s_out, s_in)``: the smoothed FP weight is ``diag(1/s_out) · W · diag(s_in)``
+    (``None``: 1). What the weight signatures compare a smoothed module with
+    (``Variant.meta["fp_scales"]``)."""
+    out: dict[str, list] = {}
+    for mp, s in scales.items():
+        for m in mp.modules:
+            out.setdefault(m, [None, None])[1] = s
+        if mp.producer is not None:
+            out.setdefault(mp.producer, [None, None])[0] = s
+    return {m: (o, i) for m, (o, i) in out.items()}
 
 
 @torch.no_grad()
@@ -171,8 +184,9 @@ def fit(model: HookedTransformer, act: aq.ActScheme, sequences: Sequence[Sequenc
     weights, norms = smoothed(model, scales)
     modules = {m: rtn_quantize_weight(w, bits, -1, sym=True) for m, w in weights.items()}
     variant = Variant(name or f"smoothquant-w{bits}+{act.name}", "smoothquant", bits, -1, True,
-                      False, modules, meta={"alphas": list(alphas)}, norms=norms,
-                      act=replace(act, scales={}))
+                      False, modules, meta={"alphas": list(alphas),
+                                            "fp_scales": fp_scales(scales)},
+                      norms=norms, act=replace(act, scales={}))
     return calibrated(model, variant), pd.DataFrame(rows)
 
 
