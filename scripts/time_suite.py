@@ -33,11 +33,15 @@ def run_target(repo: Path, target: str, env: dict) -> dict:
     res = subprocess.run(["make", "-C", str(repo), target], env=env, capture_output=True,
                          text=True)
     minutes = (time.perf_counter() - t0) / 60
-    summary = [l for l in res.stdout.splitlines() if re.search(r"\d+ passed", l)]
-    pytest_s = re.search(r"in ([\d.]+)s", summary[-1]) if summary else None
+    # make test prints two pytest summaries (the tests', then the notebooks', which ran beside
+    # them): both are kept, and the longer side is the pytest time
+    summary = [l.strip("= ") for l in res.stdout.splitlines() if re.search(r"\d+ passed", l)]
+    secs = [float(m.group(1)) for l in summary if (m := re.search(r"in ([\d.]+)s", l))]
+    if res.returncode:
+        (repo.parent / f"{target}.log").write_text(res.stdout + res.stderr)
     return dict(target=target, minutes=round(minutes, 2), returncode=res.returncode,
-                summary=summary[-1].strip("= ") if summary else res.stdout[-2000:],
-                pytest_minutes=round(float(pytest_s.group(1)) / 60, 2) if pytest_s else None)
+                summary=" | ".join(summary) if summary else res.stdout[-2000:],
+                pytest_minutes=round(max(secs) / 60, 2) if secs else None)
 
 
 def main() -> None:
@@ -67,7 +71,10 @@ def main() -> None:
                                                  else "") + "--targets " + " ".join(args.targets)
     write_result(args.out, dict(commit=commit, threads=args.threads, cold_cache=True,
                                 runs=runs), command=command)
-    shutil.rmtree(scratch, ignore_errors=True)
+    if all(r["returncode"] == 0 for r in runs):
+        shutil.rmtree(scratch, ignore_errors=True)
+    else:
+        print(f"a target failed: its log and the clone are kept in {scratch}")
     print(f"wrote {args.out}")
 
 
