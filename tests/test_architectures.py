@@ -145,6 +145,7 @@ def test_settings_are_checked_before_any_work():
     assert "compare-architectures" in str(e.value)
 
 
+@pytest.mark.slow  # slow: the whole report pipeline, twice (about 13 s)
 def test_report_section_with_rtn(tiny, tmp_path):
     """`mechq report --compare-with`: the same contrast as a section of the main report; here
     RTN (no calibration) on the tiny model and itself under a second name."""

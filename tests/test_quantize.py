@@ -91,6 +91,7 @@ def test_calibration_from_texts_and_file(tiny, tmp_path):
         calibration.get_calibration(tiny, ["too short"])
 
 
+@pytest.mark.slow  # slow: two GPTQModel runs in child processes (about 11 s)
 def test_cache_key_holds_the_calibration_digest(tiny, tmp_path, monkeypatch):
     """Two calibrations with the same recipe but other tokens are two variants."""
     monkeypatch.setenv("MECHQ_CACHE", str(tmp_path))

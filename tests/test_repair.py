@@ -65,6 +65,7 @@ def test_repair_table_bad_input(tiny, facts):
     assert REPAIRS[0] == "baseline"
 
 
+@pytest.mark.slow  # slow: the diagnose --repair and recipe commands end to end (about 17 s)
 def test_diagnose_repair_and_recipe_commands(tmp_path, capsys):
     from mechq import cli
 
