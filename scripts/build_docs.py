@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TEMPLATES = ROOT / "docs" / "templates"
 #: output page -> template
+#: the order model sections appear in on a page
+MODEL_ORDER = {"smollm2-135m": 0, "gemma-3-270m": 1}
 PAGES = {"README.md": "README.md"} | {
     f"docs/{p.name}": p.name for p in sorted(TEMPLATES.glob("*.md")) if p.name != "README.md"}
 
@@ -438,8 +440,7 @@ class Context:
                              n_known=run["n_heldout_fp_known"],
                              sensitivity_seconds=run["sensitivity_seconds"],
                              minutes=run["minutes"], machine=self.machine(run)))
-        order = {"smollm2-135m": 0, "gemma-3-270m": 1}
-        return sorted(runs, key=lambda r: (order.get(r["model"], 2), r["method"]))
+        return sorted(runs, key=lambda r: (MODEL_ORDER.get(r["model"], 2), r["method"]))
 
     @cached_property
     def activation_runs(self) -> list[dict]:
@@ -472,8 +473,7 @@ class Context:
                                  self.results.activations[f"{key}-alpha"]["alpha"].dropna()
                                  .unique().tolist()),
                              minutes=round(run["seconds"] / 60), machine=self.machine(run)))
-        order = {"smollm2-135m": 0, "gemma-3-270m": 1}
-        return sorted(runs, key=lambda r: order.get(r["model"], 2))
+        return sorted(runs, key=lambda r: MODEL_ORDER.get(r["model"], 2))
 
     def machine(self, result: dict) -> str:
         """The machine a results file was measured on, in words."""

@@ -35,21 +35,11 @@ MASSIVE_RATIO = 1000.0
 CHANNEL_RATIO = 10.0
 
 
-@torch.no_grad()
 def _site_tensors(model: HookedTransformer, ids: Sequence[int], sites: Sequence[str]
                   ) -> dict[tuple[str, int], Tensor]:
-    """Each site's quantized tensor (the linear input at a norm site) in one FP run, flattened to
-    ``(token, channel)`` (the cache: ``(token, head · d_head)``)."""
-    names = {aq.hook_name(model, s, l): (s, l) for s in sites for l in range(model.cfg.n_layers)}
-    out = {}
-
-    def grab(x, hook):
-        site, layer = names[hook.name]
-        out[(site, layer)] = aq.linear_input(model, site, layer, x)[0].flatten(1).float()
-
-    model.run_with_hooks(torch.tensor([list(ids)]), return_type=None,
-                         fwd_hooks=[(n, grab) for n in names])
-    return out
+    """:func:`~mechq.quant.activation_quant.site_inputs` flattened to ``(token, channel)`` (the
+    cache: ``(token, head · d_head)``)."""
+    return {k: u.flatten(1) for k, u in aq.site_inputs(model, ids, sites).items()}
 
 
 @torch.no_grad()

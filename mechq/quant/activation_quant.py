@@ -100,6 +100,11 @@ class Quantizer:
             raise SchemeError("Static scales are symmetric here (no calibrated zero point).")
 
     @property
+    def qmax(self) -> float:
+        """The largest code magnitude of a symmetric scale: 448 (e4m3) or ``2^(b−1) − 1``."""
+        return FP8_MAX if self.fmt == "fp8" else 2 ** (self.bits - 1) - 1
+
+    @property
     def label(self) -> str:
         kind = f"int{self.bits}" if self.fmt == "int" else "fp8"
         return f"{kind}-{self.granularity}" + ("" if self.sym else "-asym")
@@ -209,8 +214,7 @@ def _axes(x: Tensor, granularity: str) -> tuple[int, ...]:
 def scale_of(x: Tensor, q: Quantizer) -> Tensor:
     """The symmetric scale ``max_R |x| / qmax`` of ``x`` (keepdim, float32, never 0)."""
     amax = x.detach().abs().float().amax(dim=_axes(x, q.granularity), keepdim=True)
-    qmax = FP8_MAX if q.fmt == "fp8" else 2 ** (q.bits - 1) - 1
-    return (amax / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+    return (amax / q.qmax).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def fake_quant(x: Tensor, q: Quantizer, scale: Tensor | float | None = None) -> Tensor:
@@ -330,22 +334,32 @@ def installed(model: HookedTransformer, plan: Mapping[int, tuple[ActScheme, Sequ
 
 
 @torch.no_grad()
+def site_inputs(model: HookedTransformer, ids: Sequence[int], sites: Iterable[str] = SITES
+                ) -> dict[tuple[str, int], Tensor]:
+    """Each site's quantized tensor in one run of the sequence ``ids`` on ``model`` as it is, per
+    (site, layer): a linear module's true input at a norm site, the hook's tensor elsewhere;
+    float32, without the batch axis (``(pos, d)``, the cache ``(pos, head, d_head)``)."""
+    names = {hook_name(model, s, l): (s, l) for s in sites for l in range(model.cfg.n_layers)}
+    out: dict[tuple[str, int], Tensor] = {}
+
+    def grab(x: Tensor, hook) -> None:
+        site, layer = names[hook.name]
+        out[(site, layer)] = linear_input(model, site, layer, x)[0].float()
+
+    model.run_with_hooks(torch.tensor([list(ids)]), return_type=None,
+                         fwd_hooks=[(n, grab) for n in names])
+    return out
+
+
 def site_amax(model: HookedTransformer, sequences: Sequence[Sequence[int]],
               sites: Iterable[str] = SITES) -> dict[tuple[str, int], float]:
-    """``max |x|`` of every site's quantized tensor (a linear module's true input at a norm
-    site) over ``sequences``, run one at a time (no padding), per (site, layer)."""
+    """``max |x|`` of every site's quantized tensor (:func:`site_inputs`) over ``sequences``,
+    run one at a time (no padding), per (site, layer)."""
     sites = list(sites)
     out: dict[tuple[str, int], float] = {}
-    names = {hook_name(model, s, l): (s, l) for s in sites for l in range(model.cfg.n_layers)}
-
-    def record(x: Tensor, hook) -> None:
-        site, layer = names[hook.name]
-        m = float(linear_input(model, site, layer, x).abs().max())
-        out[(site, layer)] = max(out.get((site, layer), 0.0), m)
-
     for ids in sequences:
-        model.run_with_hooks(torch.tensor([list(ids)]), return_type=None,
-                             fwd_hooks=[(n, record) for n in names])
+        for key, u in site_inputs(model, ids, sites).items():
+            out[key] = max(out.get(key, 0.0), float(u.abs().max()))
     return out
 
 
@@ -360,7 +374,5 @@ def calibrate(model: HookedTransformer, act: ActScheme, sequences: Sequence[Sequ
         return act
     scales = dict(act.scales)
     for (site, layer), m in site_amax(model, sequences, static).items():
-        q = act.quantizer(site)
-        qmax = FP8_MAX if q.fmt == "fp8" else 2 ** (q.bits - 1) - 1
-        scales[(site, layer)] = max(m, torch.finfo(torch.float32).tiny) / qmax
+        scales[(site, layer)] = max(m, torch.finfo(torch.float32).tiny) / act.quantizer(site).qmax
     return replace(act, scales=scales)

@@ -97,26 +97,17 @@ def _rtn8(w: Tensor, bits: int) -> Tensor:
 def _output_error(x: Tensor, w: Tensor, s: Tensor, q: aq.Quantizer, bits: int) -> float:
     ref = x @ w.T
     xs = x / s
-    scale = None if q.dynamic else float(xs.abs().max()) / (
-        aq.FP8_MAX if q.fmt == "fp8" else 2 ** (q.bits - 1) - 1)
+    scale = None if q.dynamic else float(xs.abs().max()) / q.qmax
     got = aq.fake_quant(xs[None], q, scale)[0] @ _rtn8(w * s, bits).T
     return float(((ref - got) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-30))
 
 
-@torch.no_grad()
 def _inputs(model, sequences, sites) -> dict[tuple[str, int], Tensor]:
     """Every site's linear input over ``sequences``, stacked as ``(tokens, channels)``."""
-    names = {aq.hook_name(model, s, l): (s, l) for s in sites for l in range(model.cfg.n_layers)}
     got: dict[tuple[str, int], list[Tensor]] = {}
-
-    def grab(x, hook):
-        site, layer = names[hook.name]
-        got.setdefault((site, layer), []).append(
-            aq.linear_input(model, site, layer, x)[0].float())
-
     for ids in sequences:
-        model.run_with_hooks(torch.tensor([list(ids)]), return_type=None,
-                             fwd_hooks=[(n, grab) for n in names])
+        for key, u in aq.site_inputs(model, ids, sites).items():
+            got.setdefault(key, []).append(u)
     return {k: torch.cat(v) for k, v in got.items()}
 
 
