@@ -2,7 +2,8 @@
 
 Variants are positional arguments, named as mechq names them: ``gptq-w4g128``, ``rtn-w2g128``,
 ``gptq-w3`` (group size 128 by default), with ``-asym`` / ``-act`` / ``-sSEED`` suffixes, or a
-path to a checkpoint directory. Facts: ``bundled``, a facts CSV, or ``pararel[:P36,P103]`` (the
+path to a checkpoint directory; ``+SCHEME`` adds an activation / KV-cache scheme
+(``gptq-w4g128+A8-int-token``, ``fp+KV4-int-head``; the schemes: ``mechq.quant.activation_quant``). Facts: ``bundled``, a facts CSV, or ``pararel[:P36,P103]`` (the
 Pararel dev copy or ``$MECHQ_PARAREL``). Every command writes into ``--out`` (default
 ``mechq-COMMAND/``).
 """
@@ -18,6 +19,7 @@ import mechq
 from mechq.analysis.cliff import cliff_requests
 from mechq.facts import load_fact_source
 from mechq.facts.calibration import AWQ_N_SAMPLES, AWQ_SEQ_LEN, N_SAMPLES, SEQ_LEN
+from mechq.quant.quantize import make_specs, parse_spec
 from mechq.reports import pages
 from mechq.reports.architectures import check_settings
 from mechq.vocab import SUPPORTED_BITS
@@ -32,22 +34,18 @@ def _gptq_log_note(n: int, logs: str) -> None:
 
 
 def _requests(args, specs: list[str], why: str = "") -> list:
-    """Each variant argument as a Request (a name) or a Path (a checkpoint directory); ``why``:
-    why only names will do."""
-    if why and any(Path(s).is_dir() for s in specs):
-        raise ValueError(f"{why}: give a variant name (e.g. gptq-w4g128), not a checkpoint "
-                         "directory.")
-    return [Path(s) if Path(s).is_dir() else mechq.Request.parse(s, **_calib(args))
-            for s in specs]
+    """Each variant argument as :func:`mechq.quant.quantize.parse_spec` reads it; ``why``: why
+    only a weight variant's name will do."""
+    items = [parse_spec(s, **_calib(args)) for s in specs]
+    if why and any(not isinstance(i, mechq.Request) or a is not None for i, a in items):
+        raise ValueError(f"{why}: give a weight variant's name (e.g. gptq-w4g128), not a "
+                         "checkpoint directory or an activation scheme.")
+    return items
 
 
 def _variants(model, items: list, args) -> list:
-    """The variants of :func:`_requests`' items: made (GPTQ in parallel) or read from the cache,
-    or read from their directory."""
-    made = iter(mechq.quantize_many(model, [r for r in items if not isinstance(r, Path)],
-                                    on_start=_gptq_log_note, verbose=args.verbose))
-    return [mechq.load_variant(r, model=model) if isinstance(r, Path) else next(made)
-            for r in items]
+    """The variants of :func:`_requests`' items (GPTQ runs in parallel)."""
+    return make_specs(model, items, on_start=_gptq_log_note, verbose=args.verbose)
 
 
 def _model(name: str, device: str | None):
@@ -122,11 +120,11 @@ def cmd_diagnose(args) -> int:
     items = _requests(args, [args.variant], why)
     model, facts = _prepare(args)
     (v,) = _variants(model, items, args)
-    return _page(args, model, v, facts, repair=items[0] if args.repair else None)
+    return _page(args, model, v, facts, repair=items[0][0] if args.repair else None)
 
 
 def cmd_recipe(args) -> int:
-    (base,) = _requests(args, [args.variant], "recipe quantizes the base's method per width")
+    ((base, _),) = _requests(args, [args.variant], "recipe quantizes the base's method per width")
     model, facts = _prepare(args)
     return _page(args, model, base, facts)
 

@@ -301,3 +301,49 @@ def test_diagnose_command(tmp_path, capsys):
         empty.write_text("id,relation,subject,object\n")
         cli.main(["diagnose", "rtn-w8g128", "--model", "tiny-gpt2", "--facts", str(empty),
                   "--out", str(tmp_path)])
+
+
+def test_variants_take_an_activation_scheme(tmp_path, capsys):
+    """``VARIANT+SCHEME`` runs the weight variant with the activation scheme, as the library's
+    with_activations + calibrated make it; ``fp+SCHEME`` has FP weights; a static scheme is
+    calibrated before it runs."""
+    import mechq
+    from mechq.facts import load_fact_source
+
+    specs = ["rtn-w4g128+A8-int-token", "fp+A8-int-tensor+KV4-int-head"]
+    assert cli.main(["recall", *specs, "--model", "tiny-gpt2", "--max-facts", "40",
+                     "--out", str(tmp_path)]) == 0
+    got = pd.read_csv(tmp_path / "recall.csv")
+    assert list(got["variant"].unique()) == ["fp", *specs]
+    model = mechq.load_model("tiny-gpt2", device="cpu")
+    a8 = mechq.with_activations(mechq.quantize(model, "rtn", 4), mechq.scheme("A8-int-token"))
+    fp_a8 = mechq.calibrated(model, mechq.with_activations(
+        None, mechq.scheme("A8-int-tensor", "KV4-int-head"), model))
+    assert fp_a8.act.scales  # the static input scheme was calibrated
+    # the CLI's batch size (32): the same batches, so the same float sums, bit for bit
+    want = mechq.evaluate_recall(model, load_fact_source("bundled", 40, 0), [a8, fp_a8],
+                                 batch_size=32, progress=False)
+    for name in specs:  # the same runs: the same answer ranks, fact by fact
+        assert list(got[got.variant == name].sort_values("fact_id").target_rank) == \
+            list(want[want.variant == name].sort_values("fact_id").target_rank)
+
+
+def test_bad_activation_specs_fail_before_the_model_loads(tmp_path):
+    for argv, msg in [
+        (["recall", "rtn-w4g128+A9-int"], "Unknown activation scheme 'A9-int'"),
+        (["recall", "rtn-w4g128+"], "spell it VARIANT"),
+        (["recall", "fp"], "'fp' alone is the reference"),
+        (["recall", "rtn-w4+A8-int-token+A8-fp8-token"], "at most one input"),
+        (["diagnose", "rtn-w4g128+A8-int-token", "--repair"], "not a checkpoint directory or "
+                                                              "an activation scheme"),
+        (["recipe", "fp+A8-int-token", "--budget", "4.3"], "weight variant's name"),
+    ]:
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            cli.main([*argv, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_scheme_is_exported_as_compressed_tensors_only(tmp_path):
+    with pytest.raises(SystemExit, match=r"compressed-tensors checkpoint only \(--ct\)"):
+        cli.main(["quantize", "rtn-w8g128+A8-int-token", "--model", "tiny-gpt2",
+                  "--out", str(tmp_path / "q")])

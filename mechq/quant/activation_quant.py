@@ -194,6 +194,18 @@ def scheme(*names: str) -> ActScheme:
     return ActScheme("+".join(names), inputs[0] if inputs else None, kv[0] if kv else None)
 
 
+def split_spec(spec: str) -> tuple[str, ActScheme | None]:
+    """A variant spelled with its activation scheme, as :func:`~mechq.quant.variants.
+    with_activations` names it: ``"gptq-w4g128+A8-int-token+KV4-int-head"`` is the weight
+    variant ``gptq-w4g128`` and ``scheme("A8-int-token", "KV4-int-head")``; ``"fp+A8-int-tensor"``
+    has FP weights. A spec without ``+`` has no scheme (``None``)."""
+    base, *names = spec.split("+")
+    if not base or any(not n for n in names):
+        raise SchemeError(f"Bad variant {spec!r}: spell it VARIANT[+SCHEME...], e.g. "
+                          "gptq-w4g128+A8-int-token or fp+KV8-int-head.")
+    return base, scheme(*names) if names else None
+
+
 # --------------------------------------------------------------------------------------------
 # The fake quantizer
 # --------------------------------------------------------------------------------------------

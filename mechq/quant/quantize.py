@@ -44,7 +44,8 @@ from mechq.quant.formats.common import META_FILE, check_architecture
 from mechq.quant.formats.gptq import save_gptq_checkpoint
 from mechq.quant.gptq import make_job, run_gptq_jobs
 from mechq.quant.rtn import rtn_quantize_weight
-from mechq.quant.variants import Variant
+from mechq.quant.activation_quant import ActScheme, split_spec
+from mechq.quant.variants import Variant, calibrated, with_activations
 from mechq.vocab import CODE_PATH_VARIABLES, SUPPORTED_BITS
 
 METHODS = ("gptq", "rtn", "awq")
@@ -377,6 +378,36 @@ def _fp_modules(model: HookedTransformer, dynamic: dyn.Dynamic | None) -> dict[s
     """The model's linear modules that ``dynamic`` keeps in full precision, with (out, in)."""
     return {m: list(layout.module_weight(model, m).shape) for m in layout.modules(model.cfg)
             if dyn.skipped(m, dynamic)}
+
+
+def parse_spec(spec: str, **kw) -> tuple[Request | Path | str, ActScheme | None]:
+    """What one variant argument names, and its activation scheme (``None`` without one):
+    a checkpoint directory (a Path), a variant name (a :class:`Request`; ``kw``: its other
+    fields), or ``"fp"`` for FP weights, which needs a scheme. A scheme follows ``+``, as
+    :func:`~mechq.quant.variants.with_activations` names the variant: ``gptq-w4g128+A8-int-token``,
+    ``fp+KV4-int-head`` (:func:`~mechq.quant.activation_quant.split_spec`)."""
+    if Path(spec).is_dir():
+        return Path(spec), None
+    base, act = split_spec(spec)
+    if base == "fp" and act is None:
+        raise ValueError("'fp' alone is the reference model; give fp+SCHEME for FP weights with "
+                         "an activation scheme (e.g. fp+A8-int-token).")
+    item = Path(base) if Path(base).is_dir() else base if base == "fp" else \
+        Request.parse(base, **kw)
+    return item, act
+
+
+def make_specs(model: HookedTransformer, items: Sequence[tuple], **kw) -> list[Variant]:
+    """The variants of :func:`parse_spec`'s items, in order: names made by one
+    :func:`quantize_many` call (``kw``: its options) or read from the cache, directories read,
+    each with its activation scheme, calibrated where static (:func:`calibrated`)."""
+    made = iter(quantize_many(model, [r for r, _ in items if isinstance(r, Request)], **kw))
+    out = []
+    for item, act in items:
+        v = None if isinstance(item, str) else next(made) if isinstance(item, Request) else \
+            load_variant(item, model=model)
+        out.append(v if act is None else calibrated(model, with_activations(v, act, model)))
+    return out
 
 
 def load_variant(

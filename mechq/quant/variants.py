@@ -249,13 +249,13 @@ def with_activations(variant: Variant | None, act: aq.ActScheme,
 def calibrated(model: HookedTransformer, variant: Variant,
                sequences: list[list[int]] | None = None) -> Variant:
     """``variant`` with its static activation scales calibrated (:func:`aq.calibrate`) on
-    ``sequences`` (default: 16 sequences of 128 tokens from the bundled calibration pool, the
-    text GPTQ calibrates on), with the variant's weights in place. A variant without a static
-    scheme comes back as it is."""
+    ``sequences`` (default: 16 sequences of 128 tokens, fewer where the model's context is
+    shorter, from the bundled calibration pool, the text GPTQ calibrates on), with the
+    variant's weights in place. A variant without a static scheme comes back as it is."""
     if variant.act is None or not variant.act.static:
         return variant
     if sequences is None:
-        sequences = from_pool(model, n_samples=16, seq_len=128).tokens
+        sequences = from_pool(model, n_samples=16, seq_len=min(128, model.cfg.n_ctx)).tokens
     with swap(model, replace(variant, act=None)):
         act = aq.calibrate(model, variant.act, sequences)
     return replace(variant, act=act)

@@ -547,6 +547,9 @@ def write_checkpoint(variant: Variant, out: Path, model: HookedTransformer | Non
     """``variant``'s checkpoint in ``out``: a copy of its directory (the cache's GPTQ / RTN /
     AWQ one), or with ``ct`` a whole compressed-tensors checkpoint written by
     compressed-tensors' compressor (:func:`mechq.write_compressed_tensors`). Returns ``out``."""
+    if variant.act is not None and not ct:
+        raise ValueError(f"{variant.name}: an activation scheme is written into a "
+                         "compressed-tensors checkpoint only (--ct).")
     if ct:
         from mechq.quant.formats.compressed import write_compressed_tensors
 
