@@ -37,7 +37,7 @@ from mechq.quant.quantize import Request, load_variant, quantize, quantize_many 
 from mechq.quant.variants import Variant, calibrated, swap, with_activations  # noqa: E402
 from mechq.quant.activation_quant import ActScheme, scheme  # noqa: E402
 from mechq.quant.fp8 import quantize_fp8_weights  # noqa: E402
-from mechq.quant.formats.compressed import write_compressed_tensors  # noqa: E402
+from mechq.quant.formats.compressed_write import write_compressed_tensors  # noqa: E402
 from mechq.analysis.recall import accuracy, evaluate_recall, subset_labels, subsets  # noqa: E402
 from mechq.analysis.lens import logit_lens  # noqa: E402
 from mechq.analysis.components import component_metrics  # noqa: E402

@@ -23,7 +23,8 @@ import mechq
 from mechq.models import load as models
 from mechq.quant import layout
 from mechq.quant.formats.common import CheckpointError
-from mechq.quant.formats.compressed import read_compressed_tensors, write_compressed_tensors
+from mechq.quant.formats.compressed import read_compressed_tensors
+from mechq.quant.formats.compressed_write import write_compressed_tensors
 from mechq.quant.formats import detect_format
 from mechq.quant.variants import swap
 from tests.conftest import edit_checkpoint

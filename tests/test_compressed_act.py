@@ -26,12 +26,8 @@ from safetensors.torch import load_file, save_file
 import mechq
 from mechq.quant.activation_quant import ActScheme, Quantizer, SchemeError, scheme
 from mechq.quant.formats.common import CheckpointError
-from mechq.quant.formats.compressed import (
-    act_scheme,
-    config_sites,
-    read_compressed_tensors,
-    write_compressed_tensors,
-)
+from mechq.quant.formats.compressed import act_scheme, config_sites, read_compressed_tensors
+from mechq.quant.formats.compressed_write import write_compressed_tensors
 from mechq.quant.fp8 import Fp8Linear, quantize_fp8_weights
 from mechq.quant.packing import PackedLinear
 from mechq.quant.variants import calibrated, swap, with_activations

@@ -551,7 +551,7 @@ def write_checkpoint(variant: Variant, out: Path, model: HookedTransformer | Non
         raise ValueError(f"{variant.name}: an activation scheme is written into a "
                          "compressed-tensors checkpoint only (--ct).")
     if ct:
-        from mechq.quant.formats.compressed import write_compressed_tensors
+        from mechq.quant.formats.compressed_write import write_compressed_tensors
 
         return Path(write_compressed_tensors(variant, out, model=model))
     src = Path(variant.meta["path"])
