@@ -84,6 +84,26 @@ def test_unsupported_architecture(tmp_path):
         mechq.load_model(str(tmp_path))
 
 
+def test_a_quantized_checkpoint_is_not_an_fp_model(tmp_path, capsys):
+    """A quantized model given as the FP reference is refused by name before any weight loads,
+    by the library and by the CLI (which names the command)."""
+    import json
+    import shutil
+
+    from mechq import cli
+
+    ckpt = tmp_path / "gptq"
+    shutil.copytree(models.ASSETS / "tiny-gpt2", ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(models.ModelLoadError, match="quantized checkpoint .*'gptq'.*not a "
+                                                    "full-precision model"):
+        mechq.load_model(str(ckpt), device="cpu")
+    with pytest.raises(SystemExit, match="^mechq diagnose: .*--model FP_DIR"):
+        cli.main(["diagnose", "rtn-w4g32", "--model", str(ckpt), "--out", str(tmp_path / "d")])
+
+
 def test_unreachable_hub_id_names_the_offline_options(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as c

@@ -249,7 +249,16 @@ def _from_hub(name: str) -> ModelSource:
 
 
 def _architecture(config_json: Path) -> str:
+    """The model's architecture, checked: a supported family, and full precision (a quantized
+    checkpoint is not an FP reference: it is the variant to compare with one)."""
     cfg = json.loads(config_json.read_text())
+    quant = cfg.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ModelLoadError(
+            f"{config_json.parent} is a quantized checkpoint (quantization_config: quant_method "
+            f"{method!r}), not a full-precision model. Give it as the variant and load the FP "
+            "model it was quantized from: mechq diagnose CHECKPOINT --model FP_DIR.")
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else ""
     try:
