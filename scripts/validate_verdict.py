@@ -5,7 +5,8 @@ Cases, per model (SmolLM2-135M and Gemma 3 270M; the tiny GPT-2 as a third, neve
 - ``quantized``: GPTQ and RTN at 8, 4, 3 and 2 bits (g128; the tiny model g32);
 - ``mixed``: per-module bits (RTN w3 with the down projections at 8 bits; on SmolLM2 also GPTQ
   w2 with its first two layers at 8 bits);
-- ``ct``: RTN w4 written as a compressed-tensors checkpoint and read back;
+- ``ct``: RTN w4 written as a compressed-tensors checkpoint and read back (its group size the
+  largest of 128, 64, 32 that divides every input width, as compressed-tensors needs);
 - ``fault``: the four reader faults of :mod:`mechq.quant.faults` applied to Gemma's GPTQ w4 (and,
   with ``--awq``, to SmolLM2's AWQ w4);
 - ``mismatch``: RTN at 8 and at 4 bits of a perturbed copy of the weights (every row of every
@@ -61,6 +62,7 @@ from mechq.facts import FactSet
 from mechq.facts.heldout import heldout_split
 from mechq.models import cache_dir
 from mechq.quant import faults, layout
+from mechq.quant.quantize import default_group_size
 from mechq.repair.amplify import dev_heldout
 from mechq.repair.eora import calibration_grams, eora
 
@@ -131,7 +133,8 @@ def case_specs(name: str, model, awq: bool) -> list[dict]:
                           make=lambda: mechq.quantize(model, "gptq", bits=2, dynamic=early)))
 
     def ct():
-        v = mechq.quantize(model, "rtn", bits=4)
+        # compressed-tensors' groups must divide every input width (SmolLM2's 576: g64)
+        v = mechq.quantize(model, "rtn", bits=4, group_size=default_group_size(model, "awq"))
         path = mechq.write_compressed_tensors(v, cache_dir() / "validation" / f"{name}-ct-w4",
                                               model=model)
         return mechq.load_variant(path, model=model)
