@@ -3,8 +3,9 @@
 Variants are positional arguments, named as mechq names them: ``gptq-w4g128``, ``rtn-w2g128``,
 ``gptq-w3`` (group size 128 by default), with ``-asym`` / ``-act`` / ``-sSEED`` suffixes, or a
 path to a checkpoint directory; ``+SCHEME`` adds an activation / KV-cache scheme
-(``gptq-w4g128+A8-int-token``, ``fp+KV4-int-head``; the schemes: ``mechq.quant.activation_quant``). Facts: ``bundled``, a facts CSV, or ``pararel[:P36,P103]`` (the
-Pararel dev copy or ``$MECHQ_PARAREL``). Every command writes into ``--out`` (default
+(``gptq-w4g128+A8-int-token``, ``fp+KV4-int-head``; the schemes:
+``mechq.quant.activation_quant``). Facts: ``bundled``, a facts CSV, or ``pararel[:P36,P103]``
+(the Pararel dev copy or ``$MECHQ_PARAREL``). Every command writes into ``--out`` (default
 ``mechq-COMMAND/``).
 """
 
@@ -260,9 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "+ amplification, EoRA r32/r64) on held-out facts: repairs.csv")
     p = command("recipe", cmd_recipe, "per-module widths within a bit budget against the usual "
                 "rules, as a GPTQModel dynamic config (recipe.json)", *common, one,
-                keys=("budget", "check", "widths", "batch_size"))
+                keys=("budget", "check", "widths", "eora_ranks", "batch_size"))
     p.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 4.3")
     p.add_argument("--widths", type=int, nargs="+", choices=SUPPORTED_BITS, default=[2, 3, 4, 8])
+    p.add_argument("--eora-ranks", type=int, nargs="*", default=[], help="EoRA ranks a module "
+                   "may take too (e.g. 16 64), exported as a PEFT adapter (adapter/)")
     p.add_argument("--check", action="store_true",
                    help="quantize again from the JSON alone and measure what it promised")
     p = command("compare-architectures", cmd_compare_architectures, "model families side by "

@@ -73,7 +73,8 @@ def run_model(name: str, method: str, budgets: list[float], n_validate: int) -> 
     model = mechq.load_model(name, device="cpu")
     base = mechq.Request(method, 4, deterministic=method == "gptq")
     t0 = time.perf_counter()
-    sens, uniform = recipe_sensitivity(model, base)
+    options = recipe_sensitivity(model, base)
+    sens, uniform = options.frame, options.uniform
     t_sens = time.perf_counter() - t0
     OUT.mkdir(parents=True, exist_ok=True)
     sens.to_csv(OUT / f"{name}-{method}-sensitivity.csv", index=False)
@@ -85,7 +86,7 @@ def run_model(name: str, method: str, budgets: list[float], n_validate: int) -> 
     rows, recipes, scored = [], {}, {}
     for b in budgets:
         t1 = time.perf_counter()
-        r = make_recipe(model, base, b, sens=sens, uniform=uniform, measurer=measurer)
+        r = make_recipe(model, base, b, options=options, measurer=measurer)
         seconds = time.perf_counter() - t1
         recipes[str(b)] = {k: v for k, v in r.items() if k != "candidates"}
         recipes[str(b)]["seconds"] = seconds

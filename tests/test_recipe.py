@@ -4,6 +4,7 @@ round trip through GPTQModel."""
 import json
 
 import pytest
+import torch
 
 import mechq
 from mechq.analysis import fisher as F
@@ -186,3 +187,84 @@ def test_sensitivity_map_marks_every_module_once(tiny, rtn_sens):
                    sens[(sens["bits"] == w)
                         & sens.set_index(["layer", "component"]).index.isin(
                             list(zip(t.y, t.x)))]["module"])
+
+
+# --------------------------------------------------------------------------------------------
+# EoRA ranks among the options
+# --------------------------------------------------------------------------------------------
+
+RTN4 = mechq.Request("rtn", 4)
+
+
+@pytest.fixture(scope="module")
+def eora_opts(tiny):
+    return R.recipe_sensitivity(tiny, RTN4, ranks=(4, 16), progress=False)
+
+
+def test_eora_options_pay_for_their_factors_and_are_the_corrected_weights(tiny, eora_opts):
+    from mechq.repair.eora import eora
+
+    f = eora_opts.frame
+    plain = f[f["rank"] == 0].set_index(["module", "bits"])
+    shapes = {m: tuple(layout.module_weight(tiny, m).shape) for m in layout.modules(tiny.cfg)}
+    for r in (4, 16):
+        rows = f[f["rank"] == r].set_index(["module", "bits"])
+        assert rows.index.equals(plain.index)  # every module and width, once per rank
+        # the codes' bits plus r (in + out) factor entries at 16 bits, exactly
+        extra = (rows["storage_bits"] - plain["storage_bits"]).tolist()
+        assert extra == [16 * r * sum(shapes[m]) for m, _ in rows.index]
+        # EoRA removes the error's largest directions on the calibration inputs, which the
+        # Fisher diagonal weights too (F_ij ~ E[g_i^2 x_j^2]): summed over the modules, the
+        # corrected weights' estimate is below the plain ones' at every width
+        est = rows.groupby("bits")["fisher_error"].sum()
+        assert (est < plain.groupby("bits")["fisher_error"].sum()).all()
+    # a rank's factors are the first terms of the largest rank's: the same as fitting that rank
+    sliced = next(v for v in eora_opts.corrected if v.name == "rtn-w4g128-eora4")
+    direct = eora(tiny, eora_opts.uniform[4], 4, grams=eora_opts.grams, progress=False)
+    for m, (b, a) in direct.lowrank.items():
+        assert torch.equal(sliced.lowrank[m][0], b) and torch.equal(sliced.lowrank[m][1], a)
+
+
+def test_the_eora_allocation_is_never_worse_and_assembles_what_it_counts(tiny, eora_opts):
+    from mechq.repair.allocation import assemble
+
+    for budget in (2.5, 3.3, 4.3):
+        allocs = ALT.rule_allocations(tiny, eora_opts.frame, budget)
+        assert list(allocs) == [*ALT.RULES, ALT.EORA_RULE]
+        for rule in ALT.RULES:  # the rules choose widths only
+            assert not allocs[rule].ranks, rule
+        e, p = allocs[ALT.EORA_RULE], allocs["fisher"]
+        assert e.avg_bits <= budget
+        if "exact" in e.method and "exact" in p.method:
+            # more options, the same exact optimisation: never a larger estimate (1e-12: sums
+            # in another order)
+            assert e.estimated_kl <= p.estimated_kl * (1 + 1e-12)
+        v = assemble(tiny, e, eora_opts.pool)
+        assert v.avg_bits == pytest.approx(e.avg_bits, abs=1e-12)  # counted alike, to the bit
+        assert {m: int(b.shape[1]) for m, (b, _) in v.lowrank.items()} == e.ranks
+
+
+def test_a_recipe_with_eora_ranks_ships_its_adapter_and_checks_from_the_json(
+        tiny, facts, rtn_sens, tmp_path):
+    """Widths fixed at 2 bits and one rank: the budget above uniform 2 bits can only buy
+    corrections (on the tiny model they cut the development KLD about fourfold)."""
+    from mechq import cli
+    from mechq.repair.adapter import read_peft_adapter
+
+    assert cli.main(["recipe", "rtn-w2g128", "--model", "tiny-gpt2", "--budget", "3.0",
+                     "--widths", "2", "--eora-ranks", "16", "--out", str(tmp_path)]) == 0
+    r = R.read_recipe(tmp_path / "recipe.json")
+    assert r["repair"] == ALT.EORA_RULE and r["ranks"] and set(r["ranks"].values()) == {16}
+    assert r["avg_bits"] <= 3.0 and set(r["modules"].values()) == {2}
+    factors = read_peft_adapter(tmp_path / "adapter", tiny)
+    assert {m: int(b.shape[1]) for m, (b, _) in factors.items()} == r["ranks"]
+    again = R.check_recipe(tiny, r, facts, progress=False)
+    assert again["avg_bits"] == pytest.approx(r["avg_bits"], abs=1e-12)
+    # RTN and EoRA have no randomness and run the same code here: the same variant, so the
+    # same numbers up to float summation order (1e-6 relative)
+    assert again["measured"] == pytest.approx(again["expected"], abs=1e-9)
+    assert again["kld_mean"] == pytest.approx(again["expected_kld_mean"], rel=1e-6)
+    with pytest.raises(ValueError, match="ranks must be positive"):
+        R.recipe_sensitivity(tiny, RTN4, widths=(4,), ranks=(0,), progress=False)
+    with pytest.raises(ValueError, match="needs EoRA options"):
+        ALT.rule_allocation(tiny, rtn_sens[0], 3.3, ALT.EORA_RULE)

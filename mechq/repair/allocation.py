@@ -1,10 +1,13 @@
 """A bit allocation under a budget: one width per module, the least estimated KL increase.
 
 **Problem** (a multiple-choice knapsack). Every linear module ``m`` has options ``k`` (its rows in
-:func:`mechq.analysis.fisher.sensitivity`: one uniform variant's weights per width), each with a
-cost ``c_mk`` (``storage_bits``: codes, zero points and fp16 scales, as
+:func:`mechq.analysis.fisher.sensitivity`: one uniform variant's weights per width; with
+:func:`mechq.repair.recipe.eora_options` also each width with an EoRA correction of rank ``r``,
+the ``rank`` column), each with a cost ``c_mk`` (``storage_bits``: codes, zero points and fp16
+scales, and a correction's ``r · (in + out)`` entries at 16 bits, as
 :attr:`mechq.quant.variants.Variant.avg_bits` counts them) and an estimated KL increase ``e_mk``
-(``fisher_error``). Choose one option per module to
+(``fisher_error``, of the corrected weight where there is a correction). Choose one option per
+module to
 
     minimise Σ_m e_mk   subject to   Σ_m c_mk ≤ budget · Σ_m n_m,
 
@@ -67,7 +70,7 @@ from mechq.repair.protect import _rule
 #: The DP keeps one int8 choice per module and unit: 2²⁰ units × 210 modules ≈ 220 MB.
 MAX_UNITS = 2**20
 #: the columns of :attr:`Allocation.frame`
-COLUMNS = ("module", "layer", "component", "bits", "variant", "group_size", "n_params",
+COLUMNS = ("module", "layer", "component", "bits", "rank", "variant", "group_size", "n_params",
            "storage_bits", "avg_bits", "fisher_error")
 NEEDED = ("module", "bits", "variant", "n_params", "storage_bits", "fisher_error")
 
@@ -113,6 +116,15 @@ class Allocation:
     def bits(self) -> dict[str, int]:
         """The chosen width of every module."""
         return dict(zip(self.frame["module"], self.frame["bits"].astype(int)))
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """The EoRA rank of every module the allocation corrects (options with ``rank > 0``;
+        empty when the frame has no ``rank`` column)."""
+        if "rank" not in self.frame.columns:
+            return {}
+        r = self.frame[self.frame["rank"] > 0]
+        return dict(zip(r["module"], r["rank"].astype(int)))
 
     @property
     def base_bits(self) -> int:

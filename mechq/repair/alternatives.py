@@ -25,7 +25,12 @@ to the widest for the protection rules):
   and ``down`` modules of those layers go one width up, in layer order, each that fits (at 4.3
   bits the whole rule does not fit over a 4-bit base: 8 bits is the next width mechq's
   GPTQModel path has; llama.cpp's Q6_K is a 6-bit type);
-- ``fisher``: :func:`mechq.repair.allocation.allocate`, the least summed Fisher estimate.
+- ``fisher``: :func:`mechq.repair.allocation.allocate`, the least summed Fisher estimate;
+- ``fisher+eora`` (:data:`EORA_RULE`, only over a frame with EoRA options,
+  :func:`mechq.repair.recipe.eora_options`): the same optimum where a module may also take an
+  EoRA correction of one of the frame's ranks, its factors paid for at 16 bits per entry.
+
+Every rule but ``fisher+eora`` chooses among the options without a correction (``rank`` 0).
 
 A rule whose choices leave budget unused keeps it unused: it is that rule's allocation.
 """
@@ -42,6 +47,17 @@ from mechq.repair.protect import kurtosis_ranking
 
 #: the rules, in the order tables show them
 RULES = ("uniform", "ends-8", "kurtosis", "llama.cpp", "fisher")
+#: the recipe's allocation with EoRA ranks among the options (a frame with a ``rank`` column)
+EORA_RULE = "fisher+eora"
+
+
+def plain(sens: pd.DataFrame) -> pd.DataFrame:
+    """The options without a low-rank correction (the whole frame when it has no ``rank``)."""
+    return sens[sens["rank"] == 0] if "rank" in sens.columns else sens
+
+
+def has_ranks(sens: pd.DataFrame) -> bool:
+    return "rank" in sens.columns and bool((sens["rank"] > 0).any())
 
 
 def widths_of(sens: pd.DataFrame) -> list[int]:
@@ -55,6 +71,7 @@ def _costs(sens: pd.DataFrame) -> dict[tuple[str, int], int]:
 
 def base_width(sens: pd.DataFrame, budget: float) -> int:
     """The widest width whose uniform allocation fits ``budget`` (``ValueError`` if none)."""
+    sens = plain(sens)
     cap, n = capacity(sens, budget)
     fits = [b for b in widths_of(sens)
             if int(sens.loc[sens["bits"] == b, "storage_bits"].sum()) <= cap]
@@ -126,12 +143,21 @@ def llama_cpp_layers(n_layers: int) -> list[int]:
 
 def rule_allocation(model: HookedTransformer, sens: pd.DataFrame, budget: float, rule: str
                     ) -> Allocation:
-    """The allocation of one rule of :data:`RULES` at ``budget`` (module docstring)."""
-    if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}.")
+    """The allocation of one rule of :data:`RULES` or :data:`EORA_RULE` at ``budget`` (module
+    docstring)."""
+    if rule not in (*RULES, EORA_RULE):
+        raise ValueError(f"unknown rule {rule!r}; expected one of {(*RULES, EORA_RULE)}.")
     missing = [c for c in ("module", "layer", "component", *NEEDED) if c not in sens.columns]
     if missing:
         raise ValueError(f"the sensitivity frame lacks the columns {missing}.")
+    if rule == EORA_RULE:
+        if not has_ranks(sens):
+            raise ValueError(f"rule {EORA_RULE!r} needs EoRA options in the frame "
+                             "(mechq.repair.recipe.eora_options).")
+        alloc = allocate(sens, budget)
+        alloc.method = f"{EORA_RULE} ({alloc.method})"
+        return alloc
+    sens = plain(sens)
     widest = max(widths_of(sens))
     if rule == "uniform":
         return _greedy(sens, budget, rule, [], _up(sens))
@@ -154,5 +180,7 @@ def rule_allocation(model: HookedTransformer, sens: pd.DataFrame, budget: float,
 
 def rule_allocations(model: HookedTransformer, sens: pd.DataFrame, budget: float,
                      rules: Sequence[str] = RULES) -> dict[str, Allocation]:
-    """Every rule's allocation at ``budget``, by rule name."""
+    """Every rule's allocation at ``budget``, by rule name (:data:`EORA_RULE` after them when
+    the frame has EoRA options and ``rules`` does not already name it)."""
+    rules = list(rules) + ([EORA_RULE] if has_ranks(sens) and EORA_RULE not in rules else [])
     return {r: rule_allocation(model, sens, budget, r) for r in rules}

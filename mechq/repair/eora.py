@@ -252,7 +252,7 @@ def weighted_error(delta: Float[Tensor, "d_out d_in"], gram: Float[Tensor, "d_in
 def eora(
     model: HookedTransformer,
     variant: Variant,
-    rank: int,
+    rank: int | Mapping[str, int],
     *,
     calibration: str | Path | list[str] | Calibration | None = None,
     n_samples: int | None = None,
@@ -261,10 +261,12 @@ def eora(
     eigs: dict[int, tuple[Tensor, Tensor]] | None = None,
     progress: bool = True,
 ) -> Variant:
-    """``variant`` with a rank-``rank`` EoRA correction on every packed module.
+    """``variant`` with a rank-``rank`` EoRA correction on every packed module (``rank`` a
+    mapping ``{module: rank}``: on those modules only, each at its own rank; a recipe's ranks).
 
-    Returns a new :class:`Variant` named ``f"{variant.name}-eora{rank}"`` with the same packed
-    modules and ``lowrank[module] = (B, A)`` stored in ``dtype`` (float16, as counted by
+    Returns a new :class:`Variant` named ``f"{variant.name}-eora{rank}"`` (a mapping: its ranks
+    joined by ``/``) with the same packed modules and ``lowrank[module] = (B, A)`` stored in
+    ``dtype`` (float16, as counted by
     :attr:`Variant.avg_bits`; float32 keeps the float64 result to float32 precision). Modules the
     variant keeps in full precision get none. ``model`` must hold its FP weights (not be inside
     a swap). ``grams`` (from :func:`calibration_grams`) lets several variants and ranks share one
@@ -275,8 +277,17 @@ def eora(
     """
     from tqdm.auto import tqdm
 
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int, got {type(rank).__name__}.")
+    ranks = dict(rank) if isinstance(rank, Mapping) else None
+    for r in ranks.values() if ranks is not None else [rank]:
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise TypeError(f"rank must be an int, got {type(r).__name__}.")
+    if ranks is not None:
+        loose = sorted(set(ranks) - set(variant.modules))
+        if loose:
+            raise ValueError(f"rank names {loose[0]!r}, which Variant {variant.name!r} does not "
+                             "pack.")
+        if not ranks:
+            raise ValueError("rank is an empty mapping: no module to correct.")
     if variant.lowrank:
         raise ValueError(f"Variant {variant.name!r} already has a low-rank correction; "
                          "compensate its base variant instead.")
@@ -297,30 +308,32 @@ def eora(
             raise ValueError(f"Variant {variant.name!r}: {m} is {p.out_features}×{p.in_features}, "
                              f"the model's is {w_shape[0]}×{w_shape[1]}; another model?")
         shapes[m] = w_shape
-    limit_module = min(shapes, key=lambda m: min(shapes[m]))
-    limit = min(shapes[limit_module])
-    if not 1 <= rank <= limit:
-        raise ValueError(f"rank must lie in 1 … {limit} (min(out, in) of {limit_module}), "
-                         f"got {rank}.")
+    ranks = ranks if ranks is not None else dict.fromkeys(variant.modules, rank)
+    for m, r in ranks.items():
+        if not 1 <= r <= min(shapes[m]):
+            raise ValueError(f"rank must lie in 1 … {min(shapes[m])} (min(out, in) of {m}), "
+                             f"got {r}.")
     if grams is None:
         grams = calibration_grams(model, calibration, n_samples=n_samples, progress=progress)
-    missing = [m for m in variant.modules if m not in grams]
+    missing = [m for m in ranks if m not in grams]
     if missing:
         raise ValueError(f"grams has no entry for {missing[0]!r}.")
 
     eigs = {} if eigs is None else eigs  # one eigendecomposition per shared Gram
     lowrank = {}
-    for m in tqdm(list(variant.modules), desc=f"eora r{rank}", unit="module",
-                  disable=not progress):
+    label = str(rank) if not isinstance(rank, Mapping) else \
+        "/".join(str(r) for r in sorted(set(ranks.values())))
+    for m in tqdm(list(ranks), desc=f"eora r{label}", unit="module", disable=not progress):
         g = grams[m]
         if id(g) not in eigs:
             eigs[id(g)] = _eig(g)
         w = layout.module_weight(model, m).double()
         e = w - variant.weight(m, torch.float32, device=w.device).double()
-        b, a = lowrank_factors(e, g, rank, eigs[id(g)])
+        b, a = lowrank_factors(e, g, ranks[m], eigs[id(g)])
         lowrank[m] = (b.to(dtype).cpu(), a.to(dtype).cpu())
         if not all(torch.isfinite(t).all() for t in lowrank[m]):
             raise FloatingPointError(f"EoRA factors of {m} overflow {dtype}; use dtype=float32.")
-    return replace(variant, name=f"{variant.name}-eora{rank}", lowrank=lowrank,
-                   meta=dict(variant.meta, eora=dict(rank=rank, base=variant.name,
-                                                     dtype=str(dtype).removeprefix("torch."))))
+    info = dict(rank=dict(ranks) if isinstance(rank, Mapping) else rank, base=variant.name,
+                dtype=str(dtype).removeprefix("torch."))
+    return replace(variant, name=f"{variant.name}-eora{label}", lowrank=lowrank,
+                   meta=dict(variant.meta, eora=info))

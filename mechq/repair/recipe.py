@@ -6,10 +6,14 @@ users would otherwise pick at the same bits, written as GPTQModel ``dynamic`` ru
 1. **Sensitivity, at once** (:func:`recipe_sensitivity`): the base method's uniform variants at
    every candidate width (``widths``, default 2/3/4/8 bits; cached like any variant) and
    :func:`mechq.analysis.fisher.sensitivity`, the Fisher estimate of every module's KL increase
-   at every width from one backward pass per calibration batch.
+   at every width from one backward pass per calibration batch. With ``ranks``
+   (:func:`eora_options`), every width also comes with an EoRA correction of each rank
+   (:func:`mechq.repair.eora.eora` on the bundled calibration's Grams), as options of their own:
+   the corrected weight's Fisher estimate, its factors' entries paid for at 16 bits.
 2. **Allocations at the budget** (:mod:`mechq.repair.alternatives`): the recipe's own
-   (``fisher``: the exact knapsack optimum of the estimate) and the rules it must beat
-   (``uniform``, ``ends-8``, ``kurtosis``, ``llama.cpp``), each within the same stored bits.
+   (``fisher``: the exact knapsack optimum of the estimate; ``fisher+eora`` the same with the
+   EoRA options) and the rules it must beat (``uniform``, ``ends-8``, ``kurtosis``,
+   ``llama.cpp``), each within the same stored bits.
 3. **Measured, without re-quantizing** (:class:`Measurer`): each allocation is assembled from the
    uniform variants (:func:`mechq.repair.allocation.assemble`: every module's packed weights
    taken as they are) and run as a swap. Each is measured on the **development** half of the
@@ -19,12 +23,16 @@ users would otherwise pick at the same bits, written as GPTQModel ``dynamic`` ru
    bits); the held-out columns are not read to choose.
 4. **Re-quantized for real**: the chosen widths go to the quantizer as ``dynamic`` rules
    (GPTQ: GPTQModel quantizes module by module with its error feedback, so the result differs
-   from the assembled swap) and that checkpoint is measured on the held-out halves: the
-   recipe's ``expected`` numbers, which :func:`check_recipe` re-measures from the JSON alone.
+   from the assembled swap), the chosen EoRA ranks are fitted again on its weights, and that
+   is measured on the held-out halves: the recipe's ``expected`` numbers, which
+   :func:`check_recipe` re-measures from the JSON alone. The correction ships as a PEFT LoRA
+   adapter beside the checkpoint (:func:`mechq.repair.adapter.write_peft_adapter`).
 
 The recipe (a dict, JSON by :func:`write_recipe`) holds ``dynamic`` (GPTQModel's rules over a
 uniform base of ``bits``; ``+:`` overrides, each matching exactly its modules' names),
-``modules`` (every module's width), ``avg_bits`` and ``memory``, ``candidates`` (every rule's
+``modules`` (every module's width), ``ranks`` (the EoRA rank of each corrected module; empty
+without), ``avg_bits`` and ``memory`` (a correction's entries counted at 16 bits),
+``candidates`` (every rule's
 row of :class:`Measurer`), ``expected`` and ``amplification`` (peak-signal amplification chosen on
 the development facts for the re-quantized weights: applied at read-out by
 :class:`mechq.repair.amplify.Amplified`, not part of the checkpoint; ``alpha = 0``: off).
@@ -34,13 +42,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 from transformer_lens import HookedTransformer
 
-from mechq.analysis.fisher import DEFAULT_BITS, sensitivity
+from mechq.analysis.fisher import DEFAULT_BITS, Fisher, fisher_diagonal, sensitivity
 from mechq.analysis.kld import fp_reference, kld_stats
 from mechq.analysis.recall import evaluate_recall
 from mechq.facts import FactSet, bundled_facts
@@ -50,10 +58,11 @@ from mechq.quant.quantize import Request, quantize_many
 from mechq.quant.variants import Variant
 from mechq.repair import amplify
 from mechq.repair.allocation import assemble
-from mechq.repair.alternatives import RULES, rule_allocations
+from mechq.repair.alternatives import RULES, plain, rule_allocations
+from mechq.repair.eora import calibration_grams, eora
 
-FORMAT = "mechq-recipe/2"
-READABLE = ("mechq-recipe/1", FORMAT)
+FORMAT = "mechq-recipe/3"
+READABLE = ("mechq-recipe/1", "mechq-recipe/2", FORMAT)
 #: held-out text tokens the recipe chooses on (the first ones, the part a diagnosis reads too)
 DEV_TOKENS = 4096
 #: the measurements of a :class:`Measurer` row, per variant
@@ -81,19 +90,76 @@ def _check_base(base: Request) -> None:
                          f"{base.method!r} is not one (AWQ folds scales across modules).")
 
 
+@dataclass
+class Options:
+    """What an allocation chooses from (step 1): ``frame``, one row per module and option
+    (:func:`sensitivity`'s columns and ``rank``, 0 for no correction); ``uniform``, the uniform
+    variant of each width; ``corrected``, those variants with their EoRA corrections (one per
+    width and rank); ``grams``, the calibration Grams the corrections were fitted on (``None``
+    without ranks)."""
+
+    frame: pd.DataFrame
+    uniform: dict[int, Variant]
+    corrected: list[Variant] = field(default_factory=list)
+    grams: Mapping | None = None
+
+    @property
+    def pool(self) -> list[Variant]:
+        """Every variant an option's weights come from (what :func:`assemble` takes)."""
+        return [*self.uniform.values(), *self.corrected]
+
+
+def eora_options(model: HookedTransformer, frame: pd.DataFrame, uniform: Mapping[int, Variant],
+                 ranks: Sequence[int], *, fisher: Fisher, grams: Mapping,
+                 progress: bool = True) -> tuple[pd.DataFrame, list[Variant]]:
+    """``frame`` (rank 0) with one more option per module, width and rank ``r`` of ``ranks``:
+    the uniform variant's module with its rank-``r`` EoRA correction, its ``fisher_error`` that
+    of the corrected weight and its ``storage_bits`` those of the codes plus ``r · (in + out)``
+    entries at 16 bits. Returns the frame and the corrected variants (named
+    ``<variant>-eora<r>``). The factors of rank ``r`` are the first ``r`` terms of the
+    largest rank's (the same SVD), so every rank costs one fit per width."""
+    ranks = sorted({int(r) for r in ranks})
+    if not ranks or ranks[0] < 1:
+        raise ValueError(f"EoRA ranks must be positive, got {ranks}.")
+    rows, corrected, eigs = [frame.assign(rank=0)], [], {}
+    for b, v in uniform.items():
+        top = eora(model, v, ranks[-1], grams=grams, eigs=eigs, progress=progress)
+        for r in ranks:
+            cv = top if r == ranks[-1] else replace(
+                top, name=f"{v.name}-eora{r}",
+                lowrank={m: (f[:, :r].clone(), a[:r].clone()) for m, (f, a) in
+                         top.lowrank.items()},
+                meta=dict(top.meta, eora=dict(top.meta["eora"], rank=r)))
+            corrected.append(cv)
+            rows.append(sensitivity(model, [b], variants={b: cv}, fisher=fisher,
+                                    progress=False).assign(rank=r))
+    out = pd.concat(rows, ignore_index=True)
+    order = {m: i for i, m in enumerate(dict.fromkeys(frame["module"]))}
+    out = out.sort_values(["module", "bits", "rank"], key=lambda c: c.map(order)
+                          if c.name == "module" else c, kind="stable", ignore_index=True)
+    return out, corrected
+
+
 def recipe_sensitivity(model: HookedTransformer, base: Request,
-                       widths: Sequence[int] = DEFAULT_BITS, *, progress: bool = True
-                       ) -> tuple[pd.DataFrame, dict[int, Variant]]:
-    """Step 1: ``base``'s uniform variant at every width (made or read from the cache) and the
-    Fisher sensitivity frame of every module at every width (:func:`sensitivity`)."""
+                       widths: Sequence[int] = DEFAULT_BITS, *, ranks: Sequence[int] = (),
+                       progress: bool = True) -> Options:
+    """Step 1: ``base``'s uniform variant at every width (made or read from the cache), the
+    Fisher sensitivity of every module at every width (:func:`sensitivity`), and with
+    ``ranks`` the EoRA options of every width (:func:`eora_options`)."""
     _check_base(base)
     widths = sorted(set(int(b) for b in widths))
     made = quantize_many(model, [replace(base, bits=b, name=None) for b in widths],
                          progress=progress)
     uniform = dict(zip(widths, made))
-    sens = sensitivity(model, widths, group_size=made[0].group_size, sym=base.sym,
-                       variants=uniform, progress=progress)
-    return sens, uniform
+    fisher = fisher_diagonal(model, progress=progress)
+    frame = sensitivity(model, widths, group_size=made[0].group_size, sym=base.sym,
+                        variants=uniform, fisher=fisher, progress=progress).assign(rank=0)
+    if not ranks:
+        return Options(frame, uniform)
+    grams = calibration_grams(model, progress=progress)
+    frame, corrected = eora_options(model, frame, uniform, ranks, fisher=fisher, grams=grams,
+                                    progress=progress)
+    return Options(frame, uniform, corrected, grams)
 
 
 class Measurer:
@@ -154,23 +220,26 @@ class Measurer:
 
 def make_recipe(model: HookedTransformer, base: Request, budget: float,
                 facts: FactSet | None = None, *, widths: Sequence[int] = DEFAULT_BITS,
-                rules: Sequence[str] = RULES, sens: pd.DataFrame | None = None,
-                uniform: Mapping[int, Variant] | None = None,
-                measurer: Measurer | None = None, requantize: bool = True,
-                alphas=amplify.ALPHAS, progress: bool = True, batch_size: int = 32) -> dict:
+                ranks: Sequence[int] = (), rules: Sequence[str] = RULES,
+                options: Options | None = None, measurer: Measurer | None = None,
+                requantize: bool = True, alphas=amplify.ALPHAS, progress: bool = True,
+                batch_size: int = 32) -> dict:
     """The recipe for ``base``'s method and settings (its ``bits`` are not used: the widths
     come from the allocation) within ``budget`` average bits per weight (module docstring).
-    ``sens`` and ``uniform`` (from :func:`recipe_sensitivity`) and ``measurer`` are made here
-    when not given; pass them to make several budgets from one sensitivity. ``requantize=False``
-    stops after step 3 (``expected`` then describes the assembled swap)."""
+    ``ranks``: EoRA ranks a module may take besides its width (none by default). ``options``
+    (from :func:`recipe_sensitivity`, which then decides the widths and ranks) and ``measurer``
+    are made here when not given; pass them to make several budgets from one sensitivity.
+    ``requantize=False`` stops after step 3 (``expected`` then describes the assembled swap)."""
     _check_base(base)
     if "fisher" not in rules:
         raise ValueError("rules must include 'fisher', the recipe's own allocation.")
-    if sens is None or uniform is None:
-        sens, uniform = recipe_sensitivity(model, base, widths, progress=progress)
+    if options is None:
+        options = recipe_sensitivity(model, base, widths, ranks=ranks, progress=progress)
+    uniform = options.uniform
     measurer = measurer or Measurer(model, facts, batch_size=batch_size)
-    allocs = rule_allocations(model, sens, budget, rules)
-    mixed = {r: assemble(model, a, uniform, name=f"{r}@{budget:g}") for r, a in allocs.items()}
+    allocs = rule_allocations(model, options.frame, budget, rules)
+    mixed = {r: assemble(model, a, options.pool, name=f"{r}@{budget:g}")
+             for r, a in allocs.items()}
     table = measurer(mixed, progress)
     table.insert(0, "rule", list(allocs))
     table["estimated_kl"] = [a.estimated_kl for a in allocs.values()]
@@ -183,6 +252,8 @@ def make_recipe(model: HookedTransformer, base: Request, budget: float,
         (chosen,) = quantize_many(model, [replace(base, bits=alloc.base_bits,
                                                   dynamic=dynamic or None, name=None)],
                                   progress=progress)
+        if alloc.ranks:  # fitted again on the re-quantized weights, on the same Grams
+            chosen = eora(model, chosen, alloc.ranks, grams=options.grams, progress=progress)
         row = measurer({"recipe": chosen}, progress).iloc[0].to_dict()
         row.update(rule=f"{best['rule']} (re-quantized)", estimated_kl=alloc.estimated_kl,
                    requantized=True)
@@ -204,6 +275,7 @@ def make_recipe(model: HookedTransformer, base: Request, budget: float,
         "budget": budget, "widths": sorted(int(b) for b in uniform),
         "repair": str(best["rule"]), "dynamic": dynamic,
         "modules": {m: int(b) for m, b in alloc.bits.items()},
+        "ranks": alloc.ranks,
         "avg_bits": chosen.avg_bits, "memory": memory(model, chosen),
         "estimated_kl": alloc.estimated_kl,
         "expected": {
@@ -262,9 +334,10 @@ def request_of(recipe: dict, seed: int | None = None) -> Request:
 def check_recipe(model: HookedTransformer, recipe: dict, facts: FactSet | None = None, *,
                  seed: int | None = None, progress: bool = True) -> dict:
     """Quantize again from the recipe's JSON alone (through GPTQModel for GPTQ), read the
-    checkpoint back with mechq's reader, and measure the held-out accuracy and KLD the recipe
-    promised: ``{"expected", "measured", "expected_kld_mean", "kld_mean", "variant",
-    "avg_bits", "path"}`` (the KLD ones for format 2 recipes). With ``seed=None`` the recipe's
+    checkpoint back with mechq's reader, fit its EoRA ranks again (if it has any), and measure
+    the held-out accuracy and KLD the recipe promised: ``{"expected", "measured",
+    "expected_kld_mean", "kld_mean", "variant", "avg_bits", "path"}`` (the KLD ones for format
+    2 and later recipes). With ``seed=None`` the recipe's
     own calibration is run again (the cached checkpoint is overwritten, not reused); another
     ``seed`` draws other calibration windows."""
     src = models.source_of(model)
@@ -275,6 +348,8 @@ def check_recipe(model: HookedTransformer, recipe: dict, facts: FactSet | None =
     _, held = amplify.dev_heldout(facts)
     (v,) = quantize_many(model, [request_of(recipe, seed)], cache=seed is not None,
                          progress=progress)
+    if recipe.get("ranks"):  # the correction is fitted again, on the bundled calibration
+        v = eora(model, v, recipe["ranks"], progress=progress)
     rec = evaluate_recall(model, held, [v], include_fp=False, progress=progress)
     out = dict(expected=recipe["expected"]["accuracy"], measured=float(rec["correct"].mean()),
                variant=v.name, avg_bits=v.avg_bits, path=str(v.meta.get("path")))

@@ -25,7 +25,7 @@ from mechq.analysis.recall import accuracy, evaluate_recall, subset_labels, subs
 from mechq.engine.store import machine_text
 from mechq.facts import FactSet
 from mechq.models.load import source_of
-from mechq.quant.quantize import Request
+from mechq.quant.quantize import Request, quantize_many
 from mechq.quant.variants import Variant
 from mechq.reports import plots
 from mechq.reports.html import Report
@@ -502,19 +502,29 @@ def diagnose_page(model: HookedTransformer, variant: Variant, facts: FactSet, ou
 
 def recipe_page(model: HookedTransformer, base: Request, facts: FactSet, out: Path, *,
                 budget: float, check: bool = False, widths: Sequence[int] | None = None,
-                batch_size: int = 32) -> Page:
+                eora_ranks: Sequence[int] = (), batch_size: int = 32) -> Page:
     """Per-module widths of ``base``'s method within ``budget`` bits per weight, measured against
     the usual rules at the same bits (:mod:`mechq.repair.recipe`): recipe.json (with GPTQModel's
     dynamic rules), candidates.csv, sensitivity.csv and recipe.html with the sensitivity map;
-    with ``check`` the recipe is quantized again from the JSON alone and measured."""
+    with ``eora_ranks`` a module may also take an EoRA correction, which goes into ``adapter/``
+    as a PEFT LoRA adapter for the re-quantized checkpoint; with ``check`` the recipe is
+    quantized again from the JSON alone and measured."""
     from mechq.analysis.fisher import DEFAULT_BITS
-    from mechq.repair.recipe import check_recipe, make_recipe, recipe_sensitivity, write_recipe
+    from mechq.repair.adapter import write_peft_adapter
+    from mechq.repair.alternatives import plain
+    from mechq.repair.eora import eora
+    from mechq.repair.recipe import (check_recipe, make_recipe, recipe_sensitivity, request_of,
+                                     write_recipe)
 
-    sens, uniform = recipe_sensitivity(model, base, widths or DEFAULT_BITS)
-    r = make_recipe(model, base, budget, facts, sens=sens, uniform=uniform,
-                    batch_size=batch_size)
+    options = recipe_sensitivity(model, base, widths or DEFAULT_BITS, ranks=eora_ranks)
+    r = make_recipe(model, base, budget, facts, options=options, batch_size=batch_size)
     path = write_recipe(r, out / "recipe.json")
+    sens = options.frame
     sens.to_csv(out / "sensitivity.csv", index=False)
+    if r["ranks"]:  # the re-quantized checkpoint (cached) and its correction, fitted again
+        (v,) = quantize_many(model, [request_of(r)], progress=False)
+        write_peft_adapter(eora(model, v, r["ranks"], grams=options.grams, progress=False),
+                           out / "adapter", model)
     table = pd.DataFrame(r["candidates"])
     table.to_csv(out / "candidates.csv", index=False)
     e, a = r["expected"], r["amplification"]
@@ -524,7 +534,9 @@ def recipe_page(model: HookedTransformer, base: Request, facts: FactSet, out: Pa
             f"held-out ({e['n_fp_known']} facts FP knows): {100 * e['accuracy_fp_known']:.1f} % "
             f"kept, KLD {e['kld_mean']:.4f} (uniform {int(uni['avg_bits'])}-bit "
             f"{100 * uni['heldout_accuracy_fp_known']:.1f} %, KLD {uni['kld_mean']:.4f}); "
-            f"amplification alpha={a['alpha']:g}\n\n" + _text(table[[
+            f"amplification alpha={a['alpha']:g}"
+            + (f"; EoRA on {len(r['ranks'])} module(s), adapter in {out / 'adapter'}"
+               if r["ranks"] else "") + "\n\n" + _text(table[[
                 "rule", "avg_bits", "dev_kld_mean", "heldout_accuracy_fp_known", "kld_mean",
                 "same_top1"]], index=False))
     if check:
@@ -537,7 +549,7 @@ def recipe_page(model: HookedTransformer, base: Request, facts: FactSet, out: Pa
     rep.heading("Every rule at the same bits (chosen on the development halves)")
     rep.table(table)
     rep.heading("Sensitivity map (white squares: the recipe's widths)")
-    rep.figure(plots.sensitivity_map(sens, r["modules"]))
+    rep.figure(plots.sensitivity_map(plain(sens), r["modules"]))
     rep.write(out / "recipe.html")
     return Page(path, text, {"candidates": table, "sensitivity": sens})
 
