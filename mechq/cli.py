@@ -2,11 +2,10 @@
 
 Variants are positional arguments, named as mechq names them: ``gptq-w4g128``, ``rtn-w2g128``,
 ``gptq-w3`` (group size 128 by default), with ``-asym`` / ``-act`` / ``-sSEED`` suffixes, or a
-path to a checkpoint directory; ``+SCHEME`` adds an activation / KV-cache scheme
-(``gptq-w4g128+A8-int-token``, ``fp+KV4-int-head``; the schemes:
-``mechq.quant.activation_quant``). Facts: ``bundled``, a facts CSV, or ``pararel[:P36,P103]``
-(the Pararel dev copy or ``$MECHQ_PARAREL``). Every command writes into ``--out`` (default
-``mechq-COMMAND/``).
+path to a checkpoint directory; ``+SCHEME`` adds an activation scheme (``gptq-w4g128+A8-int-token``,
+``fp+KV4-int-head``; see ``mechq.quant.activation_quant``). Facts: ``bundled``, a facts CSV, or
+``pararel[:P36,P103]`` (the Pararel dev copy or ``$MECHQ_PARAREL``). Every command writes into
+``--out`` (default ``mechq-COMMAND/``).
 """
 
 from __future__ import annotations
