@@ -428,12 +428,14 @@ class Context:
                 chosen = pd.Series(rec["modules"])
                 mix = n.groupby(chosen.reindex(n.index)).sum() / n.sum()
                 budgets.append(dict(budget=b, rows=rows, chosen=rec["repair"],
+                                    n_corrected=len(rec.get("ranks") or {}),
                                     mix={int(w): float(x) for w, x in mix.items()},
                                     goal=run["goals"][str(b)], seconds=rec["seconds"],
                                     n_rules=len(rec["dynamic"]), base=rec["bits"]))
             corr = {str(r["bits"]): r for r in run["rank_correlation"]}
             runs.append(dict(key=key, model=run["model"], method=run["method"],
                              deterministic=run["deterministic"], corr=corr,
+                             eora_ranks=run.get("eora_ranks") or [],
                              n_validated=corr["all"]["n_modules"] // len(
                                  [k for k in corr if k != "all"]),
                              budgets=budgets, round_trip=run["round_trip"],

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from mechq.reports import plots, static
+from mechq.repair.alternatives import plain
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -45,7 +46,7 @@ def main() -> None:
     for run in sorted((RESULTS / "recipe").glob("*.json")):
         r = json.loads(run.read_text())
         top = max(r["recipes"], key=float)
-        sens = pd.read_csv(run.with_name(f"{run.stem}-sensitivity.csv"))
+        sens = plain(pd.read_csv(run.with_name(f"{run.stem}-sensitivity.csv")))
         fig = plots.sensitivity_map(sens, r["recipes"][top]["modules"], title=(
             f"Sensitivity map, {r['model']} {r['method'].upper()}: estimated KL increase per "
             f"module and width (squares: the recipe at {top} bits)"))

@@ -13,7 +13,11 @@ Writes ``benchmarks/results/recipe/<model>-<method>.json`` (and the sensitivity 
 CSV, for the map in figures/), rendered into docs/recipe.md by ``scripts/build_docs.py``.
 
     .venv/bin/python scripts/measure_recipe.py [--models smollm2-135m gemma-3-270m]
-        [--method rtn|gptq] [--budgets 2.5 3.3 4.3] [--validate-modules 30]
+        [--method rtn|gptq] [--budgets 2.5 3.3 4.3] [--validate-modules 30] [--eora-ranks R ...]
+
+With ``--eora-ranks`` every width also comes with EoRA corrections of those ranks as options
+(:func:`mechq.repair.recipe.eora_options`), and the rule ``fisher+eora`` is measured beside
+the others.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import pandas as pd
 import mechq
 from mechq.analysis import fisher as F
 from mechq.engine.store import write_result
-from mechq.repair.alternatives import base_width
+from mechq.repair.eora import eora
+from mechq.repair.alternatives import base_width, plain
 from mechq.repair.recipe import (Measurer, check_recipe, make_recipe, recipe_sensitivity,
                                  request_of)
 
@@ -69,16 +74,17 @@ def goals(budget: float, uniform: dict, recipe: dict, verdicts: dict) -> dict:
     return out
 
 
-def run_model(name: str, method: str, budgets: list[float], n_validate: int) -> dict:
+def run_model(name: str, method: str, budgets: list[float], n_validate: int,
+              ranks: list[int]) -> dict:
     model = mechq.load_model(name, device="cpu")
     base = mechq.Request(method, 4, deterministic=method == "gptq")
     t0 = time.perf_counter()
-    options = recipe_sensitivity(model, base)
+    options = recipe_sensitivity(model, base, ranks=ranks)
     sens, uniform = options.frame, options.uniform
     t_sens = time.perf_counter() - t0
     OUT.mkdir(parents=True, exist_ok=True)
     sens.to_csv(OUT / f"{name}-{method}-sensitivity.csv", index=False)
-    val = F.validate(model, sens, uniform, bits=(2, 3, 4), n_modules=n_validate,
+    val = F.validate(model, plain(sens), uniform, bits=(2, 3, 4), n_modules=n_validate,
                      max_tokens=2048)
     corr = pd.concat([F.rank_correlation(val), F.rank_correlation(val, by=None)
                       .assign(bits="all")], ignore_index=True)
@@ -98,6 +104,8 @@ def run_model(name: str, method: str, budgets: list[float], n_validate: int) -> 
         if b == min(budgets):
             u = uniform[base_width(sens, b)]
             (v,) = mechq.quantize_many(model, [request_of(r)], progress=False)
+            if r["ranks"]:
+                v = eora(model, v, r["ranks"], grams=options.grams, progress=False)
             for label, var in (("uniform", u), ("recipe", v)):
                 verdicts[label] = mechq.diagnose(model, var).verdict
         scored[str(b)] = goals(b, table["uniform"], requantized, verdicts)
@@ -105,7 +113,7 @@ def run_model(name: str, method: str, budgets: list[float], n_validate: int) -> 
     top = str(max(budgets))
     check = check_recipe(model, recipes[top], progress=False)
     return dict(model=name, method=method, deterministic=base.deterministic,
-                widths=sorted(uniform), uniform={str(k): v.name for k, v in uniform.items()},
+                eora_ranks=sorted(ranks), widths=sorted(uniform), uniform={str(k): v.name for k, v in uniform.items()},
                 sensitivity_seconds=t_sens, validation=val.to_dict(orient="records"),
                 rank_correlation=corr.to_dict(orient="records"),
                 n_heldout_fp_known=measurer.n_heldout_fp_known, table=rows, recipes=recipes,
@@ -118,14 +126,18 @@ def main() -> None:
     ap.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.3, 4.3])
     ap.add_argument("--validate-modules", type=int, default=30)
+    ap.add_argument("--eora-ranks", type=int, nargs="*", default=[])
     args = ap.parse_args()
     for name in args.models:
         t0 = time.perf_counter()
-        res = run_model(name, args.method, args.budgets, args.validate_modules)
+        res = run_model(name, args.method, args.budgets, args.validate_modules,
+                        args.eora_ranks)
         res["minutes"] = (time.perf_counter() - t0) / 60
         command = (f"python scripts/measure_recipe.py --models {name} --method {args.method} "
                    f"--budgets {' '.join(map(str, args.budgets))} "
-                   f"--validate-modules {args.validate_modules}")
+                   f"--validate-modules {args.validate_modules}"
+                   + (f" --eora-ranks {' '.join(map(str, args.eora_ranks))}"
+                      if args.eora_ranks else ""))
         path = write_result(OUT / f"{name}-{args.method}.json", res, command=command)
         print(f"wrote {path} ({res['minutes']:.1f} min)")
 
