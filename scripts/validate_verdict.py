@@ -8,7 +8,9 @@ Cases, per model (SmolLM2-135M and Gemma 3 270M; the tiny GPT-2 as a third, neve
 - ``ct``: RTN w4 written as a compressed-tensors checkpoint and read back (its group size the
   largest of 128, 64, 32 that divides every input width, as compressed-tensors needs);
 - ``fault``: the four reader faults of :mod:`mechq.quant.faults` applied to Gemma's GPTQ w4 (and,
-  with ``--awq``, to SmolLM2's AWQ w4);
+  with ``--awq``, to SmolLM2's AWQ w4); a fault that cannot occur silently on the model
+  (:class:`~mechq.quant.faults.FaultNotApplicable`: transposed codes on a model without a square
+  module) is recorded as not applicable, with the reason, and left out;
 - ``mismatch``: RTN at 8 and at 4 bits of a perturbed copy of the weights (every row of every
   linear weight plus Gaussian noise of ``rho`` times the row's standard deviation, seeded),
   diagnosed against the unperturbed model; and one with a zero-point fault on top;
@@ -240,14 +242,25 @@ def run_model(name: str, awq: bool, work: Path, only: str | None = None) -> None
     todo = [s for s in specs if not (work / f"{name}__{s['case']}.json").exists()]
     if not todo:
         return
-    truth = Truth(model)
-    sample = V.fp_correct_sample(model)
-    fp = observe_fp(model, sample)
+    made: dict = {}  # the ground truth's and the diagnosis' FP references, made on first need
+
+    def once(key: str, make):
+        if key not in made:
+            made[key] = make()
+        return made[key]
+
     w8 = {}
     for s in todo:
         t0 = time.perf_counter()
         print(f"{name}: {s['case']} …", flush=True)
-        v = s["make"]()
+        try:
+            v = s["make"]()
+        except faults.FaultNotApplicable as e:  # recorded, so that a resumed run skips it
+            (work / f"{name}__{s['case']}.json").write_text(json.dumps(dict(
+                model=name, case=s["case"], kind=s["kind"], not_applicable=str(e))))
+            print(f"  not applicable: {e}", flush=True)
+            continue
+        fp = once("fp", lambda: observe_fp(model, V.fp_correct_sample(model)))
         (d,) = V.diagnose_many(model, [v], fp=fp)
         rec = dict(model=name, case=s["case"], kind=s["kind"], method=s["method"],
                    bits=s["bits"], variant=v.name, avg_bits=v.avg_bits, rho=s.get("rho"),
@@ -263,7 +276,7 @@ def run_model(name: str, awq: bool, work: Path, only: str | None = None) -> None
             if base8 is None and s["kind"] == "quantized" and s["bits"] != 8:
                 base8 = mechq.quantize(model, s["method"], bits=8,
                                        group_size=32 if name == "tiny-gpt2" else 128)
-            rec.update(truth(v, base8))
+            rec.update(once("truth", lambda: Truth(model))(v, base8))
         rec["seconds"] = round(time.perf_counter() - t0, 1)
         rec["machine"] = machine()
         (work / f"{name}__{s['case']}.json").write_text(json.dumps(rec, default=str))
@@ -358,6 +371,8 @@ def planned_cases(models: list[str], awq: bool) -> list[str]:
 
 def summarize(work: Path, out: Path, planned: list[str]) -> None:
     recs = [json.loads(p.read_text()) for p in sorted(work.glob("*.json"))]
+    not_applicable = [dict(key=f"{r['model']}/{r['case']}", reason=r["not_applicable"])
+                      for r in recs if "not_applicable" in r]
     recs = [r for r in recs if "evidence" in r]
     if not recs:
         raise SystemExit(f"no cases in {work}")
@@ -412,10 +427,10 @@ def summarize(work: Path, out: Path, planned: list[str]) -> None:
     pd.DataFrame(rows).to_csv(out / "confusion.csv", index=False)
     write_result(out / "thresholds.json", {k: asdict(v) for k, v in fits.items()},
                  command="python scripts/validate_verdict.py --summarize-only")
-    done = set(cases.key)
+    done = set(cases.key) | {r["key"] for r in not_applicable}
     write_result(out / "truth.json", dict(kept=KEPT, repaired=REPAIRED, eora_rank=EORA_RANK,
                                           protected_layers=PROTECTED, min_known=MIN_KNOWN,
-                                          planned=len(planned),
+                                          planned=len(planned), not_applicable=not_applicable,
                                           missing=[c for c in planned if c not in done]),
                  command="python scripts/validate_verdict.py --summarize-only")
     conf = pd.DataFrame(rows)

@@ -66,6 +66,18 @@ def test_format_faults_are_format_bugs(tiny, tiny_g32, fault):
         assert set(bad["module"]) <= square and square
 
 
+def test_a_transposing_reader_cannot_misread_a_model_without_square_modules(tiny_g32):
+    """Gemma 3 270M has no square linear module: transposed codes would not fit any shape, so
+    the fault is refused by name instead of returning the variant unchanged as a "fault"."""
+    from dataclasses import replace
+
+    oblong = replace(tiny_g32, modules={m: p for m, p in tiny_g32.modules.items()
+                                        if p.in_features != p.out_features})
+    assert oblong.modules
+    with pytest.raises(faults.FaultNotApplicable, match="no square module"):
+        faults.transposed_codes(oblong)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_checkpoint_from_other_fp_weights_is_a_reference_mismatch(tiny, other_tiny, bits):
     variant = mechq.quantize(other_tiny, "rtn", bits=bits, group_size=32)

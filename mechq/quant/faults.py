@@ -13,7 +13,9 @@ known cause (``mechq.diagnose`` must answer ``"format_bug"`` and name the module
 - :func:`permuted_g_idx`: a group index (``g_idx``, act-order) applied in the wrong order, so
   input channels take the scales and zero points of other groups.
 - :func:`transposed_codes`: the code matrix read with its axes swapped, for the square modules
-  where the shapes still fit (the others are left as they were).
+  where the shapes still fit (the others are left as they were). A model without a square
+  linear module cannot be misread this way silently (a transposing reader fails on the
+  shapes): :class:`FaultNotApplicable`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ import torch
 from mechq.quant.formats.awq import AWQ_ORDER
 from mechq.quant.packing import PackedLinear, pack_int
 from mechq.quant.variants import Variant
+
+
+class FaultNotApplicable(ValueError):
+    """The fault cannot occur silently on this variant (no module it would change)."""
 
 
 def _repacked(p: PackedLinear, codes: torch.Tensor, zeros: torch.Tensor) -> PackedLinear:
@@ -76,6 +82,11 @@ def transposed_codes(variant: Variant) -> Variant:
     Only meaningful for a variant whose groups span whole rows or whose group structure is the
     same along both axes: the zero points and scales stay where they were.
     """
+    if not any(p.in_features == p.out_features for p in variant.modules.values()):
+        raise FaultNotApplicable(
+            f"{variant.name} has no square module: a reader that transposed its codes would "
+            "fail on their shapes, not misread them silently.")
+
     def fault(p: PackedLinear) -> PackedLinear:
         if p.in_features != p.out_features:
             return p
