@@ -427,8 +427,15 @@ class Context:
                 n = sens.drop_duplicates("module").set_index("module")["n_params"]
                 chosen = pd.Series(rec["modules"])
                 mix = n.groupby(chosen.reindex(n.index)).sum() / n.sum()
+                final = next(r for r in rows if r["requantized"])
+                beats = [dict(rule=r["rule"], recall=r["heldout_accuracy_fp_known"])
+                         for r in rows if not r["requantized"] and r["heldout_accuracy_fp_known"]
+                         > final["heldout_accuracy_fp_known"]]
                 budgets.append(dict(budget=b, rows=rows, chosen=rec["repair"],
                                     n_corrected=len(rec.get("ranks") or {}),
+                                    final=final, more_recall=beats,
+                                    less_kld=[r["rule"] for r in rows if not r["requantized"]
+                                              and r["kld_mean"] < final["kld_mean"]],
                                     mix={int(w): float(x) for w, x in mix.items()},
                                     goal=run["goals"][str(b)], seconds=rec["seconds"],
                                     n_rules=len(rec["dynamic"]), base=rec["bits"]))
