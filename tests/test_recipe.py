@@ -124,6 +124,7 @@ def test_recipe_json_holds_what_gptqmodel_and_mechq_need(tiny, tiny_recipe):
         R.read_recipe(bad)
 
 
+@pytest.mark.slow  # slow: two more GPTQModel runs of the recipe (about 8 s); make test keeps it
 def test_recipe_round_trip_through_gptqmodel(tiny, facts, tiny_recipe):
     r, path = tiny_recipe
     recipe = R.read_recipe(path)
@@ -244,6 +245,7 @@ def test_the_eora_allocation_is_never_worse_and_assembles_what_it_counts(tiny, e
         assert {m: int(b.shape[1]) for m, (b, _) in v.lowrank.items()} == e.ranks
 
 
+@pytest.mark.slow  # slow: mechq recipe end to end, then its check (about 9 s); make test keeps it
 def test_a_recipe_with_eora_ranks_ships_its_adapter_and_checks_from_the_json(
         tiny, facts, rtn_sens, tmp_path):
     """Widths fixed at 2 bits and one rank: the budget above uniform 2 bits can only buy
