@@ -32,6 +32,7 @@ print(c.digest, torch.get_num_threads(), c.tokens[0][:12])
 """
 
 
+@pytest.mark.slow  # slow: two child processes each load SmolLM2 (about 10 s); make test keeps it
 def test_default_calibration_is_golden_under_1_and_2_threads():
     runs = {}
     for threads in ("1", "2"):
