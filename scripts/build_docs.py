@@ -407,16 +407,23 @@ class Context:
     @cached_property
     def recipe_runs(self) -> list[dict]:
         """benchmarks/results/recipe/: per run (model, method), the rank correlations, the rows
-        of each budget (the rules in table order, the re-quantized recipe last) and the goals."""
+        of each budget (the rules in table order, the re-quantized recipe last, each with its
+        verdict from ``<key>-verdicts.json`` where that was measured) and the goals."""
         if not self.results.has("recipe"):
             return []
         from mechq.repair.alternatives import RULES
 
         runs = []
         for key, run in self.results.recipe.items():
-            if not isinstance(run, dict):
-                continue  # the sensitivity CSVs
+            if not isinstance(run, dict) or key.endswith("-verdicts"):
+                continue  # the sensitivity CSVs, the verdicts (read with their table)
+            verdicts = self.results.recipe.get(f"{key}-verdicts")
+            found = {(v["budget"], v["rule"]): v for v in verdicts["rows"]} if verdicts else {}
             table = pd.DataFrame(run["table"])
+            table["verdict"] = [found.get((b, r), {}).get("verdict")
+                                for b, r in zip(table["budget"], table["rule"])]
+            table["borderline"] = [bool(found.get((b, r), {}).get("borderline"))
+                                   for b, r in zip(table["budget"], table["rule"])]
             budgets = []
             for b, g in table.groupby("budget", sort=True):
                 order = {r: i for i, r in enumerate(RULES)}
@@ -432,6 +439,7 @@ class Context:
                          for r in rows if not r["requantized"] and r["heldout_accuracy_fp_known"]
                          > final["heldout_accuracy_fp_known"]]
                 budgets.append(dict(budget=b, rows=rows, chosen=rec["repair"],
+                                    verdicts=g["verdict"].value_counts().to_dict(),
                                     n_corrected=len(rec.get("ranks") or {}),
                                     final=final, more_recall=beats,
                                     less_kld=[r["rule"] for r in rows if not r["requantized"]
@@ -446,6 +454,10 @@ class Context:
                              n_validated=corr["all"]["n_modules"] // len(
                                  [k for k in corr if k != "all"]),
                              budgets=budgets, round_trip=run["round_trip"],
+                             verdicts=None if verdicts is None else dict(
+                                 command=verdicts["provenance"]["command"],
+                                 machine=self.machine(verdicts),
+                                 same=sum(v["same_as"] is not None for v in verdicts["rows"])),
                              n_known=run["n_heldout_fp_known"],
                              sensitivity_seconds=run["sensitivity_seconds"],
                              minutes=run["minutes"], machine=self.machine(run)))

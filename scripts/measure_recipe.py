@@ -7,13 +7,17 @@ then at each budget every rule of :mod:`mechq.repair.alternatives` assembled fro
 variants and measured on the development and held-out halves of the facts and the held-out
 text, the recipe (the rule with the least development KLD) quantized again for real with its
 ``dynamic`` rules, and the diagnosis of uniform and recipe at the lowest budget. The goals are
-scored on the held-out halves against the uniform variant at the budget's base width.
+scored on the held-out halves against the uniform variant at the budget's base width. Last,
+every row of the table is diagnosed (:func:`verdicts`).
 
-Writes ``benchmarks/results/recipe/<model>-<method>.json`` (and the sensitivity frame beside it as
-CSV, for the map in figures/), rendered into docs/recipe.md by ``scripts/build_docs.py``.
+Writes ``benchmarks/results/recipe/<model>-<method>.json``, the verdicts as
+``<model>-<method>-verdicts.json`` and the sensitivity frame as CSV (for the map in figures/),
+rendered into docs/recipe.md by ``scripts/build_docs.py``. ``--verdicts-only`` diagnoses the
+rows of a table already written, and writes only the verdicts.
 
     .venv/bin/python scripts/measure_recipe.py [--models smollm2-135m gemma-3-270m]
         [--method rtn|gptq] [--budgets 2.5 3.3 4.3] [--validate-modules 30] [--eora-ranks R ...]
+        [--verdicts-only]
 
 With ``--eora-ranks`` every width also comes with EoRA corrections of those ranks as options
 (:func:`mechq.repair.recipe.eora_options`), and the rule ``fisher+eora`` is measured beside
@@ -24,15 +28,19 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 import mechq
 from mechq.analysis import fisher as F
-from mechq.engine.store import write_result
+from mechq.diagnosis.verdict import diagnose_many
+from mechq.engine.store import read_result, write_result
+from mechq.repair.allocation import assemble
+from mechq.repair.alternatives import base_width, plain, rule_allocations
 from mechq.repair.eora import eora
-from mechq.repair.alternatives import base_width, plain
 from mechq.repair.recipe import (Measurer, check_recipe, make_recipe, recipe_sensitivity,
                                  request_of)
 
@@ -74,6 +82,58 @@ def goals(budget: float, uniform: dict, recipe: dict, verdicts: dict) -> dict:
     return out
 
 
+def same_weights(a, b) -> bool:
+    """Whether two variants hold the same modules with equal dequantized weights (low-rank
+    corrections included)."""
+    return (set(a.modules) == set(b.modules) and set(a.lowrank) == set(b.lowrank)
+            and all(torch.equal(a.weight(m), b.weight(m)) for m in a.modules))
+
+
+def verdicts(model, base, options, table: list[dict], recipes: dict) -> list[dict]:
+    """The verdict of every row of the table (:func:`mechq.diagnosis.verdict.diagnose_many`,
+    FP observed once for all). Each rule's variant is assembled again from ``options`` at the
+    row's budget and checked against the row the table measured (same average bits and Fisher
+    estimate, or this raises: the verdict must be that variant's). The re-quantized recipe is
+    quantized again from its JSON; where its weights equal the assembled recipe's module by
+    module (RTN is deterministic), it shares that variant's verdict (``same_as``)."""
+    variants, keys, same = [], [], {}
+    by_row = {(r["budget"], r["rule"]): r for r in table}
+    for b in sorted({r["budget"] for r in table}):
+        mixed = {}
+        for rule, a in rule_allocations(model, options.frame, b).items():
+            v = assemble(model, a, options.pool, name=f"{rule}@{b:g}")
+            row = by_row[(b, rule)]
+            # 1e-6 relative: the Fisher diagonal is summed again by backward passes whose float
+            # reductions may be ordered otherwise; a different allocation moves far more
+            if (abs(v.avg_bits - row["avg_bits"]) > 1e-9
+                    or abs(a.estimated_kl - row["estimated_kl"])
+                    > 1e-6 * max(1.0, abs(row["estimated_kl"]))):
+                raise RuntimeError(f"{rule} at {b} bits assembles to another variant than the "
+                                   f"table measured ({v.avg_bits} vs {row['avg_bits']} bits).")
+            mixed[rule] = v
+            variants.append(v)
+            keys.append((b, rule))
+        rec = recipes[str(b)]
+        (rq,) = mechq.quantize_many(model, [request_of(rec)], progress=False)
+        if rec.get("ranks"):  # a recipe written before EoRA ranks were options has none
+            rq = eora(model, rq, rec["ranks"], grams=options.grams, progress=False)
+        rule = f"{rec['repair']} (re-quantized)"
+        if same_weights(rq, mixed[rec["repair"]]):
+            same[(b, rule)] = (b, rec["repair"])
+        else:
+            variants.append(replace(rq, name=f"{rule}@{b:g}"))
+            keys.append((b, rule))
+    found = dict(zip(keys, diagnose_many(model, variants)))
+    out = []
+    for r in table:
+        key = (r["budget"], r["rule"])
+        d = found[same.get(key, key)]
+        out.append(dict(budget=r["budget"], rule=r["rule"], verdict=d.verdict,
+                        borderline=d.borderline, margin=d.margin, n_facts=d.n_facts,
+                        same_as=same[key][1] if key in same else None))
+    return out
+
+
 def run_model(name: str, method: str, budgets: list[float], n_validate: int,
               ranks: list[int]) -> dict:
     model = mechq.load_model(name, device="cpu")
@@ -112,12 +172,24 @@ def run_model(name: str, method: str, budgets: list[float], n_validate: int,
         print(f"{name} {method} {b}: {r['repair']}, {scored[str(b)]}", flush=True)
     top = str(max(budgets))
     check = check_recipe(model, recipes[top], progress=False)
+    found = verdicts(model, base, options, rows, recipes)
     return dict(model=name, method=method, deterministic=base.deterministic,
                 eora_ranks=sorted(ranks), widths=sorted(uniform), uniform={str(k): v.name for k, v in uniform.items()},
                 sensitivity_seconds=t_sens, validation=val.to_dict(orient="records"),
                 rank_correlation=corr.to_dict(orient="records"),
                 n_heldout_fp_known=measurer.n_heldout_fp_known, table=rows, recipes=recipes,
-                goals=scored, round_trip=dict(check, budget=float(top)))
+                goals=scored, round_trip=dict(check, budget=float(top)), verdicts=found)
+
+
+def verdicts_only(name: str, method: str) -> dict:
+    """The verdicts of a table already written (its ``<model>-<method>.json``), its options
+    made again with the same widths and EoRA ranks."""
+    data = read_result(OUT / f"{name}-{method}.json").data
+    model = mechq.load_model(name, device="cpu")
+    base = mechq.Request(method, 4, deterministic=data["deterministic"])
+    options = recipe_sensitivity(model, base, data["widths"], ranks=data.get("eora_ranks", []))
+    return dict(model=name, method=method,
+                rows=verdicts(model, base, options, data["table"], data["recipes"]))
 
 
 def main() -> None:
@@ -127,9 +199,20 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.3, 4.3])
     ap.add_argument("--validate-modules", type=int, default=30)
     ap.add_argument("--eora-ranks", type=int, nargs="*", default=[])
+    ap.add_argument("--verdicts-only", action="store_true",
+                    help="diagnose every row of the table already written (its variants "
+                         "assembled again) and write only <model>-<method>-verdicts.json")
     args = ap.parse_args()
     for name in args.models:
         t0 = time.perf_counter()
+        vpath = OUT / f"{name}-{args.method}-verdicts.json"
+        if args.verdicts_only:
+            res = verdicts_only(name, args.method)
+            res["minutes"] = (time.perf_counter() - t0) / 60
+            path = write_result(vpath, res, command=f"python scripts/measure_recipe.py --models "
+                                f"{name} --method {args.method} --verdicts-only")
+            print(f"wrote {path} ({res['minutes']:.1f} min)")
+            continue
         res = run_model(name, args.method, args.budgets, args.validate_modules,
                         args.eora_ranks)
         res["minutes"] = (time.perf_counter() - t0) / 60
@@ -138,8 +221,10 @@ def main() -> None:
                    f"--validate-modules {args.validate_modules}"
                    + (f" --eora-ranks {' '.join(map(str, args.eora_ranks))}"
                       if args.eora_ranks else ""))
+        rows = res.pop("verdicts")
         path = write_result(OUT / f"{name}-{args.method}.json", res, command=command)
-        print(f"wrote {path} ({res['minutes']:.1f} min)")
+        write_result(vpath, dict(model=name, method=args.method, rows=rows), command=command)
+        print(f"wrote {path} and {vpath.name} ({res['minutes']:.1f} min)")
 
 
 if __name__ == "__main__":

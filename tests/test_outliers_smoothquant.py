@@ -32,14 +32,25 @@ def test_scheme_damage_matches_its_definition_and_ranks_the_schemes(smol, smol_t
     assert (oc["ratio"] >= ol.CHANNEL_RATIO).all() and len(oc)
     tok = aq.scheme("A8-int-token")
     d = ol.scheme_damage(smol, tok, smol_text[:1]).set_index(["layer", "site"])
-    # the definition, recomputed by hand for one site
-    _, cache = smol.run_with_cache(torch.tensor([smol_text[0]]),
-                                   names_filter=lambda n: n == "blocks.3.mlp.hook_post")
-    u = cache["blocks.3.mlp.hook_post"][0]
+    # the definition, recomputed by hand for one site that has outlier channels
+    layer = int(oc["layer"].iloc[0])
+    hook = f"blocks.{layer}.mlp.hook_post"
+    _, cache = smol.run_with_cache(torch.tensor([smol_text[0]]), names_filter=lambda n: n == hook)
+    u = cache[hook][0]
     y = aq.fake_quant(u[None], tok.inputs)[0]
     sqnr = 10 * torch.log10((u ** 2).sum() / ((y - u) ** 2).sum())
     # float32 sums over ~300 × 1536 entries against the pooled float64 ones: 1e-3 dB
-    assert d.loc[(3, "down_in"), "sqnr_db"] == pytest.approx(float(sqnr), abs=1e-3)
+    assert d.loc[(layer, "down_in"), "sqnr_db"] == pytest.approx(float(sqnr), abs=1e-3)
+    amax = u.abs().amax(0)
+    out = amax / amax.median() >= ol.CHANNEL_RATIO
+    normal = (u != 0) & ~out[None]
+    flushed = ((y == 0) & normal).sum() / normal.sum()
+    rel = (((y - u)[:, out] ** 2).sum() / (u[:, out] ** 2).sum()).sqrt()
+    assert d.loc[(layer, "down_in"), "n_outliers"] == int(out.sum()) > 0
+    # the counts are exact, their ratio here divided in float32: 1e-6 relative; the float32
+    # sums of the relative error against float64 ones: 1e-5 relative
+    assert d.loc[(layer, "down_in"), "flushed"] == pytest.approx(float(flushed), rel=1e-6)
+    assert d.loc[(layer, "down_in"), "outlier_error"] == pytest.approx(float(rel), rel=1e-5)
     a4 = ol.scheme_damage(smol, aq.scheme("A4-int-token"), smol_text[:1]).set_index(
         ["layer", "site"])
     assert (a4["sqnr_db"] < d["sqnr_db"]).all() and (a4["flushed"] >= d["flushed"]).all()

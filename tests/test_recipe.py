@@ -32,9 +32,9 @@ def rtn_sens(tiny):
 
 @pytest.fixture(scope="module")
 def tiny_recipe(tiny, facts, tmp_path_factory):
-    r = R.make_recipe(tiny, BASE, BUDGET, facts, progress=False)
+    r, variant = R.fit_recipe(tiny, BASE, BUDGET, facts, progress=False)
     path = R.write_recipe(r, tmp_path_factory.mktemp("recipe") / "recipe.json")
-    return r, path
+    return r, path, variant
 
 
 def test_llama_cpp_layers_are_its_use_more_bits():
@@ -87,7 +87,7 @@ def test_every_rule_fits_the_budget_and_does_what_it_says(tiny, rtn_sens):
 
 
 def test_recipe_is_chosen_on_development_data_and_requantized(tiny, tiny_recipe):
-    r, _ = tiny_recipe
+    r, _, variant = tiny_recipe
     table = {c["rule"]: c for c in r["candidates"]}
     assert set(ALT.RULES) <= set(table)
     assembled = [c for c in r["candidates"] if not c["requantized"]]
@@ -102,10 +102,13 @@ def test_recipe_is_chosen_on_development_data_and_requantized(tiny, tiny_recipe)
     base = {"bits": r["bits"], "group_size": r["group_size"], "sym": True}
     assert {m: dyn.resolve(m, base, r["dynamic"] or None)["bits"]
             for m in layout.modules(tiny.cfg)} == r["modules"]
+    # fit_recipe's variant is the re-quantized checkpoint the recipe row measured
+    assert variant.dynamic == (r["dynamic"] or None) and variant.avg_bits == r["avg_bits"]
+    assert {m: variant.module_bits[m] for m in r["modules"]} == r["modules"]
 
 
 def test_recipe_json_holds_what_gptqmodel_and_mechq_need(tiny, tiny_recipe):
-    r, path = tiny_recipe
+    r, path, _ = tiny_recipe
     back = R.read_recipe(path)
     assert back == json.loads(json.dumps(r))
     assert back["avg_bits"] <= back["budget"]
@@ -126,7 +129,7 @@ def test_recipe_json_holds_what_gptqmodel_and_mechq_need(tiny, tiny_recipe):
 
 @pytest.mark.slow  # slow: two more GPTQModel runs of the recipe (about 8 s); make test keeps it
 def test_recipe_round_trip_through_gptqmodel(tiny, facts, tiny_recipe):
-    r, path = tiny_recipe
+    r, path, _ = tiny_recipe
     recipe = R.read_recipe(path)
     again = R.check_recipe(tiny, recipe, facts, progress=False)
     # The seed spread: the same recipe with calibration seed 1.

@@ -105,10 +105,12 @@ def scheme_damage(model: HookedTransformer, act: aq.ActScheme,
                   ) -> pd.DataFrame:
     """Per (layer, site) the scheme quantizes: ``sqnr_db``, ``flushed``, ``outlier_error`` and
     ``n_outliers`` (module docstring), pooled over ``sequences``, each site's FP tensor
-    quantized on its own. A static scheme must be calibrated (its ``scales``)."""
+    quantized on its own. A static scheme must be calibrated (its ``scales``). One FP run per
+    sequence: every sum is kept per channel (float64), and the outlier channels, known only
+    once every sequence has set its maximum, pick theirs at the end."""
     sites = act.sites
-    amax = _channel_max(model, sequences, sites)
-    sums: dict[tuple[str, int], Tensor] = {}
+    # per (site, layer): channel max |u|, Σu², Σ(Q(u) − u)², # flushed, # nonzero
+    acc: dict[tuple[str, int], list[Tensor]] = {}
     for ids in sequences:
         for (site, layer), u in _site_tensors(model, ids, sites).items():
             q = act.quantizer(site)
@@ -121,21 +123,22 @@ def scheme_damage(model: HookedTransformer, act: aq.ActScheme,
             shaped = u.reshape(1, u.shape[0], model.cfg.n_key_value_heads or model.cfg.n_heads,
                                -1) if q.granularity == "head" else u[None]
             y = aq.fake_quant(shaped, q, scale).reshape(u.shape)
-            m = amax[(site, layer)]
-            out = m / max(float(m.median()), 1e-12) >= ratio
-            err = (y - u) ** 2
-            normal = (u != 0) & ~out[None]
-            s = torch.stack([(u ** 2).sum(), err.sum(), ((y == 0) & normal).sum(), normal.sum(),
-                             err[:, out].sum(), (u[:, out] ** 2).sum()]).double()
-            sums[(site, layer)] = s if (site, layer) not in sums else sums[(site, layer)] + s
+            nonzero = u != 0
+            new = [u.abs().amax(0), (u.double() ** 2).sum(0), ((y - u).double() ** 2).sum(0),
+                   ((y == 0) & nonzero).sum(0).double(), nonzero.sum(0).double()]
+            old = acc.get((site, layer))
+            acc[(site, layer)] = new if old is None else [torch.maximum(old[0], new[0]),
+                                                          *(a + b for a, b in zip(old[1:],
+                                                                                   new[1:]))]
     rows = []
-    for (site, layer), s in sorted(sums.items(), key=lambda kv: (kv[0][1],
-                                                                  aq.SITES.index(kv[0][0]))):
-        n_out = int((amax[(site, layer)] / max(float(amax[(site, layer)].median()), 1e-12)
-                     >= ratio).sum())
+    for (site, layer), (amax, u2, e2, flushed, nonzero) in sorted(
+            acc.items(), key=lambda kv: (kv[0][1], aq.SITES.index(kv[0][0]))):
+        out = amax / max(float(amax.median()), 1e-12) >= ratio
+        n_out = int(out.sum())
         rows.append(dict(scheme=act.name, layer=layer, site=site,
-                         sqnr_db=float(10 * torch.log10(s[0] / s[1].clamp_min(1e-30))),
-                         flushed=float(s[2] / s[3].clamp_min(1)),
-                         outlier_error=float((s[4] / s[5]).sqrt()) if n_out else float("nan"),
+                         sqnr_db=float(10 * torch.log10(u2.sum() / e2.sum().clamp_min(1e-30))),
+                         flushed=float(flushed[~out].sum() / nonzero[~out].sum().clamp_min(1)),
+                         outlier_error=float((e2[out].sum() / u2[out].sum()).sqrt())
+                         if n_out else float("nan"),
                          n_outliers=n_out))
     return pd.DataFrame(rows)

@@ -219,12 +219,20 @@ class Measurer:
 
 
 def make_recipe(model: HookedTransformer, base: Request, budget: float,
-                facts: FactSet | None = None, *, widths: Sequence[int] = DEFAULT_BITS,
-                ranks: Sequence[int] = (), rules: Sequence[str] = RULES,
-                options: Options | None = None, measurer: Measurer | None = None,
-                requantize: bool = True, alphas=amplify.ALPHAS, progress: bool = True,
-                batch_size: int = 32) -> dict:
-    """The recipe for ``base``'s method and settings (its ``bits`` are not used: the widths
+                facts: FactSet | None = None, **kwargs) -> dict:
+    """The recipe for ``base``'s method within ``budget`` average bits per weight, as its JSON
+    (:func:`fit_recipe` with the same keywords, without the variant)."""
+    return fit_recipe(model, base, budget, facts, **kwargs)[0]
+
+
+def fit_recipe(model: HookedTransformer, base: Request, budget: float,
+               facts: FactSet | None = None, *, widths: Sequence[int] = DEFAULT_BITS,
+               ranks: Sequence[int] = (), rules: Sequence[str] = RULES,
+               options: Options | None = None, measurer: Measurer | None = None,
+               requantize: bool = True, alphas=amplify.ALPHAS, progress: bool = True,
+               batch_size: int = 32) -> tuple[dict, Variant]:
+    """The recipe (its JSON) and its variant: re-quantized, with its EoRA corrections if it
+    has ranks (with ``requantize=False``, the assembled swap). The recipe for ``base``'s method and settings (its ``bits`` are not used: the widths
     come from the allocation) within ``budget`` average bits per weight (module docstring).
     ``ranks``: EoRA ranks a module may take besides its width (none by default). ``options``
     (from :func:`recipe_sensitivity`, which then decides the widths and ranks) and ``measurer``
@@ -265,7 +273,7 @@ def make_recipe(model: HookedTransformer, base: Request, budget: float,
     labels = {f: ("Robust" if f in measurer.fp_known else "Unknown") for f in grid["fact_id"]}
     alpha, first = amplify.choose(grid, chosen.name, labels)
     src = models.source_of(model)
-    return {
+    recipe = {
         "format": FORMAT, "model": src.name, "architecture": src.architecture,
         "method": base.method, "bits": alloc.base_bits, "group_size": chosen.group_size,
         "sym": base.sym, "desc_act": base.desc_act,
@@ -298,6 +306,7 @@ def make_recipe(model: HookedTransformer, base: Request, budget: float,
         },
         "candidates": table.to_dict(orient="records"),
     }
+    return recipe, chosen
 
 
 def write_recipe(recipe: dict, path: str | Path) -> Path:

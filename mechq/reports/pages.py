@@ -25,7 +25,7 @@ from mechq.analysis.recall import accuracy, evaluate_recall, subset_labels, subs
 from mechq.engine.store import machine_text
 from mechq.facts import FactSet
 from mechq.models.load import source_of
-from mechq.quant.quantize import Request, quantize_many
+from mechq.quant.quantize import Request
 from mechq.quant.variants import Variant
 from mechq.reports import plots
 from mechq.reports.html import Report
@@ -512,19 +512,15 @@ def recipe_page(model: HookedTransformer, base: Request, facts: FactSet, out: Pa
     from mechq.analysis.fisher import DEFAULT_BITS
     from mechq.repair.adapter import write_peft_adapter
     from mechq.repair.alternatives import plain
-    from mechq.repair.eora import eora
-    from mechq.repair.recipe import (check_recipe, make_recipe, recipe_sensitivity, request_of,
-                                     write_recipe)
+    from mechq.repair.recipe import check_recipe, fit_recipe, recipe_sensitivity, write_recipe
 
     options = recipe_sensitivity(model, base, widths or DEFAULT_BITS, ranks=eora_ranks)
-    r = make_recipe(model, base, budget, facts, options=options, batch_size=batch_size)
+    r, variant = fit_recipe(model, base, budget, facts, options=options, batch_size=batch_size)
     path = write_recipe(r, out / "recipe.json")
     sens = options.frame
     sens.to_csv(out / "sensitivity.csv", index=False)
-    if r["ranks"]:  # the re-quantized checkpoint (cached) and its correction, fitted again
-        (v,) = quantize_many(model, [request_of(r)], progress=False)
-        write_peft_adapter(eora(model, v, r["ranks"], grams=options.grams, progress=False),
-                           out / "adapter", model)
+    if r["ranks"]:  # the re-quantized checkpoint's correction, fitted on it by fit_recipe
+        write_peft_adapter(variant, out / "adapter", model)
     table = pd.DataFrame(r["candidates"])
     table.to_csv(out / "candidates.csv", index=False)
     e, a = r["expected"], r["amplification"]
