@@ -66,8 +66,11 @@ def test_machine_records_cpu_threads_versions_and_code_path_variables(monkeypatc
     assert m["torch"] == torch.__version__ and m["cpu"]
     assert m["MKL_CBWR"] == "AVX2" and "ATEN_CPU_CAPABILITY" not in m
     line = store.machine_text(m)
-    assert line.startswith(f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads")
+    threads = "1 torch thread," if m["torch_threads"] == 1 else f"{m['torch_threads']} torch threads"
+    assert line.startswith(f"{m['cpu']}, {m['cores']} cores, {threads}")
     assert "MKL_CBWR=AVX2" in line
+    assert ", 1 torch thread, " in store.machine_text({**m, "torch_threads": 1})
+    assert ", 3 torch threads, " in store.machine_text({**m, "torch_threads": 3})
 
 
 def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):

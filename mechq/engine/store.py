@@ -207,7 +207,8 @@ def machine_text(m: Mapping[str, Any] | None = None) -> str:
     m = machine() if m is None else m
     extra = "".join(f", {k}={m[k]}" for k in CODE_PATH_VARIABLES if k in m)
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
-    return (f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads{gpu}{extra}; "
+    threads = f"{m['torch_threads']} torch thread" + ("" if m["torch_threads"] == 1 else "s")
+    return (f"{m['cpu']}, {m['cores']} cores, {threads}{gpu}{extra}; "
             f"torch {m['torch']}, Python {m['python']}")
 
 
