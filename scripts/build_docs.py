@@ -496,6 +496,23 @@ class Context:
                              minutes=round(run["seconds"] / 60), machine=self.machine(run)))
         return sorted(runs, key=lambda r: MODEL_ORDER.get(r["model"], 2))
 
+    @cached_property
+    def activation_contrast(self) -> dict | None:
+        """The rows every measured model has, side by side (docs/activations.md), and the rows
+        whose verdict or worst site differs between the models; None with fewer than two."""
+        runs = self.activation_runs
+        if len(runs) < 2:
+            return None
+        by_model = [{r["row"]: r for r in run["rows"]} for run in runs]
+        shared = [name for name in by_model[0] if all(name in rows for rows in by_model[1:])]
+        rows = [dict(row=name, cells=[rows[name] for rows in by_model]) for name in shared]
+        differ = lambda key: [r["row"] for r in rows  # noqa: E731
+                              if len({c.get(key) for c in r["cells"]}) > 1]
+        return dict(models=[run["model"] for run in runs], rows=rows,
+                    verdict_differs=differ("verdict"), site_differs=differ("worst_site"),
+                    collapse=[f"{run['model']} {r['row']}" for run in runs for r in run["rows"]
+                              if r["verdict"] == "computation_collapse"])
+
     def machine(self, result: dict) -> str:
         """The machine a results file was measured on, in words."""
         from mechq.engine.store import machine_text
