@@ -19,7 +19,6 @@ Writes benchmarks/results/diagnose.json.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -27,14 +26,9 @@ import torch
 import mechq
 from mechq.diagnosis import verdict as V
 from mechq.engine.store import write_result
+from timing import timed  # benchmarks/timing.py: a script's folder is on sys.path
 
 OUT = Path(__file__).parent / "results" / "diagnose.json"
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, round(time.perf_counter() - t0, 1)
 
 
 def main() -> None:

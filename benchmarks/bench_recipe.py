@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,15 +32,10 @@ import torch
 
 import mechq
 from mechq.engine.store import write_result
+from timing import timed  # benchmarks/timing.py: a script's folder is on sys.path
 from mechq.repair.recipe import Measurer, make_recipe, recipe_sensitivity
 
 OUT = Path(__file__).parent / "results" / "recipe_bench.json"
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, round(time.perf_counter() - t0, 1)
 
 
 def main() -> None:
