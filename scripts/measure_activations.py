@@ -98,7 +98,7 @@ def measure(model_name: str) -> dict:
     json.dumps(res["outliers"], default=str)  # fail here, not after an hour, if JSON cannot hold it
     print(f"[{model_name}] outliers {time.time() - t0:.0f}s", flush=True)
     w = weights(model)
-    variants, labels = {}, {}
+    variants = {}
     for label, key in WEIGHTS_ONLY:
         variants[label] = w[key]
     for label, key, scheme in ROWS:

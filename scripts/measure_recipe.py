@@ -8,7 +8,7 @@ variants and measured on the development and held-out halves of the facts and th
 text, the recipe (the rule with the least development KLD) quantized again for real with its
 ``dynamic`` rules, and the diagnosis of uniform and recipe at the lowest budget. The goals are
 scored on the held-out halves against the uniform variant at the budget's base width. Last,
-every row of the table is diagnosed (:func:`verdicts`).
+every row of the table is diagnosed (:func:`table_verdicts`).
 
 Writes ``benchmarks/results/recipe/<model>-<method>.json``, the verdicts as
 ``<model>-<method>-verdicts.json`` and the sensitivity frame as CSV (for the map in figures/),
@@ -89,7 +89,7 @@ def same_weights(a, b) -> bool:
             and all(torch.equal(a.weight(m), b.weight(m)) for m in a.modules))
 
 
-def verdicts(model, base, options, table: list[dict], recipes: dict) -> list[dict]:
+def table_verdicts(model, base, options, table: list[dict], recipes: dict) -> list[dict]:
     """The verdict of every row of the table (:func:`mechq.diagnosis.verdict.diagnose_many`,
     FP observed once for all). Each rule's variant is assembled again from ``options`` at the
     row's budget and checked against the row the table measured (same average bits and Fisher
@@ -135,7 +135,9 @@ def verdicts(model, base, options, table: list[dict], recipes: dict) -> list[dic
 
 
 def run_model(name: str, method: str, budgets: list[float], n_validate: int,
-              ranks: list[int]) -> dict:
+              ranks: list[int]) -> tuple[tuple, dict]:
+    """The table of one model, and what :func:`table_verdicts` needs to diagnose its rows
+    (the model, the base request and the options) without making them again."""
     model = mechq.load_model(name, device="cpu")
     base = mechq.Request(method, 4, deterministic=method == "gptq")
     t0 = time.perf_counter()
@@ -160,25 +162,24 @@ def run_model(name: str, method: str, budgets: list[float], n_validate: int,
             rows.append(dict(c, budget=b))
         table = {c["rule"]: c for c in r["candidates"]}
         requantized = next(c for c in r["candidates"] if c["requantized"])
-        verdicts = {}
+        goal_verdicts = {}
         if b == min(budgets):
             u = uniform[base_width(sens, b)]
             (v,) = mechq.quantize_many(model, [request_of(r)], progress=False)
             if r["ranks"]:
                 v = eora(model, v, r["ranks"], grams=options.grams, progress=False)
             for label, var in (("uniform", u), ("recipe", v)):
-                verdicts[label] = mechq.diagnose(model, var).verdict
-        scored[str(b)] = goals(b, table["uniform"], requantized, verdicts)
+                goal_verdicts[label] = mechq.diagnose(model, var).verdict
+        scored[str(b)] = goals(b, table["uniform"], requantized, goal_verdicts)
         print(f"{name} {method} {b}: {r['repair']}, {scored[str(b)]}", flush=True)
     top = str(max(budgets))
     check = check_recipe(model, recipes[top], progress=False)
-    found = verdicts(model, base, options, rows, recipes)
-    return dict(model=name, method=method, deterministic=base.deterministic,
+    return (model, base, options), dict(model=name, method=method, deterministic=base.deterministic,
                 eora_ranks=sorted(ranks), widths=sorted(uniform), uniform={str(k): v.name for k, v in uniform.items()},
                 sensitivity_seconds=t_sens, validation=val.to_dict(orient="records"),
                 rank_correlation=corr.to_dict(orient="records"),
                 n_heldout_fp_known=measurer.n_heldout_fp_known, table=rows, recipes=recipes,
-                goals=scored, round_trip=dict(check, budget=float(top)), verdicts=found)
+                goals=scored, round_trip=dict(check, budget=float(top)))
 
 
 def verdicts_only(name: str, method: str) -> dict:
@@ -189,7 +190,7 @@ def verdicts_only(name: str, method: str) -> dict:
     base = mechq.Request(method, 4, deterministic=data["deterministic"])
     options = recipe_sensitivity(model, base, data["widths"], ranks=data.get("eora_ranks", []))
     return dict(model=name, method=method,
-                rows=verdicts(model, base, options, data["table"], data["recipes"]))
+                rows=table_verdicts(model, base, options, data["table"], data["recipes"]))
 
 
 def main() -> None:
@@ -213,18 +214,22 @@ def main() -> None:
                                 f"{name} --method {args.method} --verdicts-only")
             print(f"wrote {path} ({res['minutes']:.1f} min)")
             continue
-        res = run_model(name, args.method, args.budgets, args.validate_modules,
-                        args.eora_ranks)
+        made, res = run_model(name, args.method, args.budgets, args.validate_modules,
+                              args.eora_ranks)
         res["minutes"] = (time.perf_counter() - t0) / 60
         command = (f"python scripts/measure_recipe.py --models {name} --method {args.method} "
                    f"--budgets {' '.join(map(str, args.budgets))} "
                    f"--validate-modules {args.validate_modules}"
                    + (f" --eora-ranks {' '.join(map(str, args.eora_ranks))}"
                       if args.eora_ranks else ""))
-        rows = res.pop("verdicts")
+        # the table is written before its rows are diagnosed: a failure there keeps it
         path = write_result(OUT / f"{name}-{args.method}.json", res, command=command)
-        write_result(vpath, dict(model=name, method=args.method, rows=rows), command=command)
-        print(f"wrote {path} and {vpath.name} ({res['minutes']:.1f} min)")
+        print(f"wrote {path} ({res['minutes']:.1f} min); diagnosing its rows", flush=True)
+        t1 = time.perf_counter()
+        rows = table_verdicts(*made, res["table"], res["recipes"])
+        write_result(vpath, dict(model=name, method=args.method, rows=rows,
+                                 minutes=(time.perf_counter() - t1) / 60), command=command)
+        print(f"wrote {vpath}")
 
 
 if __name__ == "__main__":
