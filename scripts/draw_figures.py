@@ -4,7 +4,7 @@
 - figures/evidence.png: the demo's verdicts with their evidence;
 - figures/patching.png: activation patching FP -> GPTQ w4 / w2 (benchmarks/results/analyses/);
 - figures/sensitivity-<run>.png: the recipe's sensitivity map of each run, with the widths chosen
-  at the largest budget (benchmarks/results/recipe/).
+  at the largest budget and its EoRA corrections (benchmarks/results/recipe/).
 
 Needs the static extra and a Chromium (mechq.reports.static).
 
@@ -44,12 +44,16 @@ def main() -> None:
                                        "quantized run: share of the answer restored")
     static.write_png(fig, FIGURES / "patching.png", 900, fig.layout.height or 600)
     for run in sorted((RESULTS / "recipe").glob("*.json")):
+        if run.stem.endswith("-verdicts"):
+            continue  # a table's verdicts (scripts/measure_recipe.py), drawn in no figure
         r = json.loads(run.read_text())
         top = max(r["recipes"], key=float)
         sens = plain(pd.read_csv(run.with_name(f"{run.stem}-sensitivity.csv")))
-        fig = plots.sensitivity_map(sens, r["recipes"][top]["modules"], title=(
+        rec = r["recipes"][top]
+        fig = plots.sensitivity_map(sens, rec["modules"], ranks=rec.get("ranks"), title=(
             f"Sensitivity map, {r['model']} {r['method'].upper()}: estimated KL increase per "
-            f"module and width (squares: the recipe at {top} bits)"))
+            f"module and width (squares: the {top}-bit recipe"
+            + ("; dots: EoRA)" if rec.get("ranks") else ")")))
         static.write_png(fig, FIGURES / f"sensitivity-{run.stem}.png", fig.layout.width,
                          fig.layout.height)
     print(f"wrote {', '.join(str(p.relative_to(ROOT)) for p in sorted(FIGURES.glob('*.png')))}")

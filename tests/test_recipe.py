@@ -193,6 +193,28 @@ def test_sensitivity_map_marks_every_module_once(tiny, rtn_sens):
                             list(zip(t.y, t.x)))]["module"])
 
 
+def test_sensitivity_map_dots_the_corrected_modules(tiny, rtn_sens):
+    from mechq.reports import plots
+
+    sens, _ = rtn_sens
+    chosen = ALT.rule_allocation(tiny, sens, BUDGET, "fisher").bits
+    ranks = {m: 16 for m in list(chosen)[::7]}
+    fig = plots.sensitivity_map(sens, chosen, ranks=ranks)
+    dots = [t for t in fig.data if t.name == "EoRA correction"]
+    # one dot per corrected module, on its square: same module, same panel (its chosen width)
+    assert sum(len(t.x) for t in dots) == len(ranks)
+    where = sens.drop_duplicates("module").set_index("module")[["layer", "component"]]
+    for t in dots:
+        for (module, rank), layer, comp in zip(t.customdata, t.y, t.x):
+            assert rank == ranks[module] and (layer, comp) == tuple(where.loc[module])
+            col = int((t.xaxis or "x").lstrip("x") or 1)
+            assert chosen[module] == sorted(sens["bits"].unique())[col - 1]
+    assert [t.showlegend for t in dots].count(True) == 1
+    squares = [t for t in fig.data if t.name == "chosen width"]
+    assert [bool(t.showlegend) for t in squares].count(True) == 1  # once, in a panel with squares
+    assert next(len(t.x) for t in squares if t.showlegend) > 0
+
+
 # --------------------------------------------------------------------------------------------
 # EoRA ranks among the options
 # --------------------------------------------------------------------------------------------

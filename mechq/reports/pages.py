@@ -544,8 +544,9 @@ def recipe_page(model: HookedTransformer, base: Request, facts: FactSet, out: Pa
     rep.text(text.split("\n\n")[0])
     rep.heading("Every rule at the same bits (chosen on the development halves)")
     rep.table(table)
-    rep.heading("Sensitivity map (white squares: the recipe's widths)")
-    rep.figure(plots.sensitivity_map(plain(sens), r["modules"]))
+    rep.heading("Sensitivity map (white squares: the recipe's widths; dots: its EoRA "
+                "corrections)")
+    rep.figure(plots.sensitivity_map(plain(sens), r["modules"], ranks=r["ranks"]))
     rep.write(out / "recipe.html")
     return Page(path, text, {"candidates": table, "sensitivity": sens})
 

@@ -583,12 +583,13 @@ def _short(x: float) -> str:
 
 
 def sensitivity_map(sens: pd.DataFrame, chosen: dict[str, int] | None = None,
-                    title: str | None = None) -> go.Figure:
+                    title: str | None = None, ranks: dict[str, int] | None = None) -> go.Figure:
     """The sensitivity map: one panel per width, layer (y) × component (x), coloured by
     ``log10`` of the Fisher estimate of the KL increase (:func:`mechq.analysis.fisher.sensitivity`'s
     ``fisher_error``, nats per token) when only that module is quantized to that width; one
     colour range for every panel. ``chosen`` (module → width, e.g. a recipe's ``modules``)
-    marks each module's chosen width with a white square."""
+    marks each module's chosen width with a white square; ``ranks`` (module → EoRA rank, a
+    recipe's ``ranks``) adds a white dot inside the square of each corrected module."""
     from plotly.subplots import make_subplots
 
     widths = sorted(int(b) for b in sens["bits"].unique())
@@ -613,10 +614,23 @@ def sensitivity_map(sens: pd.DataFrame, chosen: dict[str, int] | None = None,
         if chosen:
             pick = g[g["module"].map(chosen) == b]
             fig.add_trace(go.Scatter(
-                x=pick["component"], y=pick["layer"], mode="markers", showlegend=(c == 1),
+                x=pick["component"], y=pick["layer"], mode="markers",
+                showlegend=len(pick) > 0 and not any(t.name == "chosen width" and t.showlegend
+                                                     for t in fig.data),
                 name="chosen width", legendgroup="chosen",
                 marker=dict(symbol="square-open", size=9, color="white", line=dict(width=2)),
                 hoverinfo="skip"), row=1, col=c)
+            fixed = pick[pick["module"].isin(list(ranks or {}))]
+            if len(fixed):
+                fig.add_trace(go.Scatter(
+                    x=fixed["component"], y=fixed["layer"], mode="markers",
+                    showlegend=not any(t.name == "EoRA correction" and t.showlegend
+                                       for t in fig.data),
+                    name="EoRA correction", legendgroup="eora",
+                    customdata=[[m, ranks[m]] for m in fixed["module"]],
+                    marker=dict(symbol="circle", size=4, color="white"),
+                    hovertemplate="%{customdata[0]}: EoRA rank %{customdata[1]}<extra></extra>"),
+                    row=1, col=c)
     fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)
     fig.update_layout(title=title or "Sensitivity map: estimated KL increase of each module "
                                      "at each width", template="plotly_white",
