@@ -16,9 +16,14 @@ each timed from a warm model:
 - the peer, ``uniform_gptq``: one uniform GPTQ w4 quantization, also not from the cache, what a
   user pays for the variant the recipe is compared with.
 
-Writes benchmarks/results/recipe_bench.json.
+With ``--eora-ranks R ...`` the EoRA corrections of those ranks are options too (the
+sensitivity step fits them at every width), and when the recipe corrects modules the correction
+is fitted again on the re-quantized weights inside the ``requantize`` step, as ``mechq recipe
+--eora-ranks`` does; that run writes recipe_bench_eora.json.
 
-    .venv/bin/python benchmarks/bench_recipe.py [--budget 4.3]
+Writes benchmarks/results/recipe_bench.json (recipe_bench_eora.json with ranks).
+
+    .venv/bin/python benchmarks/bench_recipe.py [--budget 4.3] [--eora-ranks 16 64]
 """
 
 from __future__ import annotations
@@ -33,27 +38,35 @@ import torch
 import mechq
 from mechq.engine.store import write_result
 from timing import timed  # benchmarks/timing.py: a script's folder is on sys.path
+from mechq.repair.eora import eora
 from mechq.repair.recipe import Measurer, make_recipe, recipe_sensitivity
 
-OUT = Path(__file__).parent / "results" / "recipe_bench.json"
+RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=4.3)
+    ap.add_argument("--eora-ranks", type=int, nargs="*", default=[])
     args = ap.parse_args()
+    ranks = sorted(args.eora_ranks)
     model = mechq.load_model("smollm2-135m", device="cpu")
     base = mechq.Request.parse("gptq-w4g128")
     mechq.quantize_many(model, [replace(base, bits=b) for b in (2, 3, 4, 8)])  # cached first
     model(torch.tensor([[1, 2, 3]]))  # warm
-    options, sens_s = timed(lambda: recipe_sensitivity(model, base, progress=False))
+    options, sens_s = timed(lambda: recipe_sensitivity(model, base, ranks=ranks,
+                                                       progress=False))
     measurer, meas_s = timed(lambda: Measurer(model))
     r, search_s = timed(lambda: make_recipe(model, base, args.budget, options=options,
                                             measurer=measurer, requantize=False,
                                             progress=False))
     chosen = replace(base, bits=r["bits"], dynamic=r["dynamic"] or None)
-    _, requant_s = timed(lambda: mechq.quantize_many(model, [chosen], cache=False,
-                                                     progress=False))
+    def requantize():
+        (v,) = mechq.quantize_many(model, [chosen], cache=False, progress=False)
+        return eora(model, v, r["ranks"], grams=options.grams, progress=False) if r["ranks"] \
+            else v
+
+    _, requant_s = timed(requantize)
     _, peer_s = timed(lambda: mechq.quantize_many(model, [base], cache=False, progress=False))
     total = round(sens_s + meas_s + search_s + requant_s, 1)
     data = dict(model="smollm2-135m", base=base.method, budget=args.budget,
@@ -61,8 +74,11 @@ def main() -> None:
                 search_s=search_s, requantize_s=requant_s, recipe_total_s=total,
                 recipe_total_min=round(total / 60, 2), uniform_gptq_s=peer_s,
                 chosen=r["repair"], avg_bits=r["avg_bits"], target_min=10,
+                eora_ranks=ranks, n_corrected=len(r["ranks"] or {}),
                 load=list(os.getloadavg()))
-    write_result(OUT, data, command=f"python benchmarks/bench_recipe.py --budget {args.budget}")
+    out = RESULTS / ("recipe_bench_eora.json" if ranks else "recipe_bench.json")
+    write_result(out, data, command=f"python benchmarks/bench_recipe.py --budget {args.budget}"
+                 + (f" --eora-ranks {' '.join(map(str, ranks))}" if ranks else ""))
     print(data)
 
 
