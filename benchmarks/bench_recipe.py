@@ -38,8 +38,7 @@ import torch
 import mechq
 from mechq.engine.store import write_result
 from timing import timed  # benchmarks/timing.py: a script's folder is on sys.path
-from mechq.repair.eora import eora
-from mechq.repair.recipe import Measurer, make_recipe, recipe_sensitivity
+from mechq.repair.recipe import Measurer, make_recipe, recipe_sensitivity, recipe_variant
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -60,13 +59,8 @@ def main() -> None:
     r, search_s = timed(lambda: make_recipe(model, base, args.budget, options=options,
                                             measurer=measurer, requantize=False,
                                             progress=False))
-    chosen = replace(base, bits=r["bits"], dynamic=r["dynamic"] or None)
-    def requantize():
-        (v,) = mechq.quantize_many(model, [chosen], cache=False, progress=False)
-        return eora(model, v, r["ranks"], grams=options.grams, progress=False) if r["ranks"] \
-            else v
-
-    _, requant_s = timed(requantize)
+    _, requant_s = timed(lambda: recipe_variant(model, r, grams=options.grams, cache=False,
+                                                progress=False))
     _, peer_s = timed(lambda: mechq.quantize_many(model, [base], cache=False, progress=False))
     total = round(sens_s + meas_s + search_s + requant_s, 1)
     data = dict(model="smollm2-135m", base=base.method, budget=args.budget,

@@ -506,8 +506,10 @@ class Context:
         by_model = [{r["row"]: r for r in run["rows"]} for run in runs]
         shared = [name for name in by_model[0] if all(name in rows for rows in by_model[1:])]
         rows = [dict(row=name, cells=[rows[name] for rows in by_model]) for name in shared]
-        differ = lambda key: [r["row"] for r in rows  # noqa: E731
-                              if len({c.get(key) for c in r["cells"]}) > 1]
+
+        def differ(key: str) -> list[str]:
+            return [r["row"] for r in rows if len({c.get(key) for c in r["cells"]}) > 1]
+
         return dict(models=[run["model"] for run in runs], rows=rows,
                     verdict_differs=differ("verdict"), site_differs=differ("worst_site"),
                     collapse=[f"{run['model']} {r['row']}" for run in runs for r in run["rows"]

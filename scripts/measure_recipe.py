@@ -40,9 +40,8 @@ from mechq.diagnosis.verdict import diagnose_many
 from mechq.engine.store import read_result, write_result
 from mechq.repair.allocation import assemble
 from mechq.repair.alternatives import base_width, plain, rule_allocations
-from mechq.repair.eora import eora
 from mechq.repair.recipe import (Measurer, check_recipe, make_recipe, recipe_sensitivity,
-                                 request_of)
+                                 recipe_variant)
 
 OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "recipe"
 #: the issue's goals, per budget: the held-out gains the recipe must reach over uniform
@@ -114,9 +113,7 @@ def table_verdicts(model, base, options, table: list[dict], recipes: dict) -> li
             variants.append(v)
             keys.append((b, rule))
         rec = recipes[str(b)]
-        (rq,) = mechq.quantize_many(model, [request_of(rec)], progress=False)
-        if rec.get("ranks"):  # a recipe written before EoRA ranks were options has none
-            rq = eora(model, rq, rec["ranks"], grams=options.grams, progress=False)
+        rq = recipe_variant(model, rec, grams=options.grams, progress=False)
         rule = f"{rec['repair']} (re-quantized)"
         if same_weights(rq, mixed[rec["repair"]]):
             same[(b, rule)] = (b, rec["repair"])
@@ -165,9 +162,7 @@ def run_model(name: str, method: str, budgets: list[float], n_validate: int,
         goal_verdicts = {}
         if b == min(budgets):
             u = uniform[base_width(sens, b)]
-            (v,) = mechq.quantize_many(model, [request_of(r)], progress=False)
-            if r["ranks"]:
-                v = eora(model, v, r["ranks"], grams=options.grams, progress=False)
+            v = recipe_variant(model, r, grams=options.grams, progress=False)
             for label, var in (("uniform", u), ("recipe", v)):
                 goal_verdicts[label] = mechq.diagnose(model, var).verdict
         scored[str(b)] = goals(b, table["uniform"], requantized, goal_verdicts)

@@ -58,7 +58,7 @@ from mechq.quant.quantize import Request, quantize_many
 from mechq.quant.variants import Variant
 from mechq.repair import amplify
 from mechq.repair.allocation import assemble
-from mechq.repair.alternatives import RULES, plain, rule_allocations
+from mechq.repair.alternatives import RULES, rule_allocations
 from mechq.repair.eora import calibration_grams, eora
 
 FORMAT = "mechq-recipe/3"
@@ -340,6 +340,18 @@ def request_of(recipe: dict, seed: int | None = None) -> Request:
                    deterministic=recipe.get("deterministic", False))
 
 
+def recipe_variant(model: HookedTransformer, recipe: dict, *, seed: int | None = None,
+                   grams: Mapping | None = None, cache: bool = True,
+                   progress: bool = True) -> Variant:
+    """The recipe quantized from its JSON alone (:func:`request_of`), with its EoRA ranks (if it
+    has any) fitted on the re-quantized weights: on ``grams`` when given (the Grams its options
+    were fitted on), else on the bundled calibration."""
+    (v,) = quantize_many(model, [request_of(recipe, seed)], cache=cache, progress=progress)
+    if recipe.get("ranks"):
+        v = eora(model, v, recipe["ranks"], grams=grams, progress=progress)
+    return v
+
+
 def check_recipe(model: HookedTransformer, recipe: dict, facts: FactSet | None = None, *,
                  seed: int | None = None, progress: bool = True) -> dict:
     """Quantize again from the recipe's JSON alone (through GPTQModel for GPTQ), read the
@@ -355,10 +367,8 @@ def check_recipe(model: HookedTransformer, recipe: dict, facts: FactSet | None =
                          f"{src.architecture}.")
     facts = bundled_facts() if facts is None else facts
     _, held = amplify.dev_heldout(facts)
-    (v,) = quantize_many(model, [request_of(recipe, seed)], cache=seed is not None,
-                         progress=progress)
-    if recipe.get("ranks"):  # the correction is fitted again, on the bundled calibration
-        v = eora(model, v, recipe["ranks"], progress=progress)
+    # the correction, if any, is fitted again on the bundled calibration
+    v = recipe_variant(model, recipe, seed=seed, cache=seed is not None, progress=progress)
     rec = evaluate_recall(model, held, [v], include_fp=False, progress=progress)
     out = dict(expected=recipe["expected"]["accuracy"], measured=float(rec["correct"].mean()),
                variant=v.name, avg_bits=v.avg_bits, path=str(v.meta.get("path")))

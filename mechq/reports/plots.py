@@ -598,6 +598,7 @@ def sensitivity_map(sens: pd.DataFrame, chosen: dict[str, int] | None = None,
     logs = np.log10(sens["fisher_error"].clip(lower=1e-12).to_numpy(dtype=float))
     fig = make_subplots(rows=1, cols=len(widths), shared_yaxes=True, horizontal_spacing=0.02,
                         subplot_titles=[f"{b} bits" for b in widths])
+    in_legend: set[str] = set()  # each mark named once in the legend, where it first appears
     for c, b in enumerate(widths, start=1):
         g = sens[sens["bits"] == b].assign(log=np.log10(
             sens.loc[sens["bits"] == b, "fisher_error"].clip(lower=1e-12)))
@@ -615,22 +616,23 @@ def sensitivity_map(sens: pd.DataFrame, chosen: dict[str, int] | None = None,
             pick = g[g["module"].map(chosen) == b]
             fig.add_trace(go.Scatter(
                 x=pick["component"], y=pick["layer"], mode="markers",
-                showlegend=len(pick) > 0 and not any(t.name == "chosen width" and t.showlegend
-                                                     for t in fig.data),
+                showlegend=len(pick) > 0 and "chosen width" not in in_legend,
                 name="chosen width", legendgroup="chosen",
                 marker=dict(symbol="square-open", size=9, color="white", line=dict(width=2)),
                 hoverinfo="skip"), row=1, col=c)
+            if len(pick):
+                in_legend.add("chosen width")
             fixed = pick[pick["module"].isin(list(ranks or {}))]
             if len(fixed):
                 fig.add_trace(go.Scatter(
                     x=fixed["component"], y=fixed["layer"], mode="markers",
-                    showlegend=not any(t.name == "EoRA correction" and t.showlegend
-                                       for t in fig.data),
+                    showlegend="EoRA correction" not in in_legend,
                     name="EoRA correction", legendgroup="eora",
                     customdata=[[m, ranks[m]] for m in fixed["module"]],
                     marker=dict(symbol="circle", size=4, color="white"),
                     hovertemplate="%{customdata[0]}: EoRA rank %{customdata[1]}<extra></extra>"),
                     row=1, col=c)
+                in_legend.add("EoRA correction")
     fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)
     fig.update_layout(title=title or "Sensitivity map: estimated KL increase of each module "
                                      "at each width", template="plotly_white",
